@@ -1,0 +1,3 @@
+//! Training: the teacher-embedding cache (more to come: the Learner step and strategy).
+
+pub mod cache;
