@@ -36,7 +36,9 @@ HERE = Path(__file__).resolve().parent
 FULL = ("resnet152", "vgg19", "densenet201")
 TINY = ("tiny_resnet", "tiny_vgg", "tiny_densenet")
 OPSET = 17
-MAX_RELATIVE_L2 = 1e-4
+# float32 rounding differences grow through 150 layers of random weights: resnet152 gives
+# about 4e-4 between onnxruntime and PyTorch; the other teachers about 1e-6.
+MAX_RELATIVE_L2 = 1e-3
 
 EXIT_MISSING_PACKAGE = 2
 EXIT_NO_WEIGHTS = 3

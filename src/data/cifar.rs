@@ -1,1 +1,392 @@
-//! TODO
+//! One-class CIFAR-10 (METHOD.md): the python layout `cifar-10-batches-py` (Python 2
+//! protocol-2 pickles, read by [`super::pickle`] without Python) or the binary layout
+//! `cifar-10-batches-bin` (records of 1 label byte + 3072 pixel bytes). Images are planar RGB:
+//! 1024 R, then 1024 G, then 1024 B, row-major.
+//!
+//! For a normal class k: train on the training images of class k, test on all test images,
+//! label 1 (anomalous) when the class is not k.
+
+use std::path::{Path, PathBuf};
+
+use rayon::prelude::*;
+
+use super::{FloatImage, pickle, transform};
+use crate::{Error, Result};
+
+/// Bytes of one 32x32 RGB image.
+pub const IMAGE_BYTES: usize = 3 * 32 * 32;
+/// The ten classes, in label order.
+pub const CLASSES: [&str; 10] = [
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+];
+const PY_DIR: &str = "cifar-10-batches-py";
+const BIN_DIR: &str = "cifar-10-batches-bin";
+
+/// Which of the two published layouts was read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CifarLayout {
+    Python,
+    Binary,
+}
+
+/// Images and labels of one split.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CifarSplit {
+    /// `len() * 3072` bytes, planar RGB per image.
+    pub images: Vec<u8>,
+    pub labels: Vec<u8>,
+}
+
+impl CifarSplit {
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    /// The planar RGB bytes of image `i`.
+    pub fn image(&self, i: usize) -> &[u8] {
+        &self.images[i * IMAGE_BYTES..(i + 1) * IMAGE_BYTES]
+    }
+
+    /// How many images of each class.
+    pub fn class_counts(&self) -> [usize; 10] {
+        let mut counts = [0; 10];
+        for &l in &self.labels {
+            counts[l as usize] += 1;
+        }
+        counts
+    }
+
+    fn append(&mut self, other: CifarSplit) {
+        self.images.extend(other.images);
+        self.labels.extend(other.labels);
+    }
+}
+
+/// CIFAR-10 read from disk.
+#[derive(Debug, Clone)]
+pub struct Cifar10 {
+    /// The folder that holds the batch files.
+    pub root: PathBuf,
+    pub layout: CifarLayout,
+    pub class_names: Vec<String>,
+    pub train: CifarSplit,
+    pub test: CifarSplit,
+}
+
+/// The one-class split for a normal class.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OneClassSplit {
+    pub normal: usize,
+    /// Indices into the training split: the images of the normal class.
+    pub train: Vec<usize>,
+    /// 1 for every test image whose class is not the normal one, in test order.
+    pub test_labels: Vec<u8>,
+}
+
+impl Cifar10 {
+    /// Opens the batch folder itself, or a parent holding `cifar-10-batches-py` (preferred) or
+    /// `cifar-10-batches-bin`.
+    pub fn open(root: &Path) -> Result<Self> {
+        let (dir, layout) = locate(root)?;
+        let (train_files, test_file) = match layout {
+            CifarLayout::Python => (
+                (1..=5)
+                    .map(|i| dir.join(format!("data_batch_{i}")))
+                    .collect::<Vec<_>>(),
+                dir.join("test_batch"),
+            ),
+            CifarLayout::Binary => (
+                (1..=5)
+                    .map(|i| dir.join(format!("data_batch_{i}.bin")))
+                    .collect(),
+                dir.join("test_batch.bin"),
+            ),
+        };
+        let mut files = train_files;
+        files.push(test_file);
+        let mut splits = files
+            .par_iter()
+            .map(|path| match layout {
+                CifarLayout::Python => read_python_batch(path),
+                CifarLayout::Binary => read_binary_batch(path),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let test = splits.pop().expect("six files");
+        let mut train = CifarSplit::default();
+        for split in splits {
+            train.append(split);
+        }
+        let class_names = match layout {
+            CifarLayout::Python => read_python_meta(&dir.join("batches.meta"))?,
+            CifarLayout::Binary => read_binary_meta(&dir.join("batches.meta.txt"))?,
+        };
+        Ok(Self {
+            root: dir,
+            layout,
+            class_names,
+            train,
+            test,
+        })
+    }
+
+    /// The one-class split of METHOD.md for `normal` (0..9).
+    pub fn one_class(&self, normal: usize) -> Result<OneClassSplit> {
+        if normal >= CLASSES.len() {
+            return Err(Error::InvalidArgument(format!(
+                "CIFAR-10 normal class {normal} is out of range 0-9"
+            )));
+        }
+        let train: Vec<usize> = (0..self.train.len())
+            .filter(|&i| self.train.labels[i] as usize == normal)
+            .collect();
+        if train.is_empty() {
+            return Err(Error::Dataset {
+                root: self.root.clone(),
+                message: format!("no training images of class {normal} ({})", CLASSES[normal]),
+            });
+        }
+        let test_labels = self
+            .test
+            .labels
+            .iter()
+            .map(|&l| u8::from(l as usize != normal))
+            .collect();
+        Ok(OneClassSplit {
+            normal,
+            train,
+            test_labels,
+        })
+    }
+}
+
+/// A CIFAR image as the networks see it, with the reference's sizes (256, then 224) or smaller
+/// ones for quick trials.
+pub fn preprocess(planar_rgb: &[u8], resize: usize, crop: usize) -> Result<FloatImage> {
+    transform::cifar_image(planar_rgb, 32, resize, crop)
+}
+
+fn locate(root: &Path) -> Result<(PathBuf, CifarLayout)> {
+    let dataset_error = |message: String| Error::Dataset {
+        root: root.to_path_buf(),
+        message,
+    };
+    if !root.is_dir() {
+        return Err(dataset_error(
+            "the data root is not a folder (missing?)".into(),
+        ));
+    }
+    if root.join("data_batch_1").is_file() {
+        return Ok((root.to_path_buf(), CifarLayout::Python));
+    }
+    if root.join("data_batch_1.bin").is_file() {
+        return Ok((root.to_path_buf(), CifarLayout::Binary));
+    }
+    if root.join(PY_DIR).is_dir() {
+        return Ok((root.join(PY_DIR), CifarLayout::Python));
+    }
+    if root.join(BIN_DIR).is_dir() {
+        return Ok((root.join(BIN_DIR), CifarLayout::Binary));
+    }
+    Err(dataset_error(format!(
+        "no CIFAR-10 here: expected {PY_DIR}/ or {BIN_DIR}/ (or their files data_batch_1..5, \
+         test_batch)"
+    )))
+}
+
+fn read_file(path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| Error::io(path, e))
+}
+
+fn read_pickle(path: &Path) -> Result<pickle::Value> {
+    let bytes = read_file(path)?;
+    if bytes.first() != Some(&0x80) {
+        return Err(Error::invalid_file(
+            path,
+            "not a pickle (a protocol 2+ pickle starts with byte 0x80)",
+        ));
+    }
+    pickle::read(&bytes).map_err(|e| Error::invalid_file(path, e.to_string()))
+}
+
+/// A python-layout batch: `{"data": uint8 [N, 3072], "labels": [N ints], ...}`.
+pub fn read_python_batch(path: &Path) -> Result<CifarSplit> {
+    let invalid = |m: String| Error::invalid_file(path, m);
+    let value = read_pickle(path)?;
+    if !matches!(value, pickle::Value::Dict(_)) {
+        return Err(invalid(format!(
+            "holds a {}, not a CIFAR batch dict",
+            value.kind()
+        )));
+    }
+    let data = value
+        .get("data")
+        .ok_or_else(|| invalid("no 'data' entry: not a CIFAR batch".into()))?;
+    let array = pickle::numpy_array(data).map_err(|m| invalid(format!("'data': {m}")))?;
+    if array.dtype != "|u1" {
+        return Err(invalid(format!(
+            "'data' has dtype {}, expected uint8 (|u1)",
+            array.dtype
+        )));
+    }
+    if array.shape.len() != 2 || array.shape[1] != IMAGE_BYTES || array.fortran_order {
+        return Err(invalid(format!(
+            "'data' has shape {:?}{}, expected [N, 3072] in C order",
+            array.shape,
+            if array.fortran_order {
+                " (Fortran order)"
+            } else {
+                ""
+            }
+        )));
+    }
+    let labels = match value.get("labels").map(|v| &**v) {
+        Some(pickle::Value::List(items)) => items
+            .iter()
+            .map(|v| match **v {
+                pickle::Value::Int(l) if (0..10).contains(&l) => Ok(l as u8),
+                ref other => Err(invalid(format!("a label is {other:?}, expected 0-9"))),
+            })
+            .collect::<Result<Vec<_>>>()?,
+        Some(other) => return Err(invalid(format!("'labels' is a {}", other.kind()))),
+        None => return Err(invalid("no 'labels' entry: not a CIFAR batch".into())),
+    };
+    if labels.len() != array.shape[0] {
+        return Err(invalid(format!(
+            "{} labels for {} images",
+            labels.len(),
+            array.shape[0]
+        )));
+    }
+    Ok(CifarSplit {
+        images: array.data,
+        labels,
+    })
+}
+
+fn read_python_meta(path: &Path) -> Result<Vec<String>> {
+    let value = read_pickle(path)?;
+    let names = match value.get("label_names").map(|v| &**v) {
+        Some(pickle::Value::List(items)) => items
+            .iter()
+            .map(|v| v.as_text().map(str::to_string))
+            .collect::<Option<Vec<_>>>(),
+        _ => None,
+    };
+    match names {
+        Some(names) if names.len() == 10 => Ok(names),
+        _ => Err(Error::invalid_file(
+            path,
+            "expected 'label_names', a list of 10 strings",
+        )),
+    }
+}
+
+/// A binary-layout batch: records of 1 label byte and 3072 pixel bytes.
+pub fn read_binary_batch(path: &Path) -> Result<CifarSplit> {
+    let bytes = read_file(path)?;
+    let record = IMAGE_BYTES + 1;
+    if bytes.is_empty() || bytes.len() % record != 0 {
+        return Err(Error::invalid_file(
+            path,
+            format!(
+                "{} bytes is not a whole number of {record}-byte records (truncated?)",
+                bytes.len()
+            ),
+        ));
+    }
+    let mut split = CifarSplit::default();
+    for (i, chunk) in bytes.chunks_exact(record).enumerate() {
+        if chunk[0] > 9 {
+            return Err(Error::invalid_file(
+                path,
+                format!("record {i} has label {}, expected 0-9", chunk[0]),
+            ));
+        }
+        split.labels.push(chunk[0]);
+        split.images.extend_from_slice(&chunk[1..]);
+    }
+    Ok(split)
+}
+
+fn read_binary_meta(path: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let names: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect();
+    if names.len() != 10 {
+        return Err(Error::invalid_file(
+            path,
+            format!("expected 10 class names, found {}", names.len()),
+        ));
+    }
+    Ok(names)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn binary_batches_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b.bin");
+        let mut bytes = vec![3u8];
+        bytes.extend(std::iter::repeat_n(7u8, IMAGE_BYTES));
+        bytes.push(9);
+        bytes.extend(std::iter::repeat_n(8u8, IMAGE_BYTES));
+        std::fs::write(&path, &bytes).unwrap();
+        let split = read_binary_batch(&path).unwrap();
+        assert_eq!(split.labels, vec![3, 9]);
+        assert_eq!(split.image(1)[0], 8);
+
+        std::fs::write(&path, &bytes[..bytes.len() - 1]).unwrap();
+        let err = read_binary_batch(&path).unwrap_err().to_string();
+        assert!(err.contains("b.bin") && err.contains("truncated"), "{err}");
+        bytes[0] = 10;
+        std::fs::write(&path, &bytes).unwrap();
+        assert!(
+            read_binary_batch(&path)
+                .unwrap_err()
+                .to_string()
+                .contains("label 10")
+        );
+    }
+
+    #[test]
+    fn one_class_split_labels_every_other_class_anomalous() {
+        let data = Cifar10 {
+            root: PathBuf::from("x"),
+            layout: CifarLayout::Binary,
+            class_names: CLASSES.iter().map(|s| s.to_string()).collect(),
+            train: CifarSplit {
+                images: vec![0; 4 * IMAGE_BYTES],
+                labels: vec![1, 0, 1, 2],
+            },
+            test: CifarSplit {
+                images: vec![0; 3 * IMAGE_BYTES],
+                labels: vec![1, 5, 1],
+            },
+        };
+        let split = data.one_class(1).unwrap();
+        assert_eq!(split.train, vec![0, 2]);
+        assert_eq!(split.test_labels, vec![0, 1, 0]);
+        assert!(data.one_class(10).is_err());
+        assert!(data.one_class(7).unwrap_err().to_string().contains("horse"));
+    }
+}

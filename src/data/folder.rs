@@ -1,1 +1,372 @@
-//! TODO
+//! A dataset in the MVTec AD layout, with any category and defect names:
+//!
+//! ```text
+//! <root>/<category>/train/good/*.png
+//! <root>/<category>/test/good/*.png
+//! <root>/<category>/test/<defect>/*.png
+//! <root>/<category>/ground_truth/<defect>/<stem>_mask.png   (optional)
+//! ```
+//!
+//! Listing follows torchvision's `ImageFolder`, which the reference uses: class folders in
+//! sorted order, files sorted by name; test label 1 for every folder except `good`. Images are
+//! decoded as the reference's PIL `convert("RGB")` does (grey expanded, alpha dropped).
+
+use std::path::{Path, PathBuf};
+
+use rayon::prelude::*;
+
+use super::{FloatImage, transform};
+use crate::{Error, Result};
+
+/// File extensions read as images (case-insensitive).
+pub const IMAGE_EXTENSIONS: [&str; 7] = ["png", "jpg", "jpeg", "bmp", "tif", "tiff", "webp"];
+
+/// The folder of normal images in `train/` and `test/`.
+pub const GOOD: &str = "good";
+
+/// One test image with its label and mask.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TestImage {
+    pub path: PathBuf,
+    /// 0 for `good`, 1 for every defect folder.
+    pub label: u8,
+    /// The folder it came from: `good` or the defect type.
+    pub defect: String,
+    /// The ground-truth mask, if there is one; `None` for good images (their mask is empty) and
+    /// for defect images whose mask is missing (see [`Category::missing_masks`]).
+    pub mask: Option<PathBuf>,
+}
+
+/// One category's images.
+#[derive(Debug, Clone)]
+pub struct Category {
+    pub name: String,
+    pub dir: PathBuf,
+    /// `train/good`, sorted.
+    pub train: Vec<PathBuf>,
+    /// `test/<folder>` for the folders in sorted order, each sorted.
+    pub test: Vec<TestImage>,
+    /// Defect images without a mask file.
+    pub missing_masks: Vec<PathBuf>,
+}
+
+impl Category {
+    /// Test labels in test order.
+    pub fn test_labels(&self) -> Vec<u8> {
+        self.test.iter().map(|t| t.label).collect()
+    }
+}
+
+/// A root folder of categories in the MVTec layout.
+#[derive(Debug, Clone)]
+pub struct FolderDataset {
+    pub root: PathBuf,
+    /// Category folder names, sorted.
+    pub categories: Vec<String>,
+}
+
+impl FolderDataset {
+    /// Opens `root`: every visible subfolder with a `train` or `test` folder is a category.
+    pub fn open(root: &Path) -> Result<Self> {
+        let dataset_error = |message: String| Error::Dataset {
+            root: root.to_path_buf(),
+            message,
+        };
+        if !root.is_dir() {
+            return Err(dataset_error(
+                "the data root is not a folder (missing?)".into(),
+            ));
+        }
+        let categories: Vec<String> = sorted_subfolders(root)?
+            .into_iter()
+            .filter(|name| {
+                root.join(name).join("train").is_dir() || root.join(name).join("test").is_dir()
+            })
+            .collect();
+        if categories.is_empty() {
+            return Err(dataset_error(
+                "no category folders: expected <root>/<category>/train/good and \
+                 <root>/<category>/test/<good|defect>"
+                    .into(),
+            ));
+        }
+        Ok(Self {
+            root: root.to_path_buf(),
+            categories,
+        })
+    }
+
+    /// Lists one category, checking that it can be trained on.
+    pub fn category(&self, name: &str) -> Result<Category> {
+        let dataset_error = |message: String| Error::Dataset {
+            root: self.root.clone(),
+            message,
+        };
+        let dir = self.root.join(name);
+        if !dir.is_dir() {
+            return Err(dataset_error(format!(
+                "no category '{name}' (found: {})",
+                self.categories.join(", ")
+            )));
+        }
+        let train_dir = dir.join("train").join(GOOD);
+        if !train_dir.is_dir() {
+            return Err(dataset_error(format!("{} is missing", train_dir.display())));
+        }
+        let train = list_images(&train_dir)?;
+        if train.is_empty() {
+            return Err(dataset_error(format!(
+                "{} holds no images ({})",
+                train_dir.display(),
+                IMAGE_EXTENSIONS.join(", ")
+            )));
+        }
+        let mut test = Vec::new();
+        let mut missing_masks = Vec::new();
+        let test_dir = dir.join("test");
+        if test_dir.is_dir() {
+            for folder in sorted_subfolders(&test_dir)? {
+                let label = u8::from(folder != GOOD);
+                for path in list_images(&test_dir.join(&folder))? {
+                    let mask = if label == 1 {
+                        let stem = path.file_stem().unwrap_or_default().to_string_lossy();
+                        let mask = dir
+                            .join("ground_truth")
+                            .join(&folder)
+                            .join(format!("{stem}_mask.png"));
+                        if mask.is_file() {
+                            Some(mask)
+                        } else {
+                            missing_masks.push(path.clone());
+                            None
+                        }
+                    } else {
+                        None
+                    };
+                    test.push(TestImage {
+                        path,
+                        label,
+                        defect: folder.clone(),
+                        mask,
+                    });
+                }
+            }
+        }
+        Ok(Category {
+            name: name.to_string(),
+            dir,
+            train,
+            test,
+            missing_masks,
+        })
+    }
+}
+
+/// Visible subfolder names of `dir`, sorted.
+pub fn sorted_subfolders(dir: &Path) -> Result<Vec<String>> {
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+        let entry = entry.map_err(|e| Error::io(dir, e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.starts_with('.') && entry.path().is_dir() {
+            names.push(name);
+        }
+    }
+    names.sort();
+    Ok(names)
+}
+
+/// Image files directly in `dir`, sorted by name; hidden files are ignored.
+pub fn list_images(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut paths = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+        let path = entry.map_err(|e| Error::io(dir, e))?.path();
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        let is_image = path
+            .extension()
+            .map(|e| e.to_string_lossy().to_ascii_lowercase())
+            .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.as_str()));
+        if is_image && !name.starts_with('.') && path.is_file() {
+            paths.push(path);
+        }
+    }
+    paths.sort();
+    Ok(paths)
+}
+
+/// Decodes an image as 8-bit RGB (grey expanded, alpha dropped, 16-bit scaled).
+pub fn decode_rgb8(path: &Path) -> Result<image::RgbImage> {
+    let reader = image::ImageReader::open(path)
+        .map_err(|e| Error::io(path, e))?
+        .with_guessed_format()
+        .map_err(|e| Error::io(path, e))?;
+    let decoded = reader.decode().map_err(|e| Error::Image {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    Ok(decoded.to_rgb8())
+}
+
+/// An image as the networks see it: RGB, in [-1, 1], resized to `size` x `size`
+/// (`ToTensor`, `Normalize(0.5, 0.5)`, `Resize((size, size))`; the reference uses 1024).
+pub fn load_image(path: &Path, size: usize) -> Result<FloatImage> {
+    let rgb = decode_rgb8(path)?;
+    let (width, height) = rgb.dimensions();
+    let image = transform::normalize_rgb8(rgb.as_raw(), width as usize, height as usize);
+    transform::resize_bilinear(&image, size, size)
+}
+
+/// [`load_image`] for many files, decoded and resized in parallel, in the given order.
+pub fn load_images(paths: &[PathBuf], size: usize) -> Vec<Result<FloatImage>> {
+    paths.par_iter().map(|p| load_image(p, size)).collect()
+}
+
+/// A ground-truth mask at `size` x `size`: 1 where the resized mask is at least one half.
+/// The mask is resized with the same bilinear filter as the images, then thresholded, so that
+/// it lines up with the resized image.
+pub fn load_mask(path: &Path, size: usize) -> Result<Vec<u8>> {
+    let decoded = image::ImageReader::open(path)
+        .map_err(|e| Error::io(path, e))?
+        .with_guessed_format()
+        .map_err(|e| Error::io(path, e))?
+        .decode()
+        .map_err(|e| Error::Image {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?
+        .to_luma8();
+    let (width, height) = decoded.dimensions();
+    let image = FloatImage {
+        channels: 1,
+        height: height as usize,
+        width: width as usize,
+        data: decoded
+            .as_raw()
+            .iter()
+            .map(|&v| f32::from(u8::from(v > 127)))
+            .collect(),
+    };
+    let resized = transform::resize_bilinear(&image, size, size)?;
+    Ok(resized.data.iter().map(|&v| u8::from(v >= 0.5)).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_png(path: &Path, width: u32, height: u32, value: u8) {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        image::GrayImage::from_pixel(width, height, image::Luma([value]))
+            .save(path)
+            .unwrap();
+    }
+
+    #[test]
+    fn lists_in_image_folder_order_with_labels_and_masks() {
+        let dir = tempfile::tempdir().unwrap();
+        let cat = dir.path().join("widget");
+        write_png(&cat.join("train/good/001.png"), 4, 4, 10);
+        write_png(&cat.join("train/good/000.png"), 4, 4, 10);
+        write_png(&cat.join("test/good/000.png"), 4, 4, 10);
+        write_png(&cat.join("test/scratch/000.png"), 4, 4, 10);
+        write_png(&cat.join("test/scratch/001.PNG"), 4, 4, 10);
+        write_png(&cat.join("test/crack/000.png"), 4, 4, 10);
+        write_png(&cat.join("ground_truth/scratch/000_mask.png"), 4, 4, 255);
+        write_png(&cat.join("ground_truth/crack/000_mask.png"), 4, 4, 255);
+        std::fs::write(cat.join("train/good/.hidden.png"), b"x").unwrap();
+        std::fs::write(cat.join("train/good/notes.txt"), b"x").unwrap();
+
+        let dataset = FolderDataset::open(dir.path()).unwrap();
+        assert_eq!(dataset.categories, vec!["widget"]);
+        let category = dataset.category("widget").unwrap();
+        let names: Vec<_> = category
+            .train
+            .iter()
+            .map(|p| p.file_name().unwrap())
+            .collect();
+        assert_eq!(names, ["000.png", "001.png"]);
+        let test: Vec<_> = category
+            .test
+            .iter()
+            .map(|t| (t.defect.as_str(), t.label, t.mask.is_some()))
+            .collect();
+        assert_eq!(
+            test,
+            [
+                ("crack", 1, true),
+                ("good", 0, false),
+                ("scratch", 1, true),
+                ("scratch", 1, false)
+            ]
+        );
+        assert_eq!(category.missing_masks.len(), 1);
+        assert_eq!(category.test_labels(), vec![1, 0, 1, 1]);
+    }
+
+    #[test]
+    fn bad_layouts_are_errors_naming_the_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = FolderDataset::open(&dir.path().join("nope"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("nope"), "{err}");
+        let err = FolderDataset::open(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("no category folders"), "{err}");
+
+        std::fs::create_dir_all(dir.path().join("empty/train/good")).unwrap();
+        let dataset = FolderDataset::open(dir.path()).unwrap();
+        let err = dataset.category("empty").unwrap_err().to_string();
+        assert!(
+            err.contains("holds no images") && err.contains("train/good"),
+            "{err}"
+        );
+        let err = dataset.category("missing").unwrap_err().to_string();
+        assert!(err.contains("no category 'missing'"), "{err}");
+    }
+
+    #[test]
+    fn unreadable_images_are_errors_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("broken.png");
+        write_png(&path, 8, 8, 100);
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+        let err = load_image(&path, 16).unwrap_err().to_string();
+        assert!(
+            err.contains("broken.png") && err.contains("cannot decode"),
+            "{err}"
+        );
+        let err = load_image(&dir.path().join("absent.png"), 16)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("absent.png"), "{err}");
+    }
+
+    #[test]
+    fn grey_and_rgba_become_rgb_and_masks_threshold() {
+        let dir = tempfile::tempdir().unwrap();
+        let grey = dir.path().join("g.png");
+        write_png(&grey, 4, 4, 255);
+        let image = load_image(&grey, 8).unwrap();
+        assert_eq!((image.channels, image.height, image.width), (3, 8, 8));
+        assert!(image.data.iter().all(|&v| v == 1.0));
+
+        let rgba = dir.path().join("a.png");
+        image::RgbaImage::from_pixel(2, 2, image::Rgba([0, 255, 0, 0]))
+            .save(&rgba)
+            .unwrap();
+        let image = load_image(&rgba, 2).unwrap();
+        assert_eq!(image.get(0, 0, 0), -1.0);
+        assert_eq!(image.get(1, 1, 1), 1.0);
+
+        let mask = dir.path().join("m.png");
+        let mut m = image::GrayImage::new(4, 4);
+        m.put_pixel(0, 0, image::Luma([255]));
+        m.put_pixel(1, 0, image::Luma([255]));
+        m.save(&mask).unwrap();
+        let resized = load_mask(&mask, 8).unwrap();
+        assert_eq!(resized.iter().filter(|&&v| v == 1).count(), 8); // a 4x2 block of the 8x8
+        assert_eq!(resized[0], 1);
+        assert_eq!(resized[8 * 8 - 1], 0);
+    }
+}
