@@ -22,6 +22,9 @@ pub enum Command {
     /// List the teachers compiled into this binary, verify their weights and run them once on a
     /// seeded random batch.
     Teachers(TeachersArgs),
+    /// Write the small procedural dataset (MVTec layout: two textures, two objects, local
+    /// defects with masks) that the CPU demo trains on.
+    DemoData(DemoDataArgs),
 }
 
 /// The kinds of dataset the tool reads.
@@ -68,6 +71,19 @@ pub struct InspectArgs {
     /// The dataset's root folder.
     #[arg(long, value_name = "DIR")]
     pub data_root: PathBuf,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DemoDataArgs {
+    /// Folder to write the dataset into (created if needed; existing files are replaced).
+    #[arg(long, value_name = "DIR", default_value = "data/demo")]
+    pub out: PathBuf,
+    /// Seed of the generator: the same seed writes the same files.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Side of the square images in pixels.
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(32..=1024))]
+    pub image_size: u32,
 }
 
 #[derive(Debug, Clone, Args)]

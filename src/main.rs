@@ -5,8 +5,11 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{CommandFactory, Parser};
 use multi_teacher_ad::{
-    cli::{Cli, Command, DatasetKind, InspectArgs, TeacherArgs, TeachersArgs},
-    data,
+    cli::{Cli, Command, DatasetKind, DemoDataArgs, InspectArgs, TeacherArgs, TeachersArgs},
+    data::{
+        demo::{DEMO_CATEGORIES, DemoSpec, write_demo_dataset},
+        inspect::{inspect_cifar, inspect_folder},
+    },
     device::select_device,
     teachers::{
         GET_REAL_TEACHERS, TeacherSize, WeightsLocation,
@@ -33,6 +36,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Some(Command::Inspect(args)) => inspect(&args),
         Some(Command::Teachers(args)) => teachers(&args),
+        Some(Command::DemoData(args)) => demo_data(&args),
     }
 }
 
@@ -79,6 +83,32 @@ fn teachers(args: &TeachersArgs) -> Result<ExitCode> {
 }
 
 fn inspect(args: &InspectArgs) -> Result<ExitCode> {
-    let _ = (data::FloatImage::zeros(1, 1, 1), DatasetKind::Mvtec, args);
-    anyhow::bail!("inspect: not wired yet")
+    let report = match args.dataset {
+        DatasetKind::Mvtec => inspect_folder(&args.data_root, true),
+        DatasetKind::Folder => inspect_folder(&args.data_root, false),
+        DatasetKind::Cifar10 => inspect_cifar(&args.data_root),
+    };
+    println!("{report}");
+    Ok(if report.is_usable() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn demo_data(args: &DemoDataArgs) -> Result<ExitCode> {
+    let spec = DemoSpec {
+        seed: args.seed,
+        image_size: args.image_size as usize,
+        ..DemoSpec::default()
+    };
+    let written = write_demo_dataset(&args.out, &spec)
+        .with_context(|| format!("writing the demo dataset to {}", args.out.display()))?;
+    println!(
+        "wrote {written} images of {} procedural categories to {} (seed {})",
+        DEMO_CATEGORIES.len(),
+        args.out.display(),
+        args.seed
+    );
+    Ok(ExitCode::SUCCESS)
 }

@@ -141,3 +141,16 @@ fn replace(haystack: &[u8], from: &[u8], to: &[u8]) -> Vec<u8> {
     out.extend_from_slice(&haystack[at + from.len()..]);
     out
 }
+
+#[test]
+fn inspect_reports_classes_and_counts() {
+    use multi_teacher_ad::data::inspect::inspect_cifar;
+    let report = inspect_cifar(&fixtures());
+    assert!(report.is_usable(), "{report}");
+    assert_eq!(report.categories.len(), 10);
+    assert_eq!(report.categories[0].train, 2); // images 0 and 10
+    assert_eq!(report.categories[5].test_good, 1);
+    assert!(report.to_string().contains("python layout"));
+    let report = inspect_cifar(&fixtures().join("nothing-here"));
+    assert!(!report.is_usable());
+}
