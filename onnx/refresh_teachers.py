@@ -266,9 +266,12 @@ def recalibrate_batchnorm(torch, model, size, batches, batch_size, seed):
 
 def atomic_write(path: Path, write):
     """Calls write(tmp_path), fsyncs, then renames onto `path`; never leaves a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+    except OSError as e:
+        raise Failure(f"{path}: cannot write it: {e}", EXIT_WRITE_FAILED)
     try:
         write(Path(tmp))
         with open(tmp, "rb+") as f:
@@ -366,8 +369,10 @@ def write_references(m, ref_dir: Path, json_path: Path, name, cases):
 def load_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return {}
+    except OSError as e:
+        raise Failure(f"{path}: cannot read it: {e}", EXIT_WRITE_FAILED)
     except json.JSONDecodeError as e:
         raise Failure(f"{path}: not valid JSON ({e}); delete it or fix it", EXIT_WRITE_FAILED)
 
