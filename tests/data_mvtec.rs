@@ -1,0 +1,105 @@
+//! MVTec AD in its real layout, generated here into a temporary folder: an RGB category
+//! (bottle) and a grayscale one (grid, as in the real dataset), with masks; loading by class
+//! index, labels, masks, conversion to RGB, the 1024 resize and the full cut.
+
+use std::path::Path;
+
+use multi_teacher_ad::data::{
+    crops::FullCut,
+    folder::{load_image, load_mask},
+    mvtec::{CATEGORIES, Mvtec, parse_class_list},
+};
+
+fn gray(path: &Path, size: u32, f: impl Fn(u32, u32) -> u8) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    image::GrayImage::from_fn(size, size, |x, y| image::Luma([f(x, y)]))
+        .save(path)
+        .unwrap();
+}
+
+fn rgb(path: &Path, size: u32) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    image::RgbImage::from_fn(size, size, |x, y| image::Rgb([x as u8, y as u8, 200]))
+        .save(path)
+        .unwrap();
+}
+
+fn tree(root: &Path) {
+    for i in 0..3 {
+        rgb(&root.join(format!("bottle/train/good/{i:03}.png")), 40);
+        gray(
+            &root.join(format!("grid/train/good/{i:03}.png")),
+            36,
+            |x, y| ((x + y) * 3) as u8,
+        );
+    }
+    rgb(&root.join("bottle/test/good/000.png"), 40);
+    rgb(&root.join("bottle/test/broken_large/000.png"), 40);
+    gray(
+        &root.join("bottle/ground_truth/broken_large/000_mask.png"),
+        40,
+        |x, _| if x < 10 { 255 } else { 0 },
+    );
+    gray(&root.join("grid/test/good/000.png"), 36, |_, _| 128);
+    gray(&root.join("grid/test/bent/000.png"), 36, |_, _| 10);
+    gray(&root.join("grid/test/bent/001.png"), 36, |_, _| 20);
+    gray(
+        &root.join("grid/ground_truth/bent/000_mask.png"),
+        36,
+        |_, y| if y < 18 { 255 } else { 0 },
+    );
+    gray(
+        &root.join("grid/ground_truth/bent/001_mask.png"),
+        36,
+        |_, _| 255,
+    );
+}
+
+#[test]
+fn categories_by_index_with_labels_masks_and_rgb() {
+    let dir = tempfile::tempdir().unwrap();
+    tree(dir.path());
+    let mvtec = Mvtec::open(dir.path()).unwrap();
+    assert_eq!(mvtec.missing_categories().len(), 13);
+
+    let grid_index = parse_class_list("grid", &CATEGORIES).unwrap()[0];
+    assert_eq!(grid_index, 1);
+    let grid = mvtec.category(grid_index).unwrap();
+    assert_eq!(grid.train.len(), 3);
+    assert_eq!(grid.test_labels(), vec![1, 1, 0]); // "bent" sorts before "good"
+    assert!(
+        grid.test
+            .iter()
+            .filter(|t| t.label == 1)
+            .all(|t| t.mask.is_some())
+    );
+
+    // Grayscale becomes 3 equal channels at 64x64 (1024 in the real pipeline).
+    let image = load_image(&grid.train[1], 64).unwrap();
+    assert_eq!((image.channels, image.height, image.width), (3, 64, 64));
+    for (y, x) in [(0, 0), (20, 33), (63, 63)] {
+        assert_eq!(image.get(0, y, x), image.get(1, y, x));
+        assert_eq!(image.get(1, y, x), image.get(2, y, x));
+    }
+    let mask = load_mask(grid.test[0].mask.as_ref().unwrap(), 64).unwrap();
+    assert_eq!(mask.iter().filter(|&&m| m == 1).count(), 32 * 64); // the top half
+
+    let bottle = mvtec.category(5).unwrap();
+    assert_eq!(bottle.name, "bottle");
+    assert_eq!(bottle.test_labels(), vec![1, 0]);
+    let image = load_image(&bottle.test[1].path, 40).unwrap();
+    assert_eq!(image.get(2, 5, 5), (200.0 / 255.0 - 0.5) / 0.5);
+
+    // The full cut of a resized image maps patches back to their offsets.
+    let cut = FullCut::new(64, 24, 20).unwrap();
+    let patches = cut.patches(&image_at(&bottle.train[0], 64)).unwrap();
+    assert_eq!(patches.len(), 9);
+
+    let err = mvtec.category(0).unwrap_err().to_string();
+    assert!(err.contains("carpet"), "{err}");
+    assert!(mvtec.category(15).is_err());
+}
+
+fn image_at(path: &Path, size: usize) -> multi_teacher_ad::data::FloatImage {
+    load_image(path, size).unwrap()
+}
