@@ -122,8 +122,8 @@ pub fn wgpu_kind(kind: DeviceKind) -> Result<SelectedDevice> {
     let description = format!("wgpu ({kind:?})");
     let device = match Device::wgpu_options().device_kind(kind.clone()).init() {
         Ok(device) => device,
-        // Already initialised earlier in this process: the lazy handle reaches that runtime.
-        Err(e) if e.to_string().contains("already") => Device::wgpu(kind),
+        // Registered earlier in this process: the lazy handle reaches that runtime.
+        Err(burn::tensor::wgpu::WgpuInitError::Registration { .. }) => Device::wgpu(kind.clone()),
         Err(e) => return Err(Error::Device(format!("wgpu: no {kind:?} adapter: {e}"))),
     };
     probe(&device).map_err(|e| Error::Device(format!("{description}: {e}")))?;

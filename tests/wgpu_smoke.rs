@@ -21,6 +21,14 @@ fn tiny_teachers_on_wgpu_match_the_cpu() {
         }
         Err(e) => panic!("MTAD_REQUIRE_WGPU is set but wgpu cannot start: {e}"),
     };
+    // Asking again in the same process reaches the runtime already started.
+    let again = wgpu_kind(DeviceKind::Cpu)
+        .or_else(|_| wgpu_kind(DeviceKind::DefaultDevice))
+        .expect("a second request for the same adapter");
+    let sum = Tensor::<1>::from_floats([1.0, 2.0], &again.device)
+        .sum()
+        .into_scalar::<f32>();
+    assert_eq!(sum, 3.0);
     let cpu = Device::flex();
     cpu.seed(7);
     let input = Tensor::<4>::random([2, 3, 40, 40], Distribution::Uniform(-1.0, 1.0), &cpu);
