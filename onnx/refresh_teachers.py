@@ -77,6 +77,15 @@ def require_packages():
 def tiny_networks(nn, torch):
     """The tiny teachers: one small network per family, [N,3,H,W] -> [N,1000] for H,W >= 32."""
 
+    def stem():
+        """torchvision's stem, scaled down: strided conv, BN, ReLU, max-pool."""
+        return nn.Sequential(
+            nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.MaxPool2d(3, stride=2, padding=1),
+        )
+
     class Bottleneck(nn.Module):
         """torchvision's residual bottleneck: 1x1 -> 3x3 -> 1x1, with a projection shortcut."""
 
@@ -105,12 +114,7 @@ def tiny_networks(nn, torch):
     class TinyResnet(nn.Module):
         def __init__(self):
             super().__init__()
-            self.stem = nn.Sequential(
-                nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False),
-                nn.BatchNorm2d(8),
-                nn.ReLU(),
-                nn.MaxPool2d(3, stride=2, padding=1),
-            )
+            self.stem = stem()
             self.layer1 = Bottleneck(8, 4, 16, 1)
             self.layer2 = Bottleneck(16, 8, 24, 2)
             self.avgpool = nn.AdaptiveAvgPool2d(1)
@@ -161,12 +165,7 @@ def tiny_networks(nn, torch):
     class TinyDensenet(nn.Module):
         def __init__(self):
             super().__init__()
-            self.stem = nn.Sequential(
-                nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False),
-                nn.BatchNorm2d(8),
-                nn.ReLU(),
-                nn.MaxPool2d(3, stride=2, padding=1),
-            )
+            self.stem = stem()
             self.block1 = nn.Sequential(DenseLayer(8, 4, 2), DenseLayer(12, 4, 2))
             self.transition = nn.Sequential(
                 nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 8, 1, bias=False), nn.AvgPool2d(2, 2)

@@ -339,8 +339,7 @@ mod tests {
     use super::*;
     use crate::data::demo::{DemoSpec, write_demo_dataset};
 
-    #[test]
-    fn a_good_dataset_is_usable_and_counted() {
+    fn small_demo() -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
         let spec = DemoSpec {
             image_size: 32,
@@ -350,6 +349,12 @@ mod tests {
             ..DemoSpec::default()
         };
         write_demo_dataset(dir.path(), &spec).unwrap();
+        dir
+    }
+
+    #[test]
+    fn a_good_dataset_is_usable_and_counted() {
+        let dir = small_demo();
         let report = inspect_folder(dir.path(), false);
         assert!(report.is_usable(), "{report}");
         assert_eq!(report.categories.len(), 4);
@@ -374,15 +379,7 @@ mod tests {
 
     #[test]
     fn broken_images_and_missing_roots_make_it_unusable() {
-        let dir = tempfile::tempdir().unwrap();
-        let spec = DemoSpec {
-            image_size: 32,
-            train: 2,
-            test_good: 1,
-            test_defect: 1,
-            ..DemoSpec::default()
-        };
-        write_demo_dataset(dir.path(), &spec).unwrap();
+        let dir = small_demo();
         let victim = dir.path().join("disc/train/good/001.png");
         let bytes = std::fs::read(&victim).unwrap();
         std::fs::write(&victim, &bytes[..bytes.len() / 2]).unwrap();
