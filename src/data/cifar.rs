@@ -34,7 +34,9 @@ const BIN_DIR: &str = "cifar-10-batches-bin";
 /// Which of the two published layouts was read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CifarLayout {
+    /// `cifar-10-batches-py`: pickled batches.
     Python,
+    /// `cifar-10-batches-bin`: fixed-size records.
     Binary,
 }
 
@@ -43,6 +45,7 @@ pub enum CifarLayout {
 pub struct CifarSplit {
     /// `len() * 3072` bytes, planar RGB per image.
     pub images: Vec<u8>,
+    /// Class of each image, 0-9.
     pub labels: Vec<u8>,
 }
 
@@ -56,22 +59,22 @@ impl CifarSplit {
     }
 
     /// The planar RGB bytes of image `i`.
+    ///
+    /// # Panics
+    /// If `i >= self.len()`, like slice indexing.
     pub fn image(&self, i: usize) -> &[u8] {
         &self.images[i * IMAGE_BYTES..(i + 1) * IMAGE_BYTES]
     }
 
-    /// How many images of each class.
+    /// How many images of each class (labels outside 0-9 are not counted).
     pub fn class_counts(&self) -> [usize; 10] {
         let mut counts = [0; 10];
         for &l in &self.labels {
-            counts[l as usize] += 1;
+            if let Some(count) = counts.get_mut(l as usize) {
+                *count += 1;
+            }
         }
         counts
-    }
-
-    fn append(&mut self, other: CifarSplit) {
-        self.images.extend(other.images);
-        self.labels.extend(other.labels);
     }
 }
 
@@ -81,42 +84,42 @@ pub struct Cifar10 {
     /// The folder that holds the batch files.
     pub root: PathBuf,
     pub layout: CifarLayout,
+    /// The names in `batches.meta` (`batches.meta.txt`), in label order.
     pub class_names: Vec<String>,
+    /// `data_batch_1` to `data_batch_5`, in that order.
     pub train: CifarSplit,
+    /// `test_batch`.
     pub test: CifarSplit,
 }
 
-/// The one-class split for a normal class.
+/// The one-class split of METHOD.md for a normal class.
 #[derive(Debug, Clone, PartialEq)]
 pub struct OneClassSplit {
+    /// The normal class, 0-9.
     pub normal: usize,
-    /// Indices into the training split: the images of the normal class.
+    /// Indices into the training split: the images of the normal class (5000 in CIFAR-10).
     pub train: Vec<usize>,
-    /// 1 for every test image whose class is not the normal one, in test order.
+    /// Indices into the test split: all of them, in order.
+    pub test: Vec<usize>,
+    /// For each entry of `test`: 1 (anomalous) when its class is not the normal one, else 0.
     pub test_labels: Vec<u8>,
 }
 
 impl Cifar10 {
-    /// Opens the batch folder itself, or a parent holding `cifar-10-batches-py` (preferred) or
-    /// `cifar-10-batches-bin`.
+    /// Opens the batch folder itself (`cifar-10-batches-py` or `cifar-10-batches-bin`, or any
+    /// folder holding `data_batch_1` or `data_batch_1.bin`), or a parent holding
+    /// `cifar-10-batches-py` (preferred) or `cifar-10-batches-bin`. The files are read in
+    /// parallel.
     pub fn open(root: &Path) -> Result<Self> {
         let (dir, layout) = locate(root)?;
-        let (train_files, test_file) = match layout {
-            CifarLayout::Python => (
-                (1..=5)
-                    .map(|i| dir.join(format!("data_batch_{i}")))
-                    .collect::<Vec<_>>(),
-                dir.join("test_batch"),
-            ),
-            CifarLayout::Binary => (
-                (1..=5)
-                    .map(|i| dir.join(format!("data_batch_{i}.bin")))
-                    .collect(),
-                dir.join("test_batch.bin"),
-            ),
+        let suffix = match layout {
+            CifarLayout::Python => "",
+            CifarLayout::Binary => ".bin",
         };
-        let mut files = train_files;
-        files.push(test_file);
+        let mut files: Vec<PathBuf> = (1..=5)
+            .map(|i| dir.join(format!("data_batch_{i}{suffix}")))
+            .collect();
+        files.push(dir.join(format!("test_batch{suffix}")));
         let mut splits = files
             .par_iter()
             .map(|path| match layout {
@@ -124,15 +127,17 @@ impl Cifar10 {
                 CifarLayout::Binary => read_binary_batch(path),
             })
             .collect::<Result<Vec<_>>>()?;
-        let test = splits.pop().expect("six files");
-        let mut train = CifarSplit::default();
-        for split in splits {
-            train.append(split);
-        }
         let class_names = match layout {
             CifarLayout::Python => read_python_meta(&dir.join("batches.meta"))?,
             CifarLayout::Binary => read_binary_meta(&dir.join("batches.meta.txt"))?,
         };
+        let test = splits.pop().unwrap_or_default();
+        let mut train = CifarSplit::default();
+        for split in &splits {
+            train.images.reserve_exact(split.images.len());
+            train.images.extend_from_slice(&split.images);
+            train.labels.extend_from_slice(&split.labels);
+        }
         Ok(Self {
             root: dir,
             layout,
@@ -142,21 +147,28 @@ impl Cifar10 {
         })
     }
 
-    /// The one-class split of METHOD.md for `normal` (0..9).
+    /// The one-class split of METHOD.md for `normal` (0-9; see [`parse_class`]): the training
+    /// images of that class, and every test image, labelled 1 when its class is another one.
     pub fn one_class(&self, normal: usize) -> Result<OneClassSplit> {
-        if normal >= CLASSES.len() {
+        let Some(name) = CLASSES.get(normal) else {
             return Err(Error::InvalidArgument(format!(
                 "CIFAR-10 normal class {normal} is out of range 0-9"
             )));
-        }
+        };
+        let dataset_error = |message: String| Error::Dataset {
+            root: self.root.clone(),
+            message,
+        };
         let train: Vec<usize> = (0..self.train.len())
             .filter(|&i| self.train.labels[i] as usize == normal)
             .collect();
         if train.is_empty() {
-            return Err(Error::Dataset {
-                root: self.root.clone(),
-                message: format!("no training images of class {normal} ({})", CLASSES[normal]),
-            });
+            return Err(dataset_error(format!(
+                "no training images of class {normal} ({name})"
+            )));
+        }
+        if self.test.is_empty() {
+            return Err(dataset_error("no test images".into()));
         }
         let test_labels = self
             .test
@@ -167,9 +179,25 @@ impl Cifar10 {
         Ok(OneClassSplit {
             normal,
             train,
+            test: (0..self.test.len()).collect(),
             test_labels,
         })
     }
+}
+
+/// A CIFAR-10 class given by its index (`0`-`9`) or its name (`airplane` ... `truck`, any case).
+pub fn parse_class(text: &str) -> Result<usize> {
+    let token = text.trim();
+    let found = match token.parse::<usize>() {
+        Ok(i) => (i < CLASSES.len()).then_some(i),
+        Err(_) => CLASSES.iter().position(|n| n.eq_ignore_ascii_case(token)),
+    };
+    found.ok_or_else(|| {
+        Error::InvalidArgument(format!(
+            "unknown CIFAR-10 class {text:?}: give 0-9 or one of {}",
+            CLASSES.join(", ")
+        ))
+    })
 }
 
 /// A CIFAR image as the networks see it, with the reference's sizes (256, then 224) or smaller
@@ -188,10 +216,11 @@ fn locate(root: &Path) -> Result<(PathBuf, CifarLayout)> {
             "the data root is not a folder (missing?)".into(),
         ));
     }
-    if root.join("data_batch_1").is_file() {
+    let name = root.file_name().and_then(|n| n.to_str());
+    if name == Some(PY_DIR) || root.join("data_batch_1").is_file() {
         return Ok((root.to_path_buf(), CifarLayout::Python));
     }
-    if root.join("data_batch_1.bin").is_file() {
+    if name == Some(BIN_DIR) || root.join("data_batch_1.bin").is_file() {
         return Ok((root.to_path_buf(), CifarLayout::Binary));
     }
     if root.join(PY_DIR).is_dir() {
@@ -215,10 +244,11 @@ fn read_pickle(path: &Path) -> Result<pickle::Value> {
     if bytes.first() != Some(&0x80) {
         return Err(Error::invalid_file(
             path,
-            "not a pickle (a protocol 2+ pickle starts with byte 0x80)",
+            "not a pickle of protocol 2 or later (those start with byte 0x80), so not a \
+             CIFAR-10 python batch",
         ));
     }
-    pickle::read(&bytes).map_err(|e| Error::invalid_file(path, e.to_string()))
+    pickle::read(&bytes).map_err(|e| Error::invalid_file(path, format!("bad pickle: {e}")))
 }
 
 /// A python-layout batch: `{"data": uint8 [N, 3072], "labels": [N ints], ...}`.
@@ -227,7 +257,7 @@ pub fn read_python_batch(path: &Path) -> Result<CifarSplit> {
     let value = read_pickle(path)?;
     if !matches!(value, pickle::Value::Dict(_)) {
         return Err(invalid(format!(
-            "holds a {}, not a CIFAR batch dict",
+            "holds a {}, not a CIFAR batch (a dict)",
             value.kind()
         )));
     }
@@ -235,7 +265,7 @@ pub fn read_python_batch(path: &Path) -> Result<CifarSplit> {
         .get("data")
         .ok_or_else(|| invalid("no 'data' entry: not a CIFAR batch".into()))?;
     let array = pickle::numpy_array(data).map_err(|m| invalid(format!("'data': {m}")))?;
-    if array.dtype != "|u1" {
+    if array.dtype.trim_start_matches(['|', '<', '>', '=']) != "u1" {
         return Err(invalid(format!(
             "'data' has dtype {}, expected uint8 (|u1)",
             array.dtype
@@ -246,7 +276,7 @@ pub fn read_python_batch(path: &Path) -> Result<CifarSplit> {
             "'data' has shape {:?}{}, expected [N, 3072] in C order",
             array.shape,
             if array.fortran_order {
-                " (Fortran order)"
+                " in Fortran order"
             } else {
                 ""
             }
@@ -255,12 +285,22 @@ pub fn read_python_batch(path: &Path) -> Result<CifarSplit> {
     let labels = match value.get("labels").map(|v| &**v) {
         Some(pickle::Value::List(items)) => items
             .iter()
-            .map(|v| match **v {
+            .enumerate()
+            .map(|(i, v)| match **v {
                 pickle::Value::Int(l) if (0..10).contains(&l) => Ok(l as u8),
-                ref other => Err(invalid(format!("a label is {other:?}, expected 0-9"))),
+                pickle::Value::Int(l) => Err(invalid(format!("label {i} is {l}, expected 0-9"))),
+                ref other => Err(invalid(format!(
+                    "label {i} is a {}, expected an int 0-9",
+                    other.kind()
+                ))),
             })
             .collect::<Result<Vec<_>>>()?,
-        Some(other) => return Err(invalid(format!("'labels' is a {}", other.kind()))),
+        Some(other) => {
+            return Err(invalid(format!(
+                "'labels' is a {}, expected a list",
+                other.kind()
+            )));
+        }
         None => return Err(invalid("no 'labels' entry: not a CIFAR batch".into())),
     };
     if labels.len() != array.shape[0] {
@@ -271,7 +311,7 @@ pub fn read_python_batch(path: &Path) -> Result<CifarSplit> {
         )));
     }
     Ok(CifarSplit {
-        images: array.data,
+        images: array.data.to_vec(),
         labels,
     })
 }
@@ -286,10 +326,10 @@ fn read_python_meta(path: &Path) -> Result<Vec<String>> {
         _ => None,
     };
     match names {
-        Some(names) if names.len() == 10 => Ok(names),
+        Some(names) if names.len() == CLASSES.len() => Ok(names),
         _ => Err(Error::invalid_file(
             path,
-            "expected 'label_names', a list of 10 strings",
+            "expected a dict with 'label_names', a list of 10 strings",
         )),
     }
 }
@@ -307,7 +347,11 @@ pub fn read_binary_batch(path: &Path) -> Result<CifarSplit> {
             ),
         ));
     }
-    let mut split = CifarSplit::default();
+    let n = bytes.len() / record;
+    let mut split = CifarSplit {
+        images: Vec::with_capacity(n * IMAGE_BYTES),
+        labels: Vec::with_capacity(n),
+    };
     for (i, chunk) in bytes.chunks_exact(record).enumerate() {
         if chunk[0] > 9 {
             return Err(Error::invalid_file(
@@ -329,10 +373,10 @@ fn read_binary_meta(path: &Path) -> Result<Vec<String>> {
         .filter(|l| !l.is_empty())
         .map(str::to_string)
         .collect();
-    if names.len() != 10 {
+    if names.len() != CLASSES.len() {
         return Err(Error::invalid_file(
             path,
-            format!("expected 10 class names, found {}", names.len()),
+            format!("expected 10 class names, one a line, found {}", names.len()),
         ));
     }
     Ok(names)
@@ -385,8 +429,50 @@ mod tests {
         };
         let split = data.one_class(1).unwrap();
         assert_eq!(split.train, vec![0, 2]);
+        assert_eq!(split.test, vec![0, 1, 2]);
         assert_eq!(split.test_labels, vec![0, 1, 0]);
-        assert!(data.one_class(10).is_err());
+        assert!(data.one_class(10).unwrap_err().to_string().contains("0-9"));
         assert!(data.one_class(7).unwrap_err().to_string().contains("horse"));
+    }
+
+    #[test]
+    fn classes_are_parsed_by_index_or_name() {
+        assert_eq!(parse_class("0").unwrap(), 0);
+        assert_eq!(parse_class(" 9 ").unwrap(), 9);
+        assert_eq!(parse_class("Automobile").unwrap(), 1);
+        assert_eq!(parse_class("truck").unwrap(), 9);
+        for bad in ["10", "-1", "car", ""] {
+            let err = parse_class(bad).unwrap_err().to_string();
+            assert!(err.contains("airplane, automobile"), "{err}");
+        }
+    }
+
+    #[test]
+    fn class_counts_skip_labels_out_of_range() {
+        let split = CifarSplit {
+            images: vec![0; 4 * IMAGE_BYTES],
+            labels: vec![3, 3, 9, 200],
+        };
+        let counts = split.class_counts();
+        assert_eq!(
+            (counts[3], counts[9], counts.iter().sum::<usize>()),
+            (2, 1, 3)
+        );
+    }
+
+    #[test]
+    fn a_batch_folder_is_recognised_by_its_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let py = dir.path().join(PY_DIR);
+        std::fs::create_dir(&py).unwrap();
+        assert_eq!(locate(&py).unwrap(), (py.clone(), CifarLayout::Python));
+        // Its missing files are then named, rather than "no CIFAR-10 here".
+        let err = Cifar10::open(&py).unwrap_err().to_string();
+        assert!(err.contains("data_batch_1"), "{err}");
+        let bin = dir.path().join("renamed");
+        std::fs::create_dir(&bin).unwrap();
+        std::fs::write(bin.join("data_batch_1.bin"), b"").unwrap();
+        assert_eq!(locate(&bin).unwrap(), (bin.clone(), CifarLayout::Binary));
+        assert_eq!(locate(dir.path()).unwrap(), (py, CifarLayout::Python));
     }
 }

@@ -6,6 +6,8 @@
 //!   800 in each direction, 25 patches per image, rows outer and columns inner as the
 //!   reference's loops; the image score is the max over its patches.
 
+use rayon::prelude::*;
+
 use super::{FloatImage, transform::crop};
 use crate::{Error, Result};
 
@@ -34,8 +36,11 @@ impl SeededRng {
         z ^ (z >> 31)
     }
 
-    /// Uniform in `0..n` (`n > 0`), without modulo bias.
+    /// Uniform in `0..n`, without modulo bias; 0 when `n` is 0.
     pub fn below(&mut self, n: u64) -> u64 {
+        if n == 0 {
+            return 0;
+        }
         let zone = u64::MAX - u64::MAX % n;
         loop {
             let v = self.next_u64();
@@ -70,27 +75,41 @@ impl Default for FullCut {
 }
 
 impl FullCut {
+    /// A full cut of `crop` x `crop` patches at `stride` over `image_size` x `image_size` images.
     pub fn new(image_size: usize, crop: usize, stride: usize) -> Result<Self> {
-        if crop == 0 || stride == 0 || crop > image_size {
-            return Err(Error::InvalidArgument(format!(
-                "full cut: crop {crop} and stride {stride} do not fit images of {image_size}"
-            )));
-        }
-        Ok(Self {
+        let cut = Self {
             image_size,
             crop,
             stride,
-        })
+        };
+        cut.validate()?;
+        Ok(cut)
     }
 
-    /// Offsets along one axis: `range(0, size - crop + 1, stride)`.
+    /// Checks the geometry (the fields are public, so a cut may be built without [`Self::new`]).
+    pub fn validate(&self) -> Result<()> {
+        if self.crop == 0 || self.stride == 0 || self.crop > self.image_size {
+            return Err(Error::InvalidArgument(format!(
+                "full cut: crops of {} at stride {} do not fit images of {}",
+                self.crop, self.stride, self.image_size
+            )));
+        }
+        Ok(())
+    }
+
+    /// Offsets along one axis: Python's `range(0, size - crop + 1, stride)`; empty for an
+    /// invalid geometry.
     pub fn axis_offsets(&self) -> Vec<usize> {
+        if self.validate().is_err() {
+            return Vec::new();
+        }
         (0..=self.image_size - self.crop)
             .step_by(self.stride)
             .collect()
     }
 
-    /// Patch offsets `(y, x)`, rows outer, columns inner.
+    /// Patch offsets `(y, x)`, rows outer, columns inner: the order of [`Self::patches`], so
+    /// that patch `i`'s score belongs at `offsets()[i]` in the image.
     pub fn offsets(&self) -> Vec<(usize, usize)> {
         let axis = self.axis_offsets();
         axis.iter()
@@ -98,8 +117,14 @@ impl FullCut {
             .collect()
     }
 
-    /// The patches of one image, in [`FullCut::offsets`] order.
+    /// Patches per image (25 for the reference).
+    pub fn patch_count(&self) -> usize {
+        self.axis_offsets().len().pow(2)
+    }
+
+    /// The patches of one image, in [`FullCut::offsets`] order, cut in parallel.
     pub fn patches(&self, image: &FloatImage) -> Result<Vec<FloatImage>> {
+        self.validate()?;
         if image.height != self.image_size || image.width != self.image_size {
             return Err(Error::InvalidArgument(format!(
                 "full cut expects {0}x{0} images, got {1}x{2}",
@@ -107,14 +132,41 @@ impl FullCut {
             )));
         }
         self.offsets()
-            .into_iter()
+            .into_par_iter()
             .map(|(y, x)| crop(image, y, x, self.crop, self.crop))
             .collect()
     }
 }
 
-/// Random training crops of a batch: `count` offsets, each applied to every image; the result
-/// is offset-major (`count * batch.len()` crops). Offsets are uniform in `0..=H-crop`.
+/// `count` random crop offsets `(y, x)` for `height` x `width` images, each uniform in
+/// `0..=height - crop` and `0..=width - crop` (torchvision `RandomCrop`'s
+/// `torch.randint(0, h - th + 1)`, y drawn before x).
+pub fn random_offsets(
+    height: usize,
+    width: usize,
+    crop_size: usize,
+    count: usize,
+    rng: &mut SeededRng,
+) -> Result<Vec<(usize, usize)>> {
+    if crop_size == 0 || crop_size > height || crop_size > width {
+        return Err(Error::InvalidArgument(format!(
+            "random crops of {crop_size} do not fit {height}x{width} images"
+        )));
+    }
+    Ok((0..count)
+        .map(|_| {
+            let y = rng.below((height - crop_size + 1) as u64) as usize;
+            let x = rng.below((width - crop_size + 1) as u64) as usize;
+            (y, x)
+        })
+        .collect())
+}
+
+/// Random training crops of a batch: `count` offsets ([`random_offsets`]), each applied to
+/// every image; the result is offset-major (`count * batch.len()` crops: for each offset, the
+/// images in batch order), as the reference's `torch.cat` of `RandomCrop(batch)` calls.
+/// The reference uses batches of 4, 16 offsets and crops of 224 ([`CROPS_PER_BATCH`],
+/// [`CROP_SIZE`]).
 pub fn random_crops(
     batch: &[FloatImage],
     crop_size: usize,
@@ -132,21 +184,15 @@ pub fn random_crops(
             "random crops: the images of a batch must have one size".to_string(),
         ));
     }
-    if crop_size > first.height || crop_size > first.width {
-        return Err(Error::InvalidArgument(format!(
-            "random crops of {crop_size} do not fit {}x{} images",
-            first.height, first.width
-        )));
-    }
-    let mut out = Vec::with_capacity(count * batch.len());
-    for _ in 0..count {
-        let y = rng.below((first.height - crop_size + 1) as u64) as usize;
-        let x = rng.below((first.width - crop_size + 1) as u64) as usize;
-        for image in batch {
-            out.push(crop(image, y, x, crop_size, crop_size)?);
-        }
-    }
-    Ok(out)
+    let offsets = random_offsets(first.height, first.width, crop_size, count, rng)?;
+    offsets
+        .par_iter()
+        .flat_map_iter(|&(y, x)| {
+            batch
+                .iter()
+                .map(move |image| crop(image, y, x, crop_size, crop_size))
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -184,6 +230,28 @@ mod tests {
         }
         assert!(cut.patches(&numbered(32, 0.0)).is_err());
         assert!(FullCut::new(16, 24, 20).is_err());
+        assert!(FullCut::new(64, 24, 0).is_err());
+        // Built by hand with a bad geometry: errors and empty offsets, no panic.
+        let bad = FullCut {
+            image_size: 16,
+            crop: 24,
+            stride: 0,
+        };
+        assert!(bad.offsets().is_empty());
+        assert!(bad.patches(&numbered(16, 0.0)).is_err());
+    }
+
+    #[test]
+    fn a_stride_that_does_not_divide_leaves_the_last_pixels_out_like_the_reference() {
+        // range(0, 128 - 32 + 1, 24) = 0, 24, 48, 72, 96: the last offset ends at 128 exactly.
+        let cut = FullCut::new(128, 32, 24).unwrap();
+        assert_eq!(cut.axis_offsets(), vec![0, 24, 48, 72, 96]);
+        assert_eq!(cut.patch_count(), 25);
+        // range(0, 100 - 32 + 1, 24) = 0, 24, 48: columns 80..100 are in no patch.
+        assert_eq!(
+            FullCut::new(100, 32, 24).unwrap().axis_offsets(),
+            vec![0, 24, 48]
+        );
     }
 
     #[test]
@@ -203,6 +271,27 @@ mod tests {
         let other = random_crops(&batch, 16, 16, &mut SeededRng::new(8)).unwrap();
         assert_ne!(crops, other);
         assert!(random_crops(&batch, 41, 1, &mut SeededRng::new(0)).is_err());
+        // The crops are the windows at the drawn offsets.
+        let offsets = random_offsets(40, 40, 16, 16, &mut SeededRng::new(7)).unwrap();
+        for (i, &(y, x)) in offsets.iter().enumerate() {
+            assert!(y <= 24 && x <= 24);
+            assert_eq!(crops[i * 4 + 2].get(1, 3, 4), batch[2].get(1, y + 3, x + 4));
+        }
+        let mixed = [numbered(40, 0.0), numbered(32, 0.0)];
+        assert!(random_crops(&mixed, 16, 1, &mut SeededRng::new(0)).is_err());
+    }
+
+    #[test]
+    fn offsets_reach_both_ends_of_their_range() {
+        let offsets = random_offsets(10, 12, 8, 400, &mut SeededRng::new(3)).unwrap();
+        let ys: std::collections::BTreeSet<_> = offsets.iter().map(|o| o.0).collect();
+        let xs: std::collections::BTreeSet<_> = offsets.iter().map(|o| o.1).collect();
+        assert_eq!(ys, (0..=2).collect());
+        assert_eq!(xs, (0..=4).collect());
+        // A crop as large as the image has the single offset 0.
+        let offsets = random_offsets(8, 8, 8, 5, &mut SeededRng::new(3)).unwrap();
+        assert!(offsets.iter().all(|&o| o == (0, 0)));
+        assert!(random_offsets(8, 8, 0, 1, &mut SeededRng::new(3)).is_err());
     }
 
     #[test]

@@ -18,8 +18,8 @@ use rayon::prelude::*;
 use super::{FloatImage, transform};
 use crate::{Error, Result};
 
-/// File extensions read as images (case-insensitive).
-pub const IMAGE_EXTENSIONS: [&str; 7] = ["png", "jpg", "jpeg", "bmp", "tif", "tiff", "webp"];
+/// File extensions read as images (case-insensitive): the formats this build decodes.
+pub const IMAGE_EXTENSIONS: [&str; 6] = ["png", "jpg", "jpeg", "bmp", "tif", "tiff"];
 
 /// The folder of normal images in `train/` and `test/`.
 pub const GOOD: &str = "good";
@@ -48,6 +48,18 @@ pub struct Category {
     pub test: Vec<TestImage>,
     /// Defect images without a mask file.
     pub missing_masks: Vec<PathBuf>,
+}
+
+impl TestImage {
+    /// The ground-truth mask at `size` x `size` (see [`load_mask`]): all zeros for a good image,
+    /// `None` for a defect image without a mask file.
+    pub fn load_mask(&self, size: usize) -> Result<Option<Vec<u8>>> {
+        match (&self.mask, self.label) {
+            (Some(path), _) => load_mask(path, size).map(Some),
+            (None, 0) => Ok(Some(vec![0; size * size])),
+            (None, _) => Ok(None),
+        }
+    }
 }
 
 impl Category {
@@ -84,11 +96,15 @@ impl FolderDataset {
             })
             .collect();
         if categories.is_empty() {
-            return Err(dataset_error(
+            let hint = if root.join("train").is_dir() || root.join("test").is_dir() {
+                " (this looks like one category: give its parent folder as the data root)"
+            } else {
+                ""
+            };
+            return Err(dataset_error(format!(
                 "no category folders: expected <root>/<category>/train/good and \
-                 <root>/<category>/test/<good|defect>"
-                    .into(),
-            ));
+                 <root>/<category>/test/<good|defect>{hint}"
+            )));
         }
         Ok(Self {
             root: root.to_path_buf(),
@@ -194,38 +210,15 @@ pub fn list_images(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(paths)
 }
 
-/// Decodes an image as 8-bit RGB (grey expanded, alpha dropped, 16-bit scaled).
+/// Decodes an image as 8-bit RGB the way PIL's `convert("RGB")` does for 8-bit files: grey
+/// copied to the three channels, alpha dropped (not blended), palettes expanded. (16-bit files
+/// are scaled to 8 bits; PIL would clip them instead. MVTec AD has none.)
 pub fn decode_rgb8(path: &Path) -> Result<image::RgbImage> {
-    let reader = image::ImageReader::open(path)
-        .map_err(|e| Error::io(path, e))?
-        .with_guessed_format()
-        .map_err(|e| Error::io(path, e))?;
-    let decoded = reader.decode().map_err(|e| Error::Image {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    })?;
-    Ok(decoded.to_rgb8())
+    Ok(decode(path)?.into_rgb8())
 }
 
-/// An image as the networks see it: RGB, in [-1, 1], resized to `size` x `size`
-/// (`ToTensor`, `Normalize(0.5, 0.5)`, `Resize((size, size))`; the reference uses 1024).
-pub fn load_image(path: &Path, size: usize) -> Result<FloatImage> {
-    let rgb = decode_rgb8(path)?;
-    let (width, height) = rgb.dimensions();
-    let image = transform::normalize_rgb8(rgb.as_raw(), width as usize, height as usize);
-    transform::resize_bilinear(&image, size, size)
-}
-
-/// [`load_image`] for many files, decoded and resized in parallel, in the given order.
-pub fn load_images(paths: &[PathBuf], size: usize) -> Vec<Result<FloatImage>> {
-    paths.par_iter().map(|p| load_image(p, size)).collect()
-}
-
-/// A ground-truth mask at `size` x `size`: 1 where the resized mask is at least one half.
-/// The mask is resized with the same bilinear filter as the images, then thresholded, so that
-/// it lines up with the resized image.
-pub fn load_mask(path: &Path, size: usize) -> Result<Vec<u8>> {
-    let decoded = image::ImageReader::open(path)
+fn decode(path: &Path) -> Result<image::DynamicImage> {
+    image::ImageReader::open(path)
         .map_err(|e| Error::io(path, e))?
         .with_guessed_format()
         .map_err(|e| Error::io(path, e))?
@@ -233,8 +226,35 @@ pub fn load_mask(path: &Path, size: usize) -> Result<Vec<u8>> {
         .map_err(|e| Error::Image {
             path: path.to_path_buf(),
             message: e.to_string(),
-        })?
-        .to_luma8();
+        })
+}
+
+/// An image as the networks see it: RGB, in [-1, 1], resized to `size` x `size`
+/// (`ToTensor`, `Normalize(0.5, 0.5)`, `Resize((size, size))`: the reference uses 1024 and
+/// stretches images that are not square).
+pub fn load_image(path: &Path, size: usize) -> Result<FloatImage> {
+    let rgb = decode_rgb8(path)?;
+    let (width, height) = rgb.dimensions();
+    let image = transform::normalize_rgb8(rgb.as_raw(), width as usize, height as usize)?;
+    transform::resize_bilinear_owned(image, size, size).map_err(|e| Error::Image {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+/// [`load_image`] for many files, decoded and resized in parallel (rayon), in the given order;
+/// the first file that fails is the error.
+pub fn load_images(paths: &[PathBuf], size: usize) -> Result<Vec<FloatImage>> {
+    paths.par_iter().map(|p| load_image(p, size)).collect()
+}
+
+/// A ground-truth mask at `size` x `size`, row-major, 1 for defect and 0 elsewhere.
+///
+/// The mask is binarised (> 127), resized with the same filter as the images
+/// ([`transform::resize_bilinear`]) and thresholded at one half (>= 0.5), so that it lines up
+/// with the resized image; nearest-neighbour would shift edges by up to half a source pixel.
+pub fn load_mask(path: &Path, size: usize) -> Result<Vec<u8>> {
+    let decoded = decode(path)?.into_luma8();
     let (width, height) = decoded.dimensions();
     let image = FloatImage {
         channels: 1,
@@ -246,7 +266,11 @@ pub fn load_mask(path: &Path, size: usize) -> Result<Vec<u8>> {
             .map(|&v| f32::from(u8::from(v > 127)))
             .collect(),
     };
-    let resized = transform::resize_bilinear(&image, size, size)?;
+    let resized =
+        transform::resize_bilinear_owned(image, size, size).map_err(|e| Error::Image {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
     Ok(resized.data.iter().map(|&v| u8::from(v >= 0.5)).collect())
 }
 
