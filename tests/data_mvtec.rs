@@ -103,3 +103,80 @@ fn categories_by_index_with_labels_masks_and_rgb() {
 fn image_at(path: &Path, size: usize) -> multi_teacher_ad::data::FloatImage {
     load_image(path, size).unwrap()
 }
+
+#[test]
+fn all_fifteen_categories_by_class_list_and_inspect() {
+    use multi_teacher_ad::data::inspect::{Severity, inspect_folder};
+    let dir = tempfile::tempdir().unwrap();
+    for (i, name) in CATEGORIES.iter().enumerate() {
+        // Alternate grey and RGB sources, as the real dataset mixes them.
+        let shade = |_, _| (i * 10) as u8;
+        if i % 2 == 0 {
+            gray(
+                &dir.path().join(format!("{name}/train/good/000.png")),
+                8,
+                shade,
+            );
+        } else {
+            rgb(&dir.path().join(format!("{name}/train/good/000.png")), 8);
+        }
+        gray(
+            &dir.path().join(format!("{name}/test/good/000.png")),
+            8,
+            shade,
+        );
+        gray(
+            &dir.path().join(format!("{name}/test/crack/000.png")),
+            8,
+            shade,
+        );
+        if *name != "screw" {
+            gray(
+                &dir.path()
+                    .join(format!("{name}/ground_truth/crack/000_mask.png")),
+                8,
+                |_, _| 255,
+            );
+        }
+    }
+    let mvtec = Mvtec::open(dir.path()).unwrap();
+    assert!(mvtec.missing_categories().is_empty());
+    let chosen = parse_class_list("3,5-7,screw", &CATEGORIES).unwrap();
+    let names: Vec<String> = chosen
+        .iter()
+        .map(|&i| mvtec.category(i).unwrap().name)
+        .collect();
+    assert_eq!(names, ["tile", "bottle", "cable", "capsule", "screw"]);
+    assert_eq!(mvtec.category_by_name("Screw").unwrap().name, "screw");
+
+    // The defect image without a mask is kept, with `mask: None`, and inspect reports it.
+    let screw = mvtec.category(11).unwrap();
+    assert_eq!(screw.test_labels(), vec![1, 0]);
+    assert_eq!(screw.test[0].mask, None);
+    assert_eq!(screw.missing_masks, vec![screw.test[0].path.clone()]);
+    let report = inspect_folder(dir.path(), true);
+    assert!(report.is_usable(), "{report}");
+    assert_eq!(report.categories.len(), 15);
+    let warnings: Vec<&str> = report
+        .problems
+        .iter()
+        .map(|p| {
+            assert_eq!(p.severity, Severity::Warning);
+            p.message.as_str()
+        })
+        .collect();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(warnings[0].starts_with("screw: 1 defect images have no mask"));
+    let channels: usize = report
+        .categories
+        .iter()
+        .filter_map(|c| c.channels.get(&1))
+        .sum();
+    assert_eq!(channels, 8 + 15 * 2); // grey train images of the 8 even categories, grey tests
+
+    // Extra folders and missing categories are flagged against the 15 names.
+    std::fs::rename(dir.path().join("zipper"), dir.path().join("zip")).unwrap();
+    let text = inspect_folder(dir.path(), true).to_string();
+    assert!(text.contains("MVTec categories missing: zipper"), "{text}");
+    assert!(text.contains("'zip' is not an MVTec category"), "{text}");
+}

@@ -212,8 +212,8 @@ fn the_unmutated_seeds_read() {
     let array = pickle::numpy_array(value.get("data").unwrap()).unwrap();
     assert_eq!(array.shape, vec![3, 3072]);
     assert_eq!(array.dtype, "|u1");
-    for i in 1..SEEDS.len() {
-        assert!(pickle::read(&seed(i)).is_ok(), "{}", SEEDS[i]);
+    for (i, name) in SEEDS.iter().enumerate().skip(1) {
+        assert!(pickle::read(&seed(i)).is_ok(), "{name}");
     }
 }
 

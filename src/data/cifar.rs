@@ -132,9 +132,11 @@ impl Cifar10 {
             CifarLayout::Binary => read_binary_meta(&dir.join("batches.meta.txt"))?,
         };
         let test = splits.pop().unwrap_or_default();
-        let mut train = CifarSplit::default();
-        for split in &splits {
-            train.images.reserve_exact(split.images.len());
+        let rest: usize = splits.iter().skip(1).map(|s| s.images.len()).sum();
+        let mut splits = splits.into_iter();
+        let mut train = splits.next().unwrap_or_default();
+        train.images.reserve_exact(rest);
+        for split in splits {
             train.images.extend_from_slice(&split.images);
             train.labels.extend_from_slice(&split.labels);
         }

@@ -1,6 +1,6 @@
 //! A small procedural dataset in the MVTec AD layout, made from a seed, for the CPU demo and
 //! the end-to-end tests: two textures and two simple objects, normal images with natural
-//! variation (shifts, scale, brightness, noise) and test images with local defects (scratches,
+//! variation (shifts, slight rotation and scale, brightness, noise) and test images with local defects (scratches,
 //! holes, stains, foreign patches) and their masks. The same seed writes the same bytes.
 
 use std::path::Path;
@@ -66,9 +66,9 @@ impl Defect {
 
 /// Writes the dataset under `root` (created if needed) and returns the number of images.
 pub fn write_demo_dataset(root: &Path, spec: &DemoSpec) -> Result<usize> {
-    if spec.image_size < 32 || spec.train == 0 {
+    if !(32..=4096).contains(&spec.image_size) || spec.train == 0 {
         return Err(Error::InvalidArgument(format!(
-            "demo dataset: images of at least 32 pixels and at least one training image \
+            "demo dataset: images of 32 to 4096 pixels and at least one training image \
              (got {} and {})",
             spec.image_size, spec.train
         )));
@@ -90,7 +90,7 @@ pub fn write_demo_dataset(root: &Path, spec: &DemoSpec) -> Result<usize> {
         for defect in defects {
             for i in 0..spec.test_defect {
                 let mut image = normal_image(category, spec.image_size, &mut rng);
-                let mask = add_defect(&mut image, *defect, is_object(category), &mut rng);
+                let mask = add_defect(&mut image, *defect, object_radii(category), &mut rng);
                 let name = format!("{i:03}");
                 save_rgb(
                     &dir.join("test")
@@ -102,17 +102,14 @@ pub fn write_demo_dataset(root: &Path, spec: &DemoSpec) -> Result<usize> {
                     &dir.join("ground_truth")
                         .join(defect.name())
                         .join(format!("{name}_mask.png")),
-                    &mask,
+                    spec.image_size,
+                    mask,
                 )?;
                 written += 1;
             }
         }
     }
     Ok(written)
-}
-
-fn is_object(category: &str) -> bool {
-    matches!(category, "disc" | "washer")
 }
 
 fn save_rgb(path: &Path, image: &Canvas) -> Result<()> {
@@ -122,23 +119,22 @@ fn save_rgb(path: &Path, image: &Canvas) -> Result<()> {
         .iter()
         .map(|v| v.clamp(0.0, 255.0).round() as u8)
         .collect();
-    let png = RgbImage::from_raw(size, size, pixels).expect("size matches");
-    save(path, |p| png.save(p))
+    save(path, RgbImage::from_raw(size, size, pixels).map(Into::into))
 }
 
-fn save_gray(path: &Path, mask: &[u8]) -> Result<()> {
-    let size = (mask.len() as f64).sqrt() as u32;
-    let png = GrayImage::from_raw(size, size, mask.to_vec()).expect("square mask");
-    save(path, |p| png.save(p))
+fn save_gray(path: &Path, size: usize, mask: Vec<u8>) -> Result<()> {
+    let size = size as u32;
+    save(path, GrayImage::from_raw(size, size, mask).map(Into::into))
 }
 
-fn save(path: &Path, write: impl FnOnce(&Path) -> image::ImageResult<()>) -> Result<()> {
-    let parent = path.parent().expect("files live in folders");
-    std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-    write(path).map_err(|e| Error::Image {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    })
+fn save(path: &Path, image: Option<image::DynamicImage>) -> Result<()> {
+    let image = image.ok_or_else(|| Error::invalid_file(path, "image buffer of the wrong size"))?;
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    }
+    image
+        .save(path)
+        .map_err(|e| Error::io(path, std::io::Error::other(e)))
 }
 
 /// An RGB image in 0..255 floats, `[y][x][c]`.
@@ -150,8 +146,8 @@ struct Canvas {
 impl Canvas {
     fn set(&mut self, x: usize, y: usize, rgb: [f32; 3], alpha: f32) {
         let i = (y * self.size + x) * 3;
-        for c in 0..3 {
-            self.data[i + c] = self.data[i + c] * (1.0 - alpha) + rgb[c] * alpha;
+        for (d, v) in self.data[i..i + 3].iter_mut().zip(rgb) {
+            *d = *d * (1.0 - alpha) + v * alpha;
         }
     }
 }
@@ -166,13 +162,19 @@ fn normal_image(category: &str, size: usize, rng: &mut SeededRng) -> Canvas {
         s / 2.0 + (rng.unit() as f32 - 0.5) * s * 0.06,
         s / 2.0 + (rng.unit() as f32 - 0.5) * s * 0.06,
     );
+    // Up to 4 degrees either way (the objects are round, so only the textures show it).
+    let (sin, cos) = ((rng.unit() as f32 - 0.5) * 8f32.to_radians()).sin_cos();
     let mut canvas = Canvas {
         size,
         data: vec![0.0; size * size * 3],
     };
     for y in 0..size {
         for x in 0..size {
-            let (u, v) = (x as f32 / s, y as f32 / s);
+            let (dx, dy) = (x as f32 - s / 2.0, y as f32 - s / 2.0);
+            let (u, v) = (
+                (s / 2.0 + dx * cos - dy * sin) / s,
+                (s / 2.0 + dx * sin + dy * cos) / s,
+            );
             let rgb = match category {
                 "weave" => {
                     let a = (u * 24.0 * scale * std::f32::consts::PI + phase_x).sin();
@@ -210,15 +212,32 @@ fn normal_image(category: &str, size: usize, rng: &mut SeededRng) -> Canvas {
     canvas
 }
 
+/// Where a defect may be centred on an object: radii (fractions of the image side) inside it.
+fn object_radii(category: &str) -> Option<(f32, f32)> {
+    match category {
+        "disc" => Some((0.0, 0.22)),
+        "washer" => Some((0.2, 0.3)),
+        _ => None,
+    }
+}
+
 /// Adds one defect and returns its mask (0 or 255 per pixel).
-fn add_defect(image: &mut Canvas, defect: Defect, object: bool, rng: &mut SeededRng) -> Vec<u8> {
+fn add_defect(
+    image: &mut Canvas,
+    defect: Defect,
+    object: Option<(f32, f32)>,
+    rng: &mut SeededRng,
+) -> Vec<u8> {
     let size = image.size;
     let s = size as f32;
     let mut mask = vec![0u8; size * size];
     // Centre of the defect: on the object for objects, anywhere away from the border otherwise.
-    let (cx, cy) = if object {
+    // How far a scratch may run from its centre: on an object, not past its rim.
+    let mut reach = s;
+    let (cx, cy) = if let Some((r_min, r_max)) = object {
         let angle = rng.unit() as f32 * std::f32::consts::TAU;
-        let r = s * 0.24 * rng.unit() as f32;
+        let r = s * (r_min + (r_max - r_min) * rng.unit() as f32);
+        reach = (s * (r_max + 0.06) - r).max(2.0);
         (s / 2.0 + r * angle.cos(), s / 2.0 + r * angle.sin())
     } else {
         (
@@ -235,7 +254,7 @@ fn add_defect(image: &mut Canvas, defect: Defect, object: bool, rng: &mut Seeded
     match defect {
         Defect::Scratch => {
             let angle = rng.unit() as f32 * std::f32::consts::PI;
-            let half = s * (0.1 + 0.08 * rng.unit() as f32);
+            let half = (s * (0.1 + 0.08 * rng.unit() as f32)).min(reach);
             let width = (s / 64.0).max(1.0);
             let (dx, dy) = (angle.cos(), angle.sin());
             for y in 0..size {
@@ -364,7 +383,7 @@ mod tests {
                 let marked = mask.pixels().filter(|p| p.0[0] == 255).count();
                 // Local: visible but well under a quarter of the image.
                 assert!(
-                    marked >= 4 && marked < 48 * 48 / 4,
+                    (4..48 * 48 / 4).contains(&marked),
                     "{}: {marked}",
                     t.path.display()
                 );
@@ -377,7 +396,7 @@ mod tests {
         let mut rng = SeededRng::new(9);
         let clean = normal_image("grain", 64, &mut rng.clone());
         let mut damaged = normal_image("grain", 64, &mut rng);
-        let mask = add_defect(&mut damaged, Defect::Hole, false, &mut SeededRng::new(1));
+        let mask = add_defect(&mut damaged, Defect::Hole, None, &mut SeededRng::new(1));
         for (i, &m) in mask.iter().enumerate() {
             let changed = (0..3).any(|c| clean.data[i * 3 + c] != damaged.data[i * 3 + c]);
             assert_eq!(m == 255, changed, "pixel {i}");

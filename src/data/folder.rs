@@ -143,19 +143,19 @@ impl FolderDataset {
         if test_dir.is_dir() {
             for folder in sorted_subfolders(&test_dir)? {
                 let label = u8::from(folder != GOOD);
+                let masks = if label == 1 {
+                    mask_files(&dir.join("ground_truth").join(&folder))?
+                } else {
+                    Vec::new()
+                };
                 for path in list_images(&test_dir.join(&folder))? {
                     let mask = if label == 1 {
                         let stem = path.file_stem().unwrap_or_default().to_string_lossy();
-                        let mask = dir
-                            .join("ground_truth")
-                            .join(&folder)
-                            .join(format!("{stem}_mask.png"));
-                        if mask.is_file() {
-                            Some(mask)
-                        } else {
+                        let found = find_mask(&masks, &format!("{stem}_mask"));
+                        if found.is_none() {
                             missing_masks.push(path.clone());
-                            None
                         }
+                        found
                     } else {
                         None
                     };
@@ -178,6 +178,26 @@ impl FolderDataset {
     }
 }
 
+/// The image files of a `ground_truth/<defect>` folder; none when there is no such folder.
+fn mask_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    if dir.is_dir() {
+        list_images(dir)
+    } else {
+        Ok(Vec::new())
+    }
+}
+
+/// The mask named `<stem>.png` (MVTec's), or else `<stem>` with another image extension.
+fn find_mask(masks: &[PathBuf], stem: &str) -> Option<PathBuf> {
+    let named = |p: &&PathBuf| p.file_stem().is_some_and(|s| s.to_string_lossy() == stem);
+    masks
+        .iter()
+        .filter(named)
+        .find(|p| p.extension().is_some_and(|e| e == "png"))
+        .or_else(|| masks.iter().find(named))
+        .cloned()
+}
+
 /// Visible subfolder names of `dir`, sorted.
 pub fn sorted_subfolders(dir: &Path) -> Result<Vec<String>> {
     let mut names = Vec::new();
@@ -194,15 +214,36 @@ pub fn sorted_subfolders(dir: &Path) -> Result<Vec<String>> {
 
 /// Image files directly in `dir`, sorted by name; hidden files are ignored.
 pub fn list_images(dir: &Path) -> Result<Vec<PathBuf>> {
+    Ok(visible_files(dir)?
+        .into_iter()
+        .filter(|p| is_image(p))
+        .collect())
+}
+
+/// Visible files directly in `dir` that [`list_images`] leaves out (other extensions), sorted.
+pub fn skipped_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    Ok(visible_files(dir)?
+        .into_iter()
+        .filter(|p| !is_image(p))
+        .collect())
+}
+
+/// Whether `path` has one of the [`IMAGE_EXTENSIONS`], in any case.
+pub fn is_image(path: &Path) -> bool {
+    path.extension()
+        .map(|e| e.to_string_lossy().to_ascii_lowercase())
+        .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.as_str()))
+}
+
+/// Files (not folders) in `dir` whose names do not start with a dot, sorted by name.
+fn visible_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut paths = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
         let path = entry.map_err(|e| Error::io(dir, e))?.path();
-        let name = path.file_name().unwrap_or_default().to_string_lossy();
-        let is_image = path
-            .extension()
-            .map(|e| e.to_string_lossy().to_ascii_lowercase())
-            .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.as_str()));
-        if is_image && !name.starts_with('.') && path.is_file() {
+        let hidden = path
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with('.'));
+        if !hidden && path.is_file() {
             paths.push(path);
         }
     }
@@ -211,8 +252,11 @@ pub fn list_images(dir: &Path) -> Result<Vec<PathBuf>> {
 }
 
 /// Decodes an image as 8-bit RGB the way PIL's `convert("RGB")` does for 8-bit files: grey
-/// copied to the three channels, alpha dropped (not blended), palettes expanded. (16-bit files
-/// are scaled to 8 bits; PIL would clip them instead. MVTec AD has none.)
+/// copied to the three channels, alpha dropped (not blended), palettes expanded.
+///
+/// PNG, BMP and TIFF pixels are exactly PIL's (MVTec AD is PNG). JPEG decoders differ in their
+/// IDCT and chroma upsampling: against PIL's libjpeg-turbo a 4:2:0 JPEG differs by up to 4 of 255
+/// levels (0.4 on average). 16-bit files are scaled to 8 bits, where PIL would clip them.
 pub fn decode_rgb8(path: &Path) -> Result<image::RgbImage> {
     Ok(decode(path)?.into_rgb8())
 }
@@ -295,6 +339,8 @@ mod tests {
         write_png(&cat.join("test/scratch/000.png"), 4, 4, 10);
         write_png(&cat.join("test/scratch/001.PNG"), 4, 4, 10);
         write_png(&cat.join("test/crack/000.png"), 4, 4, 10);
+        write_png(&cat.join("test/crack/001.png"), 4, 4, 10);
+        write_png(&cat.join("ground_truth/crack/001_mask.bmp"), 4, 4, 255);
         write_png(&cat.join("ground_truth/scratch/000_mask.png"), 4, 4, 255);
         write_png(&cat.join("ground_truth/crack/000_mask.png"), 4, 4, 255);
         std::fs::write(cat.join("train/good/.hidden.png"), b"x").unwrap();
@@ -318,13 +364,34 @@ mod tests {
             test,
             [
                 ("crack", 1, true),
+                ("crack", 1, true),
                 ("good", 0, false),
                 ("scratch", 1, true),
                 ("scratch", 1, false)
             ]
         );
-        assert_eq!(category.missing_masks.len(), 1);
-        assert_eq!(category.test_labels(), vec![1, 0, 1, 1]);
+        assert!(
+            category.test[1]
+                .mask
+                .as_ref()
+                .unwrap()
+                .ends_with("001_mask.bmp")
+        );
+        assert_eq!(
+            category.missing_masks,
+            vec![cat.join("test/scratch/001.PNG")]
+        );
+        assert_eq!(category.test_labels(), vec![1, 1, 0, 1, 1]);
+        // Masks at a size: zeros for good, the file for defects, None when missing.
+        let good = category.test[2].load_mask(6).unwrap().unwrap();
+        assert_eq!(good, vec![0; 36]);
+        let crack = category.test[0].load_mask(6).unwrap().unwrap();
+        assert_eq!(crack, vec![1; 36]);
+        assert_eq!(category.test[4].load_mask(6).unwrap(), None);
+        assert_eq!(
+            skipped_files(&cat.join("train/good")).unwrap(),
+            vec![cat.join("train/good/notes.txt")]
+        );
     }
 
     #[test]

@@ -1,6 +1,9 @@
 //! `mtad inspect`: what a dataset holds and everything wrong with it, before a long run.
-//! Every image is decoded (in parallel), so truncated or unreadable files are found here rather
-//! than hours into training.
+//!
+//! By default only image headers are read (size and channels), and each PNG and JPEG file's end
+//! is checked for its end marker, which finds truncated downloads: a full MVTec AD is inspected
+//! in seconds. [`InspectDepth::Decode`] decodes every image (in parallel) to also find files
+//! damaged in the middle.
 
 use std::{
     collections::BTreeMap,
@@ -12,7 +15,7 @@ use rayon::prelude::*;
 
 use super::{
     cifar::{CLASSES, Cifar10, CifarLayout},
-    folder::{FolderDataset, GOOD},
+    folder::{self, FolderDataset, GOOD},
     mvtec,
 };
 
@@ -78,9 +81,31 @@ impl InspectReport {
     }
 }
 
-/// Inspects a folder dataset; with `mvtec`, also checks for the 15 MVTec categories.
+/// How much of each image [`inspect_folder_with`] reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum InspectDepth {
+    /// Headers, and the end marker of PNG and JPEG files (fast).
+    #[default]
+    Headers,
+    /// Every image decoded in full.
+    Decode,
+}
+
+/// Inspects a folder dataset reading headers only; with `mvtec`, also checks for the 15 MVTec
+/// categories.
 pub fn inspect_folder(root: &Path, mvtec: bool) -> InspectReport {
-    let mut report = InspectReport::new(if mvtec { "MVTec AD" } else { "folder" }, root);
+    inspect_folder_with(root, mvtec, InspectDepth::Headers)
+}
+
+/// [`inspect_folder`] at a chosen depth.
+pub fn inspect_folder_with(root: &Path, mvtec: bool, depth: InspectDepth) -> InspectReport {
+    let kind = match (mvtec, depth) {
+        (true, InspectDepth::Headers) => "MVTec AD (headers read)",
+        (true, InspectDepth::Decode) => "MVTec AD (every image decoded)",
+        (false, InspectDepth::Headers) => "folder dataset (headers read)",
+        (false, InspectDepth::Decode) => "folder dataset (every image decoded)",
+    };
+    let mut report = InspectReport::new(kind, root);
     let dataset = match FolderDataset::open(root) {
         Ok(d) => d,
         Err(e) => {
@@ -89,20 +114,17 @@ pub fn inspect_folder(root: &Path, mvtec: bool) -> InspectReport {
         }
     };
     if mvtec {
-        let missing: Vec<_> = mvtec::CATEGORIES
+        let missing: Vec<&str> = mvtec::CATEGORIES
             .iter()
-            .filter(|c| !dataset.categories.iter().any(|f| f == *c))
+            .copied()
+            .filter(|c| !dataset.categories.iter().any(|f| f == c))
             .collect();
         if !missing.is_empty() {
             report.problem(
                 Severity::Warning,
                 format!(
                     "MVTec categories missing: {} (the others can still be trained)",
-                    missing
-                        .iter()
-                        .map(|s| s.to_string())
-                        .collect::<Vec<_>>()
-                        .join(", ")
+                    missing.join(", ")
                 ),
             );
         }
@@ -118,93 +140,190 @@ pub fn inspect_folder(root: &Path, mvtec: bool) -> InspectReport {
         }
     }
     for name in &dataset.categories {
-        let category = match dataset.category(name) {
-            Ok(c) => c,
-            Err(e) => {
-                report.problem(Severity::Error, e.to_string());
-                continue;
-            }
-        };
-        let mut summary = CategoryReport {
-            name: name.clone(),
-            train: category.train.len(),
-            ..CategoryReport::default()
-        };
-        for t in &category.test {
-            if t.defect == GOOD {
-                summary.test_good += 1;
+        inspect_category(&dataset, name, depth, &mut report);
+    }
+    report
+}
+
+fn inspect_category(
+    dataset: &FolderDataset,
+    name: &str,
+    depth: InspectDepth,
+    report: &mut InspectReport,
+) {
+    let category = match dataset.category(name) {
+        Ok(c) => c,
+        Err(e) => {
+            report.problem(Severity::Error, e.to_string());
+            return;
+        }
+    };
+    let mut summary = CategoryReport {
+        name: name.to_string(),
+        train: category.train.len(),
+        ..CategoryReport::default()
+    };
+    for t in &category.test {
+        if t.defect == GOOD {
+            summary.test_good += 1;
+        } else {
+            summary.test_defect += 1;
+            *summary.defects.entry(t.defect.clone()).or_default() += 1;
+            if t.mask.is_some() {
+                summary.masks_found += 1;
             } else {
-                summary.test_defect += 1;
-                *summary.defects.entry(t.defect.clone()).or_default() += 1;
-                if t.mask.is_some() {
-                    summary.masks_found += 1;
-                } else {
-                    summary.masks_missing += 1;
+                summary.masks_missing += 1;
+            }
+        }
+    }
+    if category.test.is_empty() {
+        report.problem(
+            Severity::Warning,
+            format!("{name}: no test images: nothing to evaluate"),
+        );
+    } else if summary.test_good == 0 || summary.test_defect == 0 {
+        report.problem(
+            Severity::Warning,
+            format!("{name}: the test set needs both good and defect images for a ROC AUC"),
+        );
+    }
+    if summary.masks_missing > 0 {
+        report.problem(
+            Severity::Warning,
+            format!(
+                "{name}: {} defect images have no mask (pixel-level results will skip them), \
+                 e.g. {}",
+                summary.masks_missing,
+                category.missing_masks[0].display()
+            ),
+        );
+    }
+    skipped_and_ignored(&category.dir, report);
+
+    // Every image and mask once, in parallel.
+    let masks: Vec<(&Path, &Path)> = category
+        .test
+        .iter()
+        .filter_map(|t| t.mask.as_deref().map(|m| (t.path.as_path(), m)))
+        .collect();
+    let images: Vec<&Path> = category
+        .train
+        .iter()
+        .map(PathBuf::as_path)
+        .chain(category.test.iter().map(|t| t.path.as_path()))
+        .chain(masks.iter().map(|(_, m)| *m))
+        .collect();
+    let infos: BTreeMap<&Path, Result<ImageInfo, String>> = images
+        .par_iter()
+        .map(|&p| (p, image_info(p, depth)))
+        .collect();
+    let image_count = category.train.len() + category.test.len();
+    let mut not_square = Vec::new();
+    for (i, path) in images.iter().enumerate() {
+        let is_mask = i >= image_count;
+        match &infos[path] {
+            Ok(info) if !is_mask => {
+                *summary
+                    .sizes
+                    .entry(format!("{}x{}", info.width, info.height))
+                    .or_default() += 1;
+                *summary.channels.entry(info.channels).or_default() += 1;
+                if info.width != info.height {
+                    not_square.push(*path);
+                }
+                if let Some(warning) = &info.warning {
+                    report.problem(Severity::Warning, format!("{}: {warning}", path.display()));
                 }
             }
+            Ok(info) => {
+                if let Some(warning) = &info.warning {
+                    report.problem(Severity::Warning, format!("{}: {warning}", path.display()));
+                }
+            }
+            Err(message) => report.problem(
+                Severity::Error,
+                format!(
+                    "{}: cannot read {}: {message}",
+                    path.display(),
+                    if is_mask { "mask" } else { "image" }
+                ),
+            ),
         }
-        if category.test.is_empty() {
-            report.problem(
-                Severity::Warning,
-                format!("{name}: no test images: nothing to evaluate"),
-            );
-        } else if summary.test_good == 0 || summary.test_defect == 0 {
-            report.problem(
-                Severity::Warning,
-                format!("{name}: the test set needs both good and defect images for a ROC AUC"),
-            );
-        }
-        if summary.masks_missing > 0 {
+    }
+    if let Some(first) = not_square.first() {
+        report.problem(
+            Severity::Warning,
+            format!(
+                "{name}: {} images are not square (e.g. {}): they are stretched to a square, \
+                 as the reference's Resize((1024, 1024)) does",
+                not_square.len(),
+                first.display()
+            ),
+        );
+    }
+    let mismatched: Vec<&Path> = masks
+        .iter()
+        .filter(|(image, mask)| match (&infos[image], &infos[mask]) {
+            (Ok(i), Ok(m)) => (i.width, i.height) != (m.width, m.height),
+            _ => false,
+        })
+        .map(|(_, m)| *m)
+        .collect();
+    if let Some(first) = mismatched.first() {
+        report.problem(
+            Severity::Warning,
+            format!(
+                "{name}: {} masks differ in size from their image (e.g. {}); they are resized \
+                 to the image size all the same",
+                mismatched.len(),
+                first.display()
+            ),
+        );
+    }
+    report.categories.push(summary);
+}
+
+/// Warns about files that are not read: other extensions in the image folders, and folders
+/// beside `train/good` (torchvision's `ImageFolder` would train on those too; we do not).
+fn skipped_and_ignored(dir: &Path, report: &mut InspectReport) {
+    let mut folders = vec![dir.join("train").join(GOOD)];
+    let test = dir.join("test");
+    if let Ok(names) = folder::sorted_subfolders(&test) {
+        folders.extend(names.iter().map(|n| test.join(n)));
+    }
+    for folder_path in folders {
+        if let Ok(skipped) = folder::skipped_files(&folder_path)
+            && let Some(first) = skipped.first()
+        {
             report.problem(
                 Severity::Warning,
                 format!(
-                    "{name}: {} defect images have no mask (pixel-level results will skip them), \
-                     e.g. {}",
-                    summary.masks_missing,
-                    category.missing_masks[0].display()
+                    "{}: {} files are skipped, not being {} images (e.g. {})",
+                    folder_path.display(),
+                    skipped.len(),
+                    folder::IMAGE_EXTENSIONS.join("/"),
+                    first.display()
                 ),
             );
         }
-        // Decode every image once, in parallel.
-        let images: Vec<&Path> = category
-            .train
-            .iter()
-            .map(PathBuf::as_path)
-            .chain(category.test.iter().map(|t| t.path.as_path()))
-            .collect();
-        let decoded: Vec<_> = images.par_iter().map(|p| (p, decode_info(p))).collect();
-        for (path, info) in decoded {
-            match info {
-                Ok((w, h, c)) => {
-                    *summary.sizes.entry(format!("{w}x{h}")).or_default() += 1;
-                    *summary.channels.entry(c).or_default() += 1;
-                }
-                Err(message) => report.problem(
-                    Severity::Error,
-                    format!("{}: cannot decode: {message}", path.display()),
-                ),
-            }
-        }
-        let masks: Vec<&PathBuf> = category
-            .test
-            .iter()
-            .filter_map(|t| t.mask.as_ref())
-            .collect();
-        for (path, info) in masks
-            .par_iter()
-            .map(|p| (p, decode_info(p)))
-            .collect::<Vec<_>>()
-        {
-            if let Err(message) = info {
-                report.problem(
-                    Severity::Error,
-                    format!("{}: cannot decode mask: {message}", path.display()),
-                );
-            }
-        }
-        report.categories.push(summary);
     }
-    report
+    if let Ok(names) = folder::sorted_subfolders(&dir.join("train")) {
+        let others: Vec<&String> = names.iter().filter(|n| *n != GOOD).collect();
+        if !others.is_empty() {
+            report.problem(
+                Severity::Warning,
+                format!(
+                    "{}: only train/good is trained on; ignored: {}",
+                    dir.display(),
+                    others
+                        .iter()
+                        .map(|s| s.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            );
+        }
+    }
 }
 
 /// Inspects one-class CIFAR-10.
@@ -262,14 +381,66 @@ pub fn inspect_cifar(root: &Path) -> InspectReport {
     report
 }
 
-fn decode_info(path: &Path) -> Result<(u32, u32, u8), String> {
-    let image = image::ImageReader::open(path)
+/// What [`image_info`] learns about one file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ImageInfo {
+    width: u32,
+    height: u32,
+    channels: u8,
+    /// Something suspicious that does not stop the file from being read.
+    warning: Option<String>,
+}
+
+/// Size and channels of an image, from its header or, with [`InspectDepth::Decode`], from
+/// decoding it; an error message when it cannot be read.
+fn image_info(path: &Path, depth: InspectDepth) -> std::result::Result<ImageInfo, String> {
+    let reader = image::ImageReader::open(path)
         .map_err(|e| e.to_string())?
         .with_guessed_format()
-        .map_err(|e| e.to_string())?
-        .decode()
         .map_err(|e| e.to_string())?;
-    Ok((image.width(), image.height(), image.color().channel_count()))
+    let format = reader.format();
+    if depth == InspectDepth::Decode {
+        let image = reader.decode().map_err(|e| e.to_string())?;
+        return Ok(ImageInfo {
+            width: image.width(),
+            height: image.height(),
+            channels: image.color().channel_count(),
+            warning: None,
+        });
+    }
+    let decoder = reader.into_decoder().map_err(|e| e.to_string())?;
+    let (width, height) = image::ImageDecoder::dimensions(&decoder);
+    let channels = image::ImageDecoder::color_type(&decoder).channel_count();
+    let warning = match format {
+        Some(image::ImageFormat::Png) if !tail_contains(path, b"IEND")? => {
+            return Err("truncated: the PNG end chunk (IEND) is missing".to_string());
+        }
+        Some(image::ImageFormat::Jpeg) if !tail_contains(path, &[0xFF, 0xD9])? => Some(
+            "the JPEG end marker is missing: truncated? (inspect with full decoding to be sure)"
+                .to_string(),
+        ),
+        _ => None,
+    };
+    Ok(ImageInfo {
+        width,
+        height,
+        channels,
+        warning,
+    })
+}
+
+/// Whether the last kilobyte of the file holds `marker` (an end chunk or marker: files cut
+/// short lose it; a few bytes of padding after it are allowed).
+fn tail_contains(path: &Path, marker: &[u8]) -> std::result::Result<bool, String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let len = file.metadata().map_err(|e| e.to_string())?.len();
+    let start = len.saturating_sub(1024);
+    file.seek(SeekFrom::Start(start))
+        .map_err(|e| e.to_string())?;
+    let mut tail = Vec::with_capacity((len - start) as usize);
+    file.read_to_end(&mut tail).map_err(|e| e.to_string())?;
+    Ok(tail.windows(marker.len()).any(|w| w == marker))
 }
 
 impl fmt::Display for InspectReport {
@@ -372,9 +543,17 @@ mod tests {
             "{text}"
         );
 
-        // As MVTec: the 15 categories are missing and these four are not MVTec's.
+        // As MVTec: the 15 categories are missing and these four are not MVTec's, which are
+        // warnings: what is there can be trained.
         let report = inspect_folder(dir.path(), true);
+        assert!(report.is_usable(), "{report}");
         assert!(report.problems.iter().any(|p| p.message.contains("carpet")));
+        assert!(
+            report
+                .problems
+                .iter()
+                .any(|p| p.message.contains("'weave' is not an MVTec category"))
+        );
     }
 
     #[test]
@@ -384,14 +563,62 @@ mod tests {
         let bytes = std::fs::read(&victim).unwrap();
         std::fs::write(&victim, &bytes[..bytes.len() / 2]).unwrap();
         std::fs::remove_file(dir.path().join("grain/ground_truth/hole/000_mask.png")).unwrap();
-        let report = inspect_folder(dir.path(), false);
-        assert!(!report.is_usable());
-        let text = report.to_string();
-        assert!(text.contains("001.png: cannot decode"), "{text}");
-        assert!(text.contains("have no mask"), "{text}");
+        for depth in [InspectDepth::Headers, InspectDepth::Decode] {
+            let report = inspect_folder_with(dir.path(), false, depth);
+            assert!(!report.is_usable());
+            let text = report.to_string();
+            assert!(text.contains("001.png: cannot read image"), "{text}");
+            assert!(text.contains("have no mask"), "{text}");
+        }
 
         let report = inspect_folder(&dir.path().join("absent"), true);
         assert!(!report.is_usable());
         assert!(report.to_string().contains("absent"));
+    }
+
+    #[test]
+    fn damage_inside_a_png_takes_full_decoding_to_find() {
+        let dir = small_demo();
+        let victim = dir.path().join("weave/test/good/000.png");
+        let mut bytes = std::fs::read(&victim).unwrap();
+        // Inside the first IDAT chunk's compressed data: the header and the end are intact.
+        let idat = bytes.windows(4).position(|w| w == b"IDAT").unwrap();
+        for b in &mut bytes[idat + 20..idat + 60] {
+            *b ^= 0x5a;
+        }
+        std::fs::write(&victim, &bytes).unwrap();
+        assert!(inspect_folder(dir.path(), false).is_usable());
+        let report = inspect_folder_with(dir.path(), false, InspectDepth::Decode);
+        assert!(!report.is_usable());
+        assert!(report.to_string().contains("000.png: cannot read image"));
+    }
+
+    #[test]
+    fn odd_shapes_skipped_files_and_ignored_folders_are_warnings() {
+        let dir = small_demo();
+        let disc = dir.path().join("disc");
+        image::RgbImage::new(40, 30)
+            .save(disc.join("train/good/900.png"))
+            .unwrap();
+        image::GrayImage::new(16, 16)
+            .save(disc.join("ground_truth/hole/000_mask.png"))
+            .unwrap();
+        std::fs::write(disc.join("test/good/readme.txt"), b"notes").unwrap();
+        std::fs::create_dir_all(disc.join("train/bad")).unwrap();
+        let report = inspect_folder(dir.path(), false);
+        assert!(report.is_usable(), "{report}");
+        let warnings: Vec<&str> = report
+            .problems
+            .iter()
+            .filter(|p| p.severity == Severity::Warning)
+            .map(|p| p.message.as_str())
+            .collect();
+        let has = |needle: &str| warnings.iter().any(|w| w.contains(needle));
+        assert!(has("1 images are not square"), "{warnings:?}");
+        assert!(has("1 masks differ in size"), "{warnings:?}");
+        assert!(has("readme.txt"), "{warnings:?}");
+        assert!(has("ignored: bad"), "{warnings:?}");
+        let disc = &report.categories[0];
+        assert_eq!(disc.sizes.get("40x30"), Some(&1));
     }
 }

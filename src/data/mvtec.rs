@@ -49,16 +49,43 @@ impl Mvtec {
 
     /// Category `index` (0..14, reference order).
     pub fn category(&self, index: usize) -> Result<Category> {
-        let name = CATEGORIES.get(index).ok_or_else(|| {
-            Error::InvalidArgument(format!("MVTec class index {index} is out of range 0-14"))
-        })?;
-        self.folder.category(name)
+        self.folder.category(class_name(index)?)
     }
+
+    /// Category `name` (one of [`CATEGORIES`], any case).
+    pub fn category_by_name(&self, name: &str) -> Result<Category> {
+        self.category(class_index(name)?)
+    }
+}
+
+/// The name of class `index` (0..14).
+pub fn class_name(index: usize) -> Result<&'static str> {
+    CATEGORIES.get(index).copied().ok_or_else(|| {
+        Error::InvalidArgument(format!("MVTec class index {index} is out of range 0-14"))
+    })
+}
+
+/// The class index (0..14) of category `name`, in any case.
+pub fn class_index(name: &str) -> Result<usize> {
+    CATEGORIES
+        .iter()
+        .position(|c| c.eq_ignore_ascii_case(name))
+        .ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "'{name}' is not an MVTec AD category ({})",
+                CATEGORIES.join(", ")
+            ))
+        })
 }
 
 /// Parses a class list such as `0-14`, `bottle,screw`, `3,5-7` or `all` against `names`
 /// (indices into `names`, in the order given, without duplicates).
 pub fn parse_class_list(spec: &str, names: &[&str]) -> Result<Vec<usize>> {
+    if names.is_empty() {
+        return Err(Error::InvalidArgument(format!(
+            "--classes {spec:?}: there are no classes to choose from"
+        )));
+    }
     let bad = |message: String| {
         Error::InvalidArgument(format!(
             "--classes {spec:?}: {message} (classes: 0-{} or {})",
@@ -154,5 +181,26 @@ mod tests {
         assert_eq!(CATEGORIES[0], "carpet");
         assert_eq!(CATEGORIES[5], "bottle");
         assert_eq!(CATEGORIES[14], "zipper");
+        for (i, name) in CATEGORIES.iter().enumerate() {
+            assert_eq!(class_index(name).unwrap(), i);
+            assert_eq!(class_name(i).unwrap(), *name);
+        }
+        assert_eq!(class_index("Metal_Nut").unwrap(), 9);
+        assert!(
+            class_index("nut")
+                .unwrap_err()
+                .to_string()
+                .contains("metal_nut")
+        );
+        assert!(class_name(15).is_err());
+    }
+
+    #[test]
+    fn other_name_lists_work_too() {
+        let names = ["weave", "grain"];
+        assert_eq!(parse_class_list("grain,0", &names).unwrap(), vec![1, 0]);
+        assert_eq!(parse_class_list("0-1", &names).unwrap(), vec![0, 1]);
+        assert!(parse_class_list("2", &names).is_err());
+        assert!(parse_class_list("0", &[]).is_err());
     }
 }

@@ -8,7 +8,11 @@
 //! MVTec images -> 1024) the filter's support is one input pixel and the result is plain
 //! bilinear interpolation with half-pixel centres (`align_corners=False`), edges clamped; when
 //! downscaling (folders of images larger than the target) it is the antialiased filter. One
-//! implementation therefore matches torchvision in both directions.
+//! implementation therefore matches torchvision in both directions, to about one f32 rounding
+//! (tests/data_pixels.rs).
+//!
+//! The weights are computed once per axis; the image is resized in parallel (rayon) over bands
+//! of output rows, without a full-size intermediate image.
 
 use rayon::prelude::*;
 
@@ -314,6 +318,11 @@ pub fn crop(
     })
 }
 
+/// [`cifar_image`] with the reference's sizes: 32x32 -> 256x256 -> centre 224x224.
+pub fn cifar_reference_image(planar_rgb: &[u8]) -> Result<FloatImage> {
+    cifar_image(planar_rgb, 32, CIFAR_RESIZE, CIFAR_CROP)
+}
+
 /// The reference's CIFAR-10 image: planar 8-bit RGB (1024 R, 1024 G, 1024 B for 32x32) ->
 /// [-1, 1] -> resize to `resize` x `resize` -> centre-crop `crop_size`.
 /// The reference uses `resize` 256 and `crop_size` 224 ([`CIFAR_RESIZE`], [`CIFAR_CROP`]).
@@ -411,6 +420,9 @@ mod tests {
     #[test]
     fn cifar_image_checks_its_size() {
         assert!(cifar_image(&[0u8; 100], 32, 256, 224).is_err());
+        let out = cifar_reference_image(&[0u8; 3 * 32 * 32]).unwrap();
+        assert_eq!(out.shape(), [3, 224, 224]);
+        assert!(out.data.iter().all(|&v| v == -1.0));
         let out = cifar_image(&[255u8; 3 * 32 * 32], 32, 64, 56).unwrap();
         assert_eq!((out.channels, out.height, out.width), (3, 56, 56));
         assert!(out.data.iter().all(|&v| (v - 1.0).abs() < 1e-6));
