@@ -4,13 +4,13 @@
 //! convolutions kaiming-normal (fan-in, ReLU gain), batch norms weight 1 and bias 0, the
 //! classifier a default `nn.Linear` with bias 0.
 
-use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::conv::Conv2d;
 use burn::nn::pool::{AvgPool2d, AvgPool2dConfig, MaxPool2d, MaxPool2dConfig};
-use burn::nn::{BatchNorm, BatchNormConfig, Initializer, Linear, LinearConfig, PaddingConfig2d};
+use burn::nn::{BatchNorm, Initializer, Linear, LinearConfig, PaddingConfig2d};
 use burn::prelude::*;
 use burn::tensor::activation::relu;
 
-use super::batch_norm;
+use super::{batch_norm, norm};
 
 /// Channels each dense layer adds.
 const GROWTH_RATE: usize = 32;
@@ -80,21 +80,7 @@ fn conv(
     padding: usize,
     device: &Device,
 ) -> Conv2d {
-    Conv2dConfig::new(channels, [kernel, kernel])
-        .with_stride([stride, stride])
-        .with_padding(PaddingConfig2d::Explicit(
-            padding, padding, padding, padding,
-        ))
-        .with_bias(false)
-        .with_initializer(Initializer::KaimingNormal {
-            gain: std::f64::consts::SQRT_2,
-            fan_out_only: false,
-        })
-        .init(device)
-}
-
-fn norm(channels: usize, device: &Device) -> BatchNorm {
-    BatchNormConfig::new(channels).init(device)
+    super::kaiming_conv(channels, kernel, stride, padding, false, device)
 }
 
 impl DenseLayer {

@@ -187,6 +187,34 @@ pub fn batch_norm<const D: usize>(norm: &BatchNorm, input: Tensor<D>) -> Tensor<
     result.output
 }
 
+/// A bias-free convolution with `kaiming_normal_` (gain sqrt 2) over fan-in or fan-out, as
+/// torchvision initialises its resnets (fan-out) and densenets (fan-in).
+fn kaiming_conv(
+    channels: [usize; 2],
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+    fan_out: bool,
+    device: &Device,
+) -> burn::nn::conv::Conv2d {
+    burn::nn::conv::Conv2dConfig::new(channels, [kernel, kernel])
+        .with_stride([stride, stride])
+        .with_padding(burn::nn::PaddingConfig2d::Explicit(
+            padding, padding, padding, padding,
+        ))
+        .with_bias(false)
+        .with_initializer(burn::nn::Initializer::KaimingNormal {
+            gain: std::f64::consts::SQRT_2,
+            fan_out_only: fan_out,
+        })
+        .init(device)
+}
+
+/// A batch norm with torch's defaults: eps 1e-5, momentum 0.1, weight 1, bias 0.
+fn norm(channels: usize, device: &Device) -> BatchNorm {
+    burn::nn::BatchNormConfig::new(channels).init(device)
+}
+
 /// Number of learnable parameters, what torch counts with `sum(p.numel() for p in
 /// m.parameters())`. Burn's `Module::num_params` also counts the batch norms' running mean and
 /// variance, which torch keeps as buffers.

@@ -3,13 +3,13 @@
 //! names and the same initialisation (convolutions kaiming-normal, fan-out, ReLU gain; batch
 //! norms weight 1, bias 0; `fc` as a default `nn.Linear`).
 
-use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::conv::Conv2d;
 use burn::nn::pool::{AdaptiveAvgPool2d, AdaptiveAvgPool2dConfig, MaxPool2d, MaxPool2dConfig};
-use burn::nn::{BatchNorm, BatchNormConfig, Initializer, Linear, LinearConfig, PaddingConfig2d};
+use burn::nn::{BatchNorm, Linear, LinearConfig, PaddingConfig2d};
 use burn::prelude::*;
 use burn::tensor::activation::relu;
 
-use super::batch_norm;
+use super::{batch_norm, norm};
 
 /// Configuration of [`ResNet18`].
 #[derive(Config, Debug)]
@@ -61,22 +61,7 @@ fn conv(
     padding: usize,
     device: &Device,
 ) -> Conv2d {
-    Conv2dConfig::new(channels, [kernel, kernel])
-        .with_stride([stride, stride])
-        .with_padding(PaddingConfig2d::Explicit(
-            padding, padding, padding, padding,
-        ))
-        .with_bias(false)
-        .with_initializer(Initializer::KaimingNormal {
-            gain: std::f64::consts::SQRT_2,
-            fan_out_only: true,
-        })
-        .init(device)
-}
-
-fn norm(channels: usize, device: &Device) -> BatchNorm {
-    // torch's defaults: eps 1e-5, momentum 0.1, weight 1, bias 0.
-    BatchNormConfig::new(channels).init(device)
+    super::kaiming_conv(channels, kernel, stride, padding, true, device)
 }
 
 impl BasicBlock {
