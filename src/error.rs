@@ -28,6 +28,9 @@ pub enum Error {
     /// A teacher network is unavailable, or its weights do not match what was built.
     #[error("teacher {name}: {message}")]
     Teacher { name: String, message: String },
+    /// Training or evaluation cannot go on (a loss that is not finite, a failed checkpoint).
+    #[error("{0}")]
+    Training(String),
     /// A backend was asked for that this binary was not compiled with, or it cannot start.
     #[error("{0}")]
     Device(String),

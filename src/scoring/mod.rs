@@ -1,5 +1,6 @@
 //! Anomaly scores and their evaluation (METHOD.md, "Scores and evaluation").
 
+pub mod evaluation;
 pub mod roc_auc;
 
 pub use roc_auc::roc_auc;
