@@ -1,3 +1,9 @@
-//! Training: the teacher-embedding cache (more to come: the Learner step and strategy).
+//! Training and evaluation (METHOD.md): the trainable model and its Learner steps, the inputs
+//! and the teacher-embedding cache, the custom learning strategy, and whole runs.
 
 pub mod cache;
+pub mod inputs;
+pub mod model;
+pub mod renderer;
+pub mod run;
+pub mod strategy;

@@ -1,0 +1,1361 @@
+//! A whole training run: checks every input before training starts, then trains and evaluates
+//! each class through the Learner, and writes the run directory:
+//!
+//! ```text
+//! <out>/config.json                 every setting, the teachers and their sha256s
+//! <out>/finTS_<student>.csv         Normal Class, Class Name, Epoch, AUC (oracle), nor
+//! <out>/Eval_<student>.csv          per class: the 69 columns, nor, oracle; then a mean row
+//! <out>/<class>/teacher_stats.bin   the class's teacher normalisation
+//! <out>/<class>/best/               student.bpk, decoder.bpk, weighting.bpk, best.json
+//! <out>/<class>/scores_test.csv     per test input: path, patch, label, AS_z, AS_cossim, AS_rec
+//! <out>/<class>/scores_train.csv    the same for the normal training inputs (for nor)
+//! <out>/<class>/progress.json       evaluations so far and the latest checkpoint
+//! <out>/<class>/checkpoint/         model/optim/scheduler-<epoch>.bpk (no teacher weights)
+//! <out>/<class>/burn/               Burn's training logs
+//! ```
+//!
+//! Every file is written atomically.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use burn::data::dataloader::{DataLoader, DataLoaderBuilder};
+use burn::module::Module;
+use burn::optim::AdamConfig;
+use burn::prelude::*;
+use burn::train::metric::LossMetric;
+use burn::train::{Learner, SupervisedTraining, TrainingStrategy};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::cache::{CacheOutcome, EmbeddingCache, cache_key};
+use super::inputs::{
+    CachedBatcher, CachedTeachers, CropBatcher, CropTeachers, EpochShuffled, ErrorSlot,
+    ImageSource, InputSet, Sequential, TeacherRunner, mix,
+};
+use super::model::{AucMetric, InputBatch, MtadModel, MtadModelConfig};
+use super::strategy::{
+    AtomicCheckpointer, CHECKPOINT_PARTS, ClassSession, EpochLosses, EvalEveryStrategy,
+    EvalSchedule, SaveCounter, SaveWhenAsked,
+};
+use crate::cli::DatasetKind;
+use crate::data::cifar::{self, Cifar10, CifarSplit};
+use crate::data::crops::{CROP_SIZE, CROPS_PER_BATCH, FullCut, IMAGE_SIZE, STRIDE, random_offsets};
+use crate::data::folder::{Category, FolderDataset};
+use crate::data::mvtec::{self, parse_class_list};
+use crate::output::write_atomic;
+use crate::scoring::evaluation::{ClassEvaluation, Normaliser, RawScores, column_names, evaluate};
+use crate::students::{EMBEDDING_DIM, StudentKind};
+use crate::teachers::{
+    StatisticsAccumulator, TeacherEnsemble, TeacherFamily, TeacherSize, TeacherStatistics,
+    WeightsLocation,
+};
+use crate::{Error, Result};
+
+/// Images per MVTec training batch (the reference's `batch_size=4`).
+pub const MVTEC_IMAGES_PER_BATCH: usize = 4;
+
+/// Which teachers a run distils from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum TeacherChoice {
+    /// resnet152, vgg19 and densenet201 with the learned softmax weighting (the method).
+    #[default]
+    All,
+    /// resnet152 alone, no weighting (the reference's single-teacher ablation).
+    Resnet152,
+    /// No teacher: student and decoder form an autoencoder scored by AS_rec (ablation).
+    None,
+}
+
+impl TeacherChoice {
+    pub fn families(self) -> Vec<TeacherFamily> {
+        match self {
+            Self::All => TeacherFamily::ALL.to_vec(),
+            Self::Resnet152 => vec![TeacherFamily::Resnet],
+            Self::None => Vec::new(),
+        }
+    }
+}
+
+/// Every setting of a run; saved as `config.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    pub dataset: DatasetKind,
+    pub data_root: PathBuf,
+    pub student: StudentKind,
+    /// The classes to train, as indices into `class_names`.
+    pub classes: Vec<usize>,
+    /// Every class of the dataset, in index order.
+    pub class_names: Vec<String>,
+    pub epochs: usize,
+    pub eval_every: usize,
+    /// CIFAR-10 batch size (training and evaluation).
+    pub batch_size: usize,
+    pub lr: f64,
+    pub seed: u64,
+    /// Side of the network inputs (224 in the method).
+    pub image_size: usize,
+    /// MVTec/folder: side of the resized images (1024) and full-cut stride (200).
+    pub full_size: usize,
+    pub stride: usize,
+    /// CIFAR: side of the resize before the centre crop (256).
+    pub cifar_resize: usize,
+    /// MVTec/folder: random crops per training batch of 4 images (16).
+    pub crops_per_batch: usize,
+    pub crop_pool: Option<usize>,
+    pub teachers: TeacherChoice,
+    pub tiny_teachers: bool,
+    pub teacher_names: Vec<String>,
+    pub teacher_sha256: Vec<String>,
+    pub save_model: bool,
+    pub device: String,
+    pub cache_dir: PathBuf,
+    /// `mtad` version that wrote the run.
+    pub version: String,
+}
+
+impl TrainConfig {
+    /// Whether this run deviates from the method's teachers or resolution, said in every output.
+    pub fn reduced(&self) -> Option<String> {
+        let mut notes = Vec::new();
+        if self.tiny_teachers {
+            notes.push("TINY RANDOM TEACHERS (not the ImageNet ones)".to_string());
+        }
+        if self.crops_per_batch != CROPS_PER_BATCH && self.dataset != DatasetKind::Cifar10 {
+            notes.push(format!(
+                "{} crops per batch (the method uses {CROPS_PER_BATCH})",
+                self.crops_per_batch
+            ));
+        }
+        if self.image_size != CROP_SIZE {
+            notes.push(format!(
+                "reduced image size {} (the method uses {CROP_SIZE})",
+                self.image_size
+            ));
+        }
+        (!notes.is_empty()).then(|| notes.join("; "))
+    }
+
+    /// Settings that must match for `--resume` to continue a run.
+    fn resumable_from(&self, other: &TrainConfig) -> std::result::Result<(), String> {
+        let mut a = self.clone();
+        let mut b = other.clone();
+        for c in [&mut a, &mut b] {
+            c.device = String::new();
+            c.version = String::new();
+            c.cache_dir = PathBuf::new();
+            c.data_root = PathBuf::new();
+        }
+        if a == b {
+            Ok(())
+        } else {
+            let ja = serde_json::to_value(&a).unwrap_or_default();
+            let jb = serde_json::to_value(&b).unwrap_or_default();
+            let differing: Vec<String> = ja
+                .as_object()
+                .into_iter()
+                .flatten()
+                .filter(|(k, v)| jb.get(k.as_str()) != Some(v))
+                .map(|(k, _)| k.clone())
+                .collect();
+            Err(differing.join(", "))
+        }
+    }
+}
+
+/// What the user asked for; [`prepare`] checks it and resolves it into a [`TrainConfig`].
+#[derive(Debug, Clone)]
+pub struct TrainRequest {
+    pub dataset: DatasetKind,
+    pub data_root: PathBuf,
+    pub student: StudentKind,
+    pub classes: String,
+    pub epochs: usize,
+    pub eval_every: usize,
+    pub batch_size: usize,
+    pub lr: f64,
+    pub seed: u64,
+    pub image_size: usize,
+    pub crop_pool: Option<usize>,
+    /// MVTec/folder: random crops per training batch of 4 images (the reference: 16).
+    pub crops_per_batch: usize,
+    pub teachers: TeacherChoice,
+    pub tiny_teachers: bool,
+    pub teacher_weights: WeightsLocation,
+    pub save_model: bool,
+    pub out: PathBuf,
+    pub cover: bool,
+    pub resume: bool,
+    pub cache_dir: PathBuf,
+    pub device: Device,
+    pub device_name: String,
+    /// Print plain progress lines (otherwise Burn's TUI shows progress on a terminal).
+    pub plain: bool,
+}
+
+/// The result of one class.
+#[derive(Debug, Clone)]
+pub struct ClassResult {
+    pub index: usize,
+    pub name: String,
+    pub best_epoch: usize,
+    pub evaluation: ClassEvaluation,
+}
+
+/// The result of a run.
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    pub out: PathBuf,
+    pub config: TrainConfig,
+    pub classes: Vec<ClassResult>,
+    /// Network inputs that went through the teachers in this run.
+    pub teacher_inputs: u64,
+    /// What the reference's way (teachers at every epoch and evaluation) would have needed.
+    pub reference_teacher_inputs: u64,
+    pub seconds: f64,
+}
+
+/// A checked run, ready to train.
+pub struct Prepared {
+    pub config: TrainConfig,
+    pub out: PathBuf,
+    data: DataSet,
+    runner: Option<Arc<TeacherRunner>>,
+    device: Device,
+    plain: bool,
+    resume: bool,
+}
+
+enum DataSet {
+    Cifar(Arc<Cifar10>),
+    Folder(Vec<Category>),
+}
+
+fn invalid(message: impl Into<String>) -> Error {
+    Error::InvalidArgument(message.into())
+}
+
+/// Checks everything a run needs before any training: options, dataset, classes, teachers and
+/// output directory. Errors name what is wrong.
+pub fn prepare(request: TrainRequest) -> Result<Prepared> {
+    let r = &request;
+    if r.epochs == 0 {
+        return Err(invalid("--epochs must be at least 1"));
+    }
+    if r.eval_every == 0 {
+        return Err(invalid("--eval-every must be at least 1"));
+    }
+    if r.batch_size < 2 {
+        return Err(invalid(
+            "--batch-size must be at least 2 (batch norm needs two inputs)",
+        ));
+    }
+    if !(r.lr.is_finite() && r.lr > 0.0) {
+        return Err(invalid(format!("--lr {} must be a positive number", r.lr)));
+    }
+    if r.image_size < 32 || r.image_size % 32 != 0 {
+        return Err(invalid(format!(
+            "--image-size {} must be a multiple of 32 (the decoder doubles a 1/32 grid five times)",
+            r.image_size
+        )));
+    }
+    if r.crops_per_batch == 0 {
+        return Err(invalid("--crops-per-batch must be at least 1"));
+    }
+    if r.crop_pool == Some(0) {
+        return Err(invalid("--crop-pool must be at least 1"));
+    }
+    if r.image_size != CROP_SIZE && !r.tiny_teachers && r.teachers != TeacherChoice::None {
+        return Err(invalid(format!(
+            "--image-size {} needs --tiny-teachers: the ImageNet teachers see {CROP_SIZE}x{CROP_SIZE} inputs",
+            r.image_size
+        )));
+    }
+    // Geometry, scaled from the reference's 224 / 1024 / 200 / 256.
+    let image_size = r.image_size;
+    let stride = ((image_size * STRIDE) as f64 / CROP_SIZE as f64).round() as usize;
+    let full_size = image_size + 4 * stride;
+    debug_assert!(image_size != CROP_SIZE || full_size == IMAGE_SIZE);
+    let cifar_resize = ((image_size * 256) as f64 / CROP_SIZE as f64).round() as usize;
+
+    // Dataset and classes.
+    let (data, class_names, classes) = match r.dataset {
+        DatasetKind::Cifar10 => {
+            let cifar = Cifar10::open(&r.data_root)?;
+            let classes = parse_class_list(&r.classes, &cifar::CLASSES)?;
+            for &c in &classes {
+                cifar.one_class(c)?;
+            }
+            let names = cifar::CLASSES.iter().map(|s| s.to_string()).collect();
+            (DataSet::Cifar(Arc::new(cifar)), names, classes)
+        }
+        DatasetKind::Mvtec | DatasetKind::Folder => {
+            let folder = FolderDataset::open(&r.data_root)?;
+            let names: Vec<String> = if r.dataset == DatasetKind::Mvtec {
+                mvtec::CATEGORIES.iter().map(|s| s.to_string()).collect()
+            } else {
+                folder.categories.clone()
+            };
+            let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+            let classes = parse_class_list(&r.classes, &refs)?;
+            let categories = classes
+                .iter()
+                .map(|&c| {
+                    let category = folder.category(&names[c])?;
+                    check_category(&folder.root, &category)?;
+                    Ok(category)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            (DataSet::Folder(categories), names, classes)
+        }
+    };
+
+    // Teachers.
+    let size = if r.tiny_teachers {
+        TeacherSize::Tiny
+    } else {
+        TeacherSize::Full
+    };
+    let families = r.teachers.families();
+    let runner = if families.is_empty() {
+        None
+    } else {
+        let ensemble = TeacherEnsemble::load(size, &families, &r.teacher_weights, &r.device)?;
+        Some(Arc::new(TeacherRunner::new(ensemble, r.device.clone())))
+    };
+    let (teacher_names, teacher_sha256) = match &runner {
+        Some(runner) => (
+            runner
+                .ensemble
+                .names()
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            runner
+                .ensemble
+                .sha256s()
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+        ),
+        None => (Vec::new(), Vec::new()),
+    };
+
+    let config = TrainConfig {
+        dataset: r.dataset,
+        data_root: r.data_root.clone(),
+        student: r.student,
+        classes,
+        class_names,
+        epochs: r.epochs,
+        eval_every: r.eval_every,
+        batch_size: r.batch_size,
+        lr: r.lr,
+        seed: r.seed,
+        image_size,
+        full_size,
+        stride,
+        cifar_resize,
+        crops_per_batch: r.crops_per_batch,
+        crop_pool: r.crop_pool,
+        teachers: r.teachers,
+        tiny_teachers: r.tiny_teachers,
+        teacher_names,
+        teacher_sha256,
+        save_model: r.save_model,
+        device: r.device_name.clone(),
+        cache_dir: r.cache_dir.clone(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+    };
+
+    // Output directory.
+    let out = if r.resume {
+        let saved = read_config(&r.out)?;
+        config.resumable_from(&saved).map_err(|fields| {
+            invalid(format!(
+                "--resume {}: the run was started with other settings ({fields}); give the same \
+                 options as the first time, or start a new run",
+                r.out.display()
+            ))
+        })?;
+        r.out.clone()
+    } else if r.cover || !r.out.exists() {
+        r.out.clone()
+    } else {
+        // The reference's behaviour: a numeric suffix rather than overwriting.
+        let base = r.out.display().to_string();
+        (1..)
+            .map(|n| PathBuf::from(format!("{base}_{n}")))
+            .find(|p| !p.exists())
+            .expect("some suffix is free")
+    };
+    check_writable(&out)?;
+    check_writable(&r.cache_dir)?;
+    write_json(&out.join("config.json"), &config)?;
+
+    Ok(Prepared {
+        config,
+        out,
+        data,
+        runner,
+        device: r.device.clone(),
+        plain: r.plain,
+        resume: r.resume,
+    })
+}
+
+fn check_category(root: &Path, category: &Category) -> Result<()> {
+    let err = |m: String| Error::Dataset {
+        root: root.to_path_buf(),
+        message: format!("category {}: {m}", category.name),
+    };
+    if category.train.len() < 2 {
+        return Err(err(format!(
+            "{} training images; at least 2 are needed",
+            category.train.len()
+        )));
+    }
+    let labels = category.test_labels();
+    if !labels.contains(&0) || !labels.contains(&1) {
+        return Err(err(
+            "the test set needs both good and defect images for a ROC AUC".into(),
+        ));
+    }
+    Ok(())
+}
+
+fn check_writable(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let probe = dir.join(format!(".mtad-write-test-{}", std::process::id()));
+    std::fs::write(&probe, b"ok").map_err(|e| Error::io(dir, e))?;
+    std::fs::remove_file(&probe).map_err(|e| Error::io(&probe, e))?;
+    Ok(())
+}
+
+fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
+    let text = serde_json::to_string_pretty(value)
+        .map_err(|e| Error::Training(format!("{}: {e}", path.display())))?;
+    write_atomic(path, text.as_bytes())
+}
+
+fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::invalid_file(path, e.to_string()))
+}
+
+/// The `config.json` of a run directory.
+pub fn read_config(run: &Path) -> Result<TrainConfig> {
+    let path = run.join("config.json");
+    if !path.is_file() {
+        return Err(invalid(format!(
+            "{} is not a run directory (no config.json)",
+            run.display()
+        )));
+    }
+    read_json(&path)
+}
+
+/// One evaluation of a class.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalRecord {
+    pub epoch: usize,
+    /// The oracle AUC (max over the 69 columns) and the leakage-free AUC.
+    pub oracle: f64,
+    pub nor: f64,
+}
+
+/// The best evaluation of a class, with what scoring needs besides the models.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BestRecord {
+    pub epoch: usize,
+    pub evaluation: ClassEvaluation,
+    pub normaliser: Normaliser,
+}
+
+/// `progress.json` of a class.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ClassProgress {
+    pub index: usize,
+    pub name: String,
+    /// The latest complete checkpoint.
+    pub checkpoint_epoch: Option<usize>,
+    pub history: Vec<EvalRecord>,
+    pub best: Option<BestRecord>,
+    pub complete: bool,
+}
+
+/// A class's folder name in the run directory.
+pub fn class_dir(out: &Path, name: &str) -> PathBuf {
+    out.join(name)
+}
+
+fn read_progress(dir: &Path) -> Result<Option<ClassProgress>> {
+    let path = dir.join("progress.json");
+    if !path.exists() {
+        return Ok(None);
+    }
+    read_json(&path).map(Some)
+}
+
+/// A class's data, ready for loaders.
+struct ClassData {
+    /// Training items: input indices (CIFAR) or image indices (MVTec crops).
+    train_items: Vec<usize>,
+    train: TrainKind,
+    /// The normal training inputs scored for `nor`.
+    norm_set: Arc<InputSet>,
+    norm_items: Vec<usize>,
+    norm_cache: Option<Arc<EmbeddingCache>>,
+    test_set: Arc<InputSet>,
+    test_cache: Option<Arc<EmbeddingCache>>,
+    /// Image of each test input, and each test image's label.
+    test_groups: Vec<usize>,
+    test_labels: Vec<u8>,
+    stats: Option<Arc<TeacherStatistics>>,
+    eval_batch: usize,
+    /// For the reference-way count: inputs per training epoch, per evaluation, for statistics.
+    reference_per_epoch: u64,
+    reference_per_eval: u64,
+    reference_stats: u64,
+}
+
+enum TrainKind {
+    Cached(Arc<InputSet>),
+    Crops {
+        source: Arc<ImageSource>,
+        pool: Option<(Arc<Vec<(usize, usize)>>, Arc<EmbeddingCache>)>,
+    },
+}
+
+impl Prepared {
+    /// Trains and evaluates every class in turn.
+    pub fn run(self) -> Result<RunSummary> {
+        let started = Instant::now();
+        let before = self.teacher_inputs();
+        let mut results = Vec::new();
+        let mut reference_inputs = 0u64;
+        let cifar_caches = match (&self.data, &self.runner) {
+            (DataSet::Cifar(cifar), Some(runner)) => Some(self.cifar_caches(cifar, runner)?),
+            _ => None,
+        };
+        for (position, &class) in self.config.classes.iter().enumerate() {
+            let name = self.config.class_names[class].clone();
+            println!(
+                "\n== class {class} ({name}), {}/{}: student {}, {} epochs, evaluation every {} ==",
+                position + 1,
+                self.config.classes.len(),
+                self.config.student,
+                self.config.epochs,
+                self.config.eval_every
+            );
+            let data = match &self.data {
+                DataSet::Cifar(cifar) => self.cifar_class(cifar, class, cifar_caches.as_ref())?,
+                DataSet::Folder(categories) => self.folder_class(&categories[position])?,
+            };
+            let evals = EvalSchedule {
+                epochs: self.config.epochs,
+                every: self.config.eval_every,
+            }
+            .eval_epochs()
+            .len() as u64;
+            reference_inputs += data.reference_stats
+                + data.reference_per_epoch * self.config.epochs as u64
+                + data.reference_per_eval * evals;
+            results.push(self.train_class(class, &name, data)?);
+        }
+        let summary = RunSummary {
+            out: self.out.clone(),
+            config: self.config.clone(),
+            classes: results,
+            teacher_inputs: self.teacher_inputs() - before,
+            reference_teacher_inputs: if self.runner.is_some() {
+                reference_inputs
+            } else {
+                0
+            },
+            seconds: started.elapsed().as_secs_f64(),
+        };
+        Ok(summary)
+    }
+
+    fn teacher_inputs(&self) -> u64 {
+        self.runner
+            .as_ref()
+            .map_or(0, |r| r.inputs_forwarded.load(Ordering::Relaxed))
+    }
+
+    fn teacher_key(&self) -> String {
+        format!(
+            "teachers {:?} {:?}",
+            self.config.teacher_names, self.config.teacher_sha256
+        )
+    }
+
+    /// Loads or builds the raw-output cache of an input set.
+    fn cached(
+        &self,
+        runner: &TeacherRunner,
+        set: &InputSet,
+        file: &str,
+        description: &str,
+    ) -> Result<Arc<EmbeddingCache>> {
+        let key = cache_key(&format!("{}; {description}", self.teacher_key()));
+        let path = self.config.cache_dir.join(file);
+        let batch = if set.side >= 128 { 32 } else { 256 };
+        let (cache, outcome) = EmbeddingCache::load_or_build(
+            &path,
+            key,
+            set.len(),
+            runner.len(),
+            EMBEDDING_DIM,
+            || runner.raw_set(set, batch, file),
+        )?;
+        let how = match outcome {
+            CacheOutcome::Reused => "reused",
+            CacheOutcome::Built => "built",
+            CacheOutcome::RebuiltStale => "rebuilt (it was for other teachers or data)",
+            CacheOutcome::RebuiltCorrupt => "rebuilt (the file was damaged)",
+        };
+        println!(
+            "  teacher-embedding cache {}: {} inputs, {how}",
+            path.display(),
+            set.len()
+        );
+        Ok(Arc::new(cache))
+    }
+
+    fn cifar_caches(
+        &self,
+        cifar: &Cifar10,
+        runner: &TeacherRunner,
+    ) -> Result<(Arc<EmbeddingCache>, Arc<EmbeddingCache>)> {
+        let mut out = Vec::new();
+        for (split, name) in [(&cifar.train, "train"), (&cifar.test, "test")] {
+            let set = self.cifar_set(split);
+            let description = format!(
+                "cifar10 {name} sha256 {}; resize {} crop {}",
+                split_digest(split),
+                self.config.cifar_resize,
+                self.config.image_size
+            );
+            let file = format!(
+                "cifar10-{name}-{}-{}.emb",
+                self.config.image_size,
+                &hex(&cache_key(&description))[..12]
+            );
+            out.push(self.cached(runner, &set, &file, &description)?);
+        }
+        let test = out.pop().expect("two caches");
+        let train = out.pop().expect("two caches");
+        Ok((train, test))
+    }
+
+    fn cifar_set(&self, split: &CifarSplit) -> InputSet {
+        let source = Arc::new(ImageSource::Cifar {
+            split: Arc::new(split.clone()),
+            resize: self.config.cifar_resize,
+            crop: self.config.image_size,
+        });
+        InputSet::whole(source, self.config.image_size)
+    }
+
+    fn cifar_class(
+        &self,
+        cifar: &Cifar10,
+        class: usize,
+        caches: Option<&(Arc<EmbeddingCache>, Arc<EmbeddingCache>)>,
+    ) -> Result<ClassData> {
+        let split = cifar.one_class(class)?;
+        let train_set = Arc::new(self.cifar_set(&cifar.train));
+        let test_set = Arc::new(self.cifar_set(&cifar.test));
+        let (train_cache, test_cache) = match caches {
+            Some((a, b)) => (Some(a.clone()), Some(b.clone())),
+            None => (None, None),
+        };
+        let stats = match &train_cache {
+            Some(cache) => Some(Arc::new(self.statistics(cache, &split.train)?)),
+            None => None,
+        };
+        let n_train = split.train.len() as u64;
+        let n_test = split.test.len() as u64;
+        Ok(ClassData {
+            train_items: split.train.clone(),
+            train: TrainKind::Cached(train_set.clone()),
+            norm_set: train_set,
+            norm_items: split.train,
+            norm_cache: train_cache,
+            test_groups: (0..split.test.len()).collect(),
+            test_labels: split.test_labels,
+            test_set,
+            test_cache,
+            stats,
+            eval_batch: self.config.batch_size,
+            reference_per_epoch: n_train,
+            reference_per_eval: n_test,
+            reference_stats: n_train,
+        })
+    }
+
+    fn folder_class(&self, category: &Category) -> Result<ClassData> {
+        let c = &self.config;
+        let cut = FullCut::new(c.full_size, c.image_size, c.stride)?;
+        let patches = cut.patch_count();
+        let train_source = Arc::new(ImageSource::files(category.train.clone(), c.full_size));
+        let test_paths: Vec<PathBuf> = category.test.iter().map(|t| t.path.clone()).collect();
+        let test_source = Arc::new(ImageSource::files(test_paths.clone(), c.full_size));
+        let norm_set = Arc::new(InputSet::full_cut(train_source.clone(), &cut));
+        let test_set = Arc::new(InputSet::full_cut(test_source, &cut));
+        let geometry = format!(
+            "resize {} crop {} stride {}",
+            c.full_size, c.image_size, c.stride
+        );
+        let (norm_cache, test_cache, pool) = match &self.runner {
+            Some(runner) => {
+                let describe = |what: &str, paths: &[PathBuf]| {
+                    format!("folder {what} {}; {geometry}", files_digest(paths))
+                };
+                let file = |what: &str, description: &str| {
+                    format!(
+                        "{}-{what}-{}-{}.emb",
+                        category.name,
+                        c.image_size,
+                        &hex(&cache_key(description))[..12]
+                    )
+                };
+                let d = describe("train full cut", &category.train);
+                let norm = self.cached(runner, &norm_set, &file("train", &d), &d)?;
+                let d = describe("test full cut", &test_paths);
+                let test = self.cached(runner, &test_set, &file("test", &d), &d)?;
+                let pool = match c.crop_pool {
+                    Some(n) => {
+                        let mut rng = crate::data::crops::SeededRng::new(mix(c.seed, 0x9001, 0));
+                        let offsets = Arc::new(random_offsets(
+                            c.full_size,
+                            c.full_size,
+                            c.image_size,
+                            n,
+                            &mut rng,
+                        )?);
+                        let set = InputSet {
+                            source: train_source.clone(),
+                            inputs: (0..train_source.len())
+                                .flat_map(|i| offsets.iter().map(move |&o| (i, Some(o))))
+                                .collect(),
+                            side: c.image_size,
+                        };
+                        let d = format!(
+                            "{} pool {offsets:?}",
+                            describe("train pool", &category.train)
+                        );
+                        let cache =
+                            self.cached(runner, &set, &file(&format!("pool{n}"), &d), &d)?;
+                        Some((offsets, cache))
+                    }
+                    None => None,
+                };
+                (Some(norm), Some(test), pool)
+            }
+            None => (None, None, None),
+        };
+        let stats = match &norm_cache {
+            Some(cache) => {
+                let all: Vec<usize> = (0..norm_set.len()).collect();
+                Some(Arc::new(self.statistics(cache, &all)?))
+            }
+            None => None,
+        };
+        let n_train = category.train.len() as u64;
+        Ok(ClassData {
+            train_items: (0..category.train.len()).collect(),
+            train: TrainKind::Crops {
+                source: train_source,
+                pool,
+            },
+            norm_items: (0..norm_set.len()).collect(),
+            norm_set,
+            norm_cache,
+            test_groups: (0..test_set.len()).map(|i| i / patches).collect(),
+            test_labels: category.test_labels(),
+            test_set,
+            test_cache,
+            stats,
+            eval_batch: MVTEC_IMAGES_PER_BATCH * patches,
+            // The reference: 16 crops per image per epoch (64 per batch of 4).
+            reference_per_epoch: n_train * c.crops_per_batch as u64,
+            reference_per_eval: (category.test.len() * patches) as u64,
+            reference_stats: n_train * patches as u64,
+        })
+    }
+
+    fn statistics(&self, cache: &EmbeddingCache, items: &[usize]) -> Result<TeacherStatistics> {
+        let k = cache.teachers;
+        let mut acc = StatisticsAccumulator::new(k, EMBEDDING_DIM);
+        for chunk in items.chunks(256) {
+            let per_teacher: Vec<Vec<f32>> = (0..k)
+                .map(|t| {
+                    chunk
+                        .iter()
+                        .flat_map(|&i| cache.get(i, t).to_vec())
+                        .collect()
+                })
+                .collect();
+            let rows: Vec<(usize, &[f32])> = per_teacher
+                .iter()
+                .map(|v| (chunk.len(), v.as_slice()))
+                .collect();
+            acc.update_host(&rows)?;
+        }
+        acc.finish(
+            self.config.teacher_names.clone(),
+            self.config.teacher_sha256.clone(),
+        )
+    }
+
+    fn train_class(&self, class: usize, name: &str, data: ClassData) -> Result<ClassResult> {
+        let c = &self.config;
+        let dir = class_dir(&self.out, name);
+        let checkpoint_dir = dir.join("checkpoint");
+        let previous = if self.resume {
+            read_progress(&dir)?
+        } else {
+            None
+        };
+        if let Some(progress) = &previous
+            && progress.complete
+            && let Some(best) = &progress.best
+        {
+            println!("  already complete in {}: skipped", dir.display());
+            return Ok(ClassResult {
+                index: class,
+                name: name.to_string(),
+                best_epoch: best.epoch,
+                evaluation: best.evaluation.clone(),
+            });
+        }
+        let resume_epoch = previous
+            .as_ref()
+            .and_then(|p| p.checkpoint_epoch)
+            .filter(|&e| {
+                CHECKPOINT_PARTS
+                    .iter()
+                    .all(|part| AtomicCheckpointer::path(&checkpoint_dir, part, e).is_file())
+            });
+        let progress = match (&previous, resume_epoch) {
+            (Some(p), Some(_)) => p.clone(),
+            _ => ClassProgress {
+                index: class,
+                name: name.to_string(),
+                ..ClassProgress::default()
+            },
+        };
+        if let Some(e) = resume_epoch {
+            println!("  resuming from the checkpoint of epoch {e}");
+        }
+        if let Some(stats) = &data.stats {
+            stats.save(&dir.join("teacher_stats.bin"))?;
+        }
+
+        let inference = self.device.clone();
+        let training_device = self.device.clone().autodiff();
+        let errors = ErrorSlot::default();
+        let cached = |cache: &Option<Arc<EmbeddingCache>>| {
+            cache
+                .as_ref()
+                .zip(data.stats.as_ref())
+                .map(|(raw, stats)| CachedTeachers {
+                    raw: raw.clone(),
+                    stats: stats.clone(),
+                })
+        };
+        let epoch = Arc::new(AtomicUsize::new(0));
+        let train_dataset = EpochShuffled::new(
+            data.train_items.clone(),
+            mix(c.seed, class as u64, 1),
+            epoch.clone(),
+        );
+        let train_loader: Arc<dyn DataLoader<InputBatch>> = match &data.train {
+            TrainKind::Cached(set) => DataLoaderBuilder::new(CachedBatcher {
+                set: set.clone(),
+                teachers: cached(&data.norm_cache),
+                errors: errors.clone(),
+            })
+            .batch_size(c.batch_size)
+            .set_device(training_device.clone())
+            .build(train_dataset),
+            TrainKind::Crops { source, pool } => {
+                let teachers = match (&self.runner, &data.stats, pool) {
+                    (Some(_), Some(stats), Some((offsets, cache))) => CropTeachers::Pool {
+                        offsets: offsets.clone(),
+                        cached: CachedTeachers {
+                            raw: cache.clone(),
+                            stats: stats.clone(),
+                        },
+                    },
+                    (Some(runner), Some(stats), None) => CropTeachers::OnTheFly {
+                        runner: runner.clone(),
+                        stats: stats.clone(),
+                    },
+                    _ => CropTeachers::None,
+                };
+                DataLoaderBuilder::new(CropBatcher {
+                    source: source.clone(),
+                    full: c.full_size,
+                    side: c.image_size,
+                    crops: c.crops_per_batch,
+                    seed: mix(c.seed, class as u64, 2),
+                    teachers,
+                    errors: errors.clone(),
+                })
+                .batch_size(MVTEC_IMAGES_PER_BATCH)
+                .set_device(training_device.clone())
+                .build(train_dataset)
+            }
+        };
+        let eval_loader = |set: &Arc<InputSet>, cache: &Option<Arc<EmbeddingCache>>, n: usize| {
+            DataLoaderBuilder::new(CachedBatcher {
+                set: set.clone(),
+                teachers: cached(cache),
+                errors: errors.clone(),
+            })
+            .batch_size(data.eval_batch)
+            .set_device(inference.clone())
+            .build(Sequential(n))
+        };
+        let test_loader = eval_loader(&data.test_set, &data.test_cache, data.test_set.len());
+        let norm_items = data.norm_items.clone();
+        let norm_loader: Arc<dyn DataLoader<InputBatch>> = DataLoaderBuilder::new(CachedBatcher {
+            set: data.norm_set.clone(),
+            teachers: cached(&data.norm_cache),
+            errors: errors.clone(),
+        })
+        .batch_size(data.eval_batch)
+        .set_device(inference.clone())
+        .build(Listed(norm_items.clone()));
+
+        let session = Session {
+            config: c.clone(),
+            out: self.out.clone(),
+            dir: dir.clone(),
+            checkpoint_dir: checkpoint_dir.clone(),
+            progress,
+            test_loader: test_loader.clone(),
+            norm_loader,
+            test_set: data.test_set.clone(),
+            norm_set: data.norm_set.clone(),
+            norm_items,
+            test_groups: data.test_groups.clone(),
+            test_labels: data.test_labels.clone(),
+            batch_errors: errors.clone(),
+            plain: self.plain,
+        };
+        let session: Arc<Mutex<Box<dyn ClassSession>>> = Arc::new(Mutex::new(Box::new(session)));
+        let saves = SaveCounter::default();
+        let failure = ErrorSlot::default();
+        let strategy = EvalEveryStrategy {
+            device: training_device.clone(),
+            schedule: EvalSchedule {
+                epochs: c.epochs,
+                every: c.eval_every,
+            },
+            epoch,
+            session: session.clone(),
+            saves: saves.clone(),
+            batch_errors: errors.clone(),
+            failure: failure.clone(),
+            seed: mix(c.seed, class as u64, 4),
+        };
+        let label = format!("class {name}, student {}", c.student);
+        let mut training = SupervisedTraining::new(dir.join("burn"), train_loader, test_loader)
+            .num_epochs(c.epochs)
+            .metric_train_numeric(LossMetric::new())
+            .metric_valid_numeric(AucMetric::new("oracle"))
+            .with_custom_checkpointers(
+                AtomicCheckpointer::new(&checkpoint_dir, "model", saves.clone()),
+                AtomicCheckpointer::new(&checkpoint_dir, "optim", saves.clone()),
+                AtomicCheckpointer::new(&checkpoint_dir, "scheduler", saves.clone()),
+            )
+            .with_checkpointing_strategy(SaveWhenAsked)
+            .with_application_logger(None)
+            .with_training_strategy(TrainingStrategy::Custom(Arc::new(strategy)))
+            .label(&label);
+        if self.plain {
+            training = training.renderer(Box::new(super::renderer::QuietRenderer));
+        }
+        if let Some(e) = resume_epoch {
+            training = training.checkpoint(e);
+        }
+        training_device.seed(mix(c.seed, class as u64, 3));
+        let model = MtadModelConfig::new(c.student, c.image_size, c.teacher_names.len())
+            .init(&training_device)?;
+        let optimizer = AdamConfig::new().init();
+        let result = training.launch(Learner::new(model, optimizer, c.lr));
+        if let Some(e) = failure.take() {
+            return Err(e);
+        }
+        if let Some(e) = result.error {
+            return Err(Error::Training(format!("class {name}: {e}")));
+        }
+        if let Some(interruption) = result.interrupted {
+            return Err(Error::Training(format!(
+                "class {name}: training was stopped ({}); continue with --resume",
+                interruption.reason.unwrap_or_else(|| "by request".into())
+            )));
+        }
+        let mut session = session.lock().expect("class session");
+        let progress = session.finish()?;
+        let best = progress
+            .best
+            .ok_or_else(|| Error::Training(format!("class {name}: no evaluation was made")))?;
+        Ok(ClassResult {
+            index: class,
+            name: name.to_string(),
+            best_epoch: best.epoch,
+            evaluation: best.evaluation,
+        })
+    }
+}
+
+/// A dataset of the given indices, in order.
+struct Listed(Vec<usize>);
+
+impl burn::data::dataset::Dataset<usize> for Listed {
+    fn get(&self, index: usize) -> std::result::Result<usize, burn::data::dataset::DatasetError> {
+        self.0
+            .get(index)
+            .copied()
+            .ok_or_else(|| super::inputs::out_of_range(index, self.0.len()))
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn split_digest(split: &CifarSplit) -> String {
+    let mut h = Sha256::new();
+    h.update(&split.images);
+    h.update(&split.labels);
+    hex(&h.finalize())
+}
+
+/// Identity of a list of files for cache keys: path, size and modification time of each.
+fn files_digest(paths: &[PathBuf]) -> String {
+    let mut h = Sha256::new();
+    for p in paths {
+        h.update(p.display().to_string().as_bytes());
+        if let Ok(meta) = std::fs::metadata(p) {
+            h.update(meta.len().to_le_bytes());
+            if let Ok(modified) = meta.modified()
+                && let Ok(since) = modified.duration_since(std::time::UNIX_EPOCH)
+            {
+                h.update(since.as_nanos().to_le_bytes());
+            }
+        }
+    }
+    hex(&h.finalize())
+}
+
+/// Evaluation, outputs and progress of one class during training.
+struct Session {
+    config: TrainConfig,
+    out: PathBuf,
+    dir: PathBuf,
+    checkpoint_dir: PathBuf,
+    progress: ClassProgress,
+    test_loader: Arc<dyn DataLoader<InputBatch>>,
+    norm_loader: Arc<dyn DataLoader<InputBatch>>,
+    test_set: Arc<InputSet>,
+    norm_set: Arc<InputSet>,
+    norm_items: Vec<usize>,
+    test_groups: Vec<usize>,
+    test_labels: Vec<u8>,
+    batch_errors: ErrorSlot,
+    plain: bool,
+}
+
+/// Scores of every input of a loader, on the host.
+pub fn score_loader(model: &MtadModel, loader: &dyn DataLoader<InputBatch>) -> Result<RawScores> {
+    let mut scores = RawScores::default();
+    let host = |t: Tensor<1>| -> Result<Vec<f64>> {
+        t.into_data()
+            .convert::<f64>()
+            .try_into_vec::<f64>()
+            .map_err(|e| Error::Training(format!("scores: {e:?}")))
+    };
+    for batch in loader.iter() {
+        let batch = batch.map_err(|e| Error::Training(format!("data loader: {e}")))?;
+        let s = model.scores(batch);
+        scores.extend(&host(s.as_z)?, &host(s.as_cossim)?, &host(s.as_rec)?);
+    }
+    Ok(scores)
+}
+
+impl Session {
+    fn name(&self) -> &str {
+        &self.progress.name
+    }
+
+    fn save_models(&self, model: &MtadModel, dir: &Path) -> Result<()> {
+        let save = |bytes: std::result::Result<burn::tensor::Bytes, _>, file: &str| {
+            let bytes: burn::tensor::Bytes = bytes.map_err(|e: burn::store::RecordError| {
+                Error::Training(format!("saving {file}: {e}"))
+            })?;
+            write_atomic(&dir.join(file), &bytes)
+        };
+        save(
+            model.student.clone().into_record().into_bytes(),
+            "student.bpk",
+        )?;
+        save(
+            model.decoder.clone().into_record().into_bytes(),
+            "decoder.bpk",
+        )?;
+        if let Some(w) = &model.weighting {
+            save(w.clone().into_record().into_bytes(), "weighting.bpk")?;
+        }
+        Ok(())
+    }
+
+    fn write_scores(
+        &self,
+        path: &Path,
+        set: &InputSet,
+        items: &[usize],
+        labels: Option<(&[usize], &[u8])>,
+        s: &RawScores,
+    ) -> Result<()> {
+        let mut text = String::from("input,path,patch_y,patch_x,label,AS_z,AS_cossim,AS_rec\n");
+        for (row, &input) in items.iter().enumerate() {
+            let (image, offset) = set.inputs[input];
+            let (y, x) = offset.map_or((String::new(), String::new()), |(y, x)| {
+                (y.to_string(), x.to_string())
+            });
+            let label = labels.map_or(0, |(groups, l)| l[groups[row]]);
+            text.push_str(&format!(
+                "{row},{},{y},{x},{label},{:e},{:e},{:e}\n",
+                csv_field(&set.source.name(image)),
+                s.as_z[row],
+                s.as_cossim[row],
+                s.as_rec[row]
+            ));
+        }
+        write_atomic(path, text.as_bytes())
+    }
+}
+
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
+
+impl ClassSession for Session {
+    fn evaluate(&mut self, model: &MtadModel, epoch: usize) -> Result<f64> {
+        let started = Instant::now();
+        let test = score_loader(model, self.test_loader.as_ref())?;
+        let train = score_loader(model, self.norm_loader.as_ref())?;
+        if let Some(e) = self.batch_errors.take() {
+            return Err(e);
+        }
+        for (what, s) in [("test", &test), ("normal training", &train)] {
+            if let Some(i) = s.first_non_finite() {
+                return Err(Error::Training(format!(
+                    "class {}: the score of {what} input {i} is not finite at epoch {epoch}; \
+                     the model diverged (lower --lr and rerun)",
+                    self.name()
+                )));
+            }
+        }
+        let normaliser = Normaliser::fit(&train)?;
+        let evaluation = evaluate(&test, &self.test_groups, &self.test_labels, &normaliser)?;
+        let (oracle, column) = evaluation.oracle();
+        self.progress.history.retain(|r| r.epoch < epoch);
+        self.progress.history.push(EvalRecord {
+            epoch,
+            oracle,
+            nor: evaluation.nor,
+        });
+        let improved = self
+            .progress
+            .best
+            .as_ref()
+            .is_none_or(|b| oracle > b.evaluation.oracle().0);
+        if improved {
+            let best_dir = self.dir.join("best");
+            self.save_models(model, &best_dir)?;
+            let record = BestRecord {
+                epoch,
+                evaluation: evaluation.clone(),
+                normaliser,
+            };
+            write_json(&best_dir.join("best.json"), &record)?;
+            let all: Vec<usize> = (0..self.test_set.len()).collect();
+            self.write_scores(
+                &self.dir.join("scores_test.csv"),
+                &self.test_set,
+                &all,
+                Some((&self.test_groups, &self.test_labels)),
+                &test,
+            )?;
+            self.write_scores(
+                &self.dir.join("scores_train.csv"),
+                &self.norm_set,
+                &self.norm_items,
+                None,
+                &train,
+            )?;
+            self.progress.best = Some(record);
+        }
+        if self.config.save_model {
+            self.save_models(model, &self.dir.join(format!("epoch-{epoch}")))?;
+        }
+        write_tables(&self.out, &self.config, Some(&self.progress))?;
+        if self.plain {
+            println!(
+                "  [{}] epoch {epoch}: AUC oracle {oracle:.4} ({}), leakage-free nor {:.4}{} ({:.1} s)",
+                self.name(),
+                column_names()[column],
+                evaluation.nor,
+                if improved { ", best so far: saved" } else { "" },
+                started.elapsed().as_secs_f64()
+            );
+        }
+        Ok(oracle)
+    }
+
+    fn checkpointed(&mut self, epoch: usize) -> Result<()> {
+        let previous = self.progress.checkpoint_epoch.replace(epoch);
+        write_json(&self.dir.join("progress.json"), &self.progress)?;
+        if let Some(old) = previous.filter(|&old| old != epoch) {
+            for part in CHECKPOINT_PARTS {
+                let path = AtomicCheckpointer::path(&self.checkpoint_dir, part, old);
+                let _ = std::fs::remove_file(path);
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self) -> Result<ClassProgress> {
+        self.finish_class()
+    }
+
+    fn epoch_trained(&mut self, epoch: usize, losses: &EpochLosses) {
+        if self.plain {
+            let kd = losses
+                .distillation
+                .map_or(String::new(), |d| format!(", distillation {d:.4}"));
+            println!(
+                "  [{}] epoch {epoch}/{}: loss {:.4} (reconstruction {:.4}{kd}), {} steps, {:.1} s",
+                self.name(),
+                self.config.epochs,
+                losses.total,
+                losses.reconstruction,
+                losses.steps,
+                losses.seconds
+            );
+        }
+    }
+}
+
+impl Session {
+    fn finish_class(&mut self) -> Result<ClassProgress> {
+        self.progress.complete = true;
+        write_json(&self.dir.join("progress.json"), &self.progress)?;
+        write_tables(&self.out, &self.config, Some(&self.progress))?;
+        Ok(self.progress.clone())
+    }
+}
+
+/// Rewrites `finTS_<student>.csv` and `Eval_<student>.csv` from every class's progress (with
+/// `current` in place of what is on disk for its class).
+pub fn write_tables(
+    out: &Path,
+    config: &TrainConfig,
+    current: Option<&ClassProgress>,
+) -> Result<()> {
+    let mut classes = Vec::new();
+    for &c in &config.classes {
+        let name = &config.class_names[c];
+        let progress = match current {
+            Some(p) if p.index == c => Some(p.clone()),
+            _ => read_progress(&class_dir(out, name))?,
+        };
+        if let Some(p) = progress {
+            classes.push(p);
+        }
+    }
+    let note = config
+        .reduced()
+        .map_or(String::new(), |n| format!("# {n}\n"));
+    let mut fin = format!("{note}Normal Class,Class Name,Epoch,AUC,nor\n");
+    for p in &classes {
+        for r in &p.history {
+            fin.push_str(&format!(
+                "{},{},{},{:.6},{:.6}\n",
+                p.index,
+                csv_field(&p.name),
+                r.epoch,
+                r.oracle,
+                r.nor
+            ));
+        }
+    }
+    write_atomic(
+        &out.join(format!("finTS_{}.csv", config.student)),
+        fin.as_bytes(),
+    )?;
+
+    let columns = column_names();
+    let mut eval = format!(
+        "{note}Normal Class,Class Name,Epoch,{},nor,oracle (reference protocol)\n",
+        columns.join(",")
+    );
+    let best: Vec<(&ClassProgress, &BestRecord)> = classes
+        .iter()
+        .filter_map(|p| p.best.as_ref().map(|b| (p, b)))
+        .collect();
+    for (p, b) in &best {
+        let aucs: Vec<String> = b
+            .evaluation
+            .aucs
+            .iter()
+            .map(|a| format!("{a:.6}"))
+            .collect();
+        eval.push_str(&format!(
+            "{},{},{},{},{:.6},{:.6}\n",
+            p.index,
+            csv_field(&p.name),
+            b.epoch,
+            aucs.join(","),
+            b.evaluation.nor,
+            b.evaluation.oracle().0
+        ));
+    }
+    if !best.is_empty() {
+        let n = best.len() as f64;
+        let mean = |f: &dyn Fn(&BestRecord) -> f64| best.iter().map(|(_, b)| f(b)).sum::<f64>() / n;
+        let aucs: Vec<String> = (0..columns.len())
+            .map(|i| format!("{:.6}", mean(&|b| b.evaluation.aucs[i])))
+            .collect();
+        eval.push_str(&format!(
+            "mean,mean of {} classes,,{},{:.6},{:.6}\n",
+            best.len(),
+            aucs.join(","),
+            mean(&|b| b.evaluation.nor),
+            mean(&|b| b.evaluation.oracle().0)
+        ));
+    }
+    write_atomic(
+        &out.join(format!("Eval_{}.csv", config.student)),
+        eval.as_bytes(),
+    )
+}
