@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::device::DeviceChoice;
+use crate::students::StudentKind;
+use crate::training::run::TeacherChoice;
 
 /// Multi-teacher knowledge distillation for anomaly detection (MVTec AD, CIFAR-10, your folders).
 #[derive(Debug, Parser)]
@@ -22,6 +24,13 @@ pub enum Command {
     /// List the teachers compiled into this binary, verify their weights and run them once on a
     /// seeded random batch.
     Teachers(TeachersArgs),
+    /// Train students on the normal images of each class and evaluate them (ROC AUC) every
+    /// --eval-every epochs; writes models, scores and the reference's CSV tables to --out.
+    Train(Box<TrainArgs>),
+    /// The CPU demo: write the procedural dataset, train all three students for a few epochs
+    /// with the tiny teachers at 32x32, print the AUC table (also what `mtad` with no arguments
+    /// runs).
+    Demo(DemoArgs),
     /// Write the small procedural dataset (MVTec layout: two textures, two objects, local
     /// defects with masks) that the CPU demo trains on.
     DemoData(DemoDataArgs),
@@ -98,6 +107,95 @@ pub struct TeachersArgs {
     /// Height and width of the check's random input (the method uses 224).
     #[arg(long, default_value_t = 224, value_parser = clap::value_parser!(u32).range(32..=1024))]
     pub image_size: u32,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct TrainArgs {
+    /// What kind of dataset --data-root holds.
+    #[arg(long, value_enum)]
+    pub dataset: DatasetKind,
+    /// The dataset's root folder (MVTec/folder: the folder of categories; CIFAR-10:
+    /// cifar-10-batches-py, cifar-10-batches-bin or their parent).
+    #[arg(long, value_name = "DIR")]
+    pub data_root: PathBuf,
+    /// Student architecture: resnet (resnet18), vgg (vgg11) or densenet (densenet121).
+    #[arg(long, value_enum, default_value_t = StudentKind::Resnet)]
+    pub student: StudentKind,
+    /// Normal classes to train, one after the other: `all`, indices and ranges (`0-14`,
+    /// `3,5-7`) or names (`bottle,screw`; CIFAR-10: `airplane,cat`; folder: category names).
+    #[arg(long, default_value = "all")]
+    pub classes: String,
+    /// Training epochs per class.
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..))]
+    pub epochs: u32,
+    /// Evaluate (ROC AUC on the test set, keep the best models, checkpoint) every N epochs and
+    /// at the last epoch.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..))]
+    pub eval_every: u32,
+    /// CIFAR-10 batch size for training and evaluation. MVTec/folder batches are always the
+    /// reference's 4 images, each giving 16 random crops (64 inputs).
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(2..=4096))]
+    pub batch_size: u32,
+    /// Adam learning rate (PyTorch defaults otherwise: betas 0.9/0.999, eps 1e-8).
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f64,
+    /// Seed of the data order and the random crops (the networks' initialisation is random).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Run directory to write. Without --cover an existing directory is kept and a numeric
+    /// suffix is added (`models/exp_1`), as the reference does.
+    #[arg(long, value_name = "DIR", default_value = "models/exp")]
+    pub out: PathBuf,
+    /// Write into --out even if it exists (files of the same name are replaced).
+    #[arg(long, conflicts_with = "resume")]
+    pub cover: bool,
+    /// Continue an interrupted run in --out from its last checkpoint (same options as the first
+    /// time); finished classes are skipped.
+    #[arg(long)]
+    pub resume: bool,
+    /// Also keep the models of every evaluation in `<class>/epoch-<N>/` (the best evaluation's
+    /// models are always kept in `<class>/best/`).
+    #[arg(long)]
+    pub save_model: bool,
+    /// Teachers: `all` (the method), `resnet152` (single-teacher ablation) or `none` (no-teacher
+    /// ablation: an autoencoder scored by AS_rec).
+    #[arg(long, value_enum, default_value_t = TeacherChoice::All)]
+    pub teachers: TeacherChoice,
+    /// Side of the network inputs. The method uses 224; smaller multiples of 32 (with
+    /// --tiny-teachers) make quick CPU trials. MVTec images are resized and cut to scale
+    /// (224 -> 1024 images, stride 200; 32 -> 148, stride 29).
+    #[arg(long, default_value_t = 224, value_parser = clap::value_parser!(u32).range(32..=1024))]
+    pub image_size: u32,
+    /// MVTec/folder: draw N crop offsets per image once and cache their teacher embeddings, so
+    /// the teachers never run during training (default: the reference's fresh random crops,
+    /// teachers run on every batch).
+    #[arg(long, value_name = "N")]
+    pub crop_pool: Option<u32>,
+    /// MVTec/folder: random crops per training batch of 4 images (each offset cuts all 4).
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub crops_per_batch: u32,
+    /// Folder of the teacher-embedding caches, shared by runs.
+    #[arg(long, value_name = "DIR", default_value = "models/cache")]
+    pub cache_dir: PathBuf,
+    #[command(flatten)]
+    pub teacher_source: TeacherArgs,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DemoArgs {
+    /// Where to write the demo dataset.
+    #[arg(long, value_name = "DIR", default_value = "data/demo")]
+    pub data: PathBuf,
+    /// Where to write the runs (one per student, replaced each time).
+    #[arg(long, value_name = "DIR", default_value = "models/demo")]
+    pub out: PathBuf,
+    /// Training epochs per class (evaluated after the last).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    pub epochs: u32,
+    #[command(flatten)]
+    pub device: DeviceArgs,
 }
 
 #[cfg(test)]

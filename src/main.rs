@@ -3,18 +3,26 @@
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use clap::{CommandFactory, Parser};
+use std::io::IsTerminal;
+use std::time::Instant;
+
+use clap::Parser;
 use multi_teacher_ad::{
-    cli::{Cli, Command, DatasetKind, DemoDataArgs, InspectArgs, TeacherArgs, TeachersArgs},
+    cli::{
+        Cli, Command, DatasetKind, DemoArgs, DemoDataArgs, DeviceArgs, InspectArgs, TeacherArgs,
+        TeachersArgs, TrainArgs,
+    },
     data::{
         demo::{DEMO_CATEGORIES, DemoSpec, write_demo_dataset},
         inspect::{inspect_cifar, inspect_folder},
     },
-    device::select_device,
+    device::{DeviceChoice, select_device},
+    students::StudentKind,
     teachers::{
         GET_REAL_TEACHERS, TeacherSize, WeightsLocation,
         check::{check_teachers, compiled_teachers},
     },
+    training::run::{RunSummary, TeacherChoice, TrainRequest, prepare},
 };
 
 fn main() -> ExitCode {
@@ -31,9 +39,21 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         None => {
-            Cli::command().print_help()?;
-            Ok(ExitCode::SUCCESS)
+            println!(
+                "mtad: no command given, so here is the CPU demo (`mtad --help` lists the \
+                 commands)\n"
+            );
+            demo(&DemoArgs {
+                data: "data/demo".into(),
+                out: "models/demo".into(),
+                epochs: 3,
+                device: DeviceArgs {
+                    device: DeviceChoice::Auto,
+                },
+            })
         }
+        Some(Command::Train(args)) => train(&args),
+        Some(Command::Demo(args)) => demo(&args),
         Some(Command::Inspect(args)) => inspect(&args),
         Some(Command::Teachers(args)) => teachers(&args),
         Some(Command::DemoData(args)) => demo_data(&args),
@@ -109,6 +129,217 @@ fn demo_data(args: &DemoDataArgs) -> Result<ExitCode> {
         DEMO_CATEGORIES.len(),
         args.out.display(),
         args.seed
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn train(args: &TrainArgs) -> Result<ExitCode> {
+    let device = select_device(args.device.device)?;
+    println!("device: {device}");
+    let (size, weights) = teacher_source(&args.teacher_source);
+    let request = TrainRequest {
+        dataset: args.dataset,
+        data_root: args.data_root.clone(),
+        student: args.student,
+        classes: args.classes.clone(),
+        epochs: args.epochs as usize,
+        eval_every: args.eval_every as usize,
+        batch_size: args.batch_size as usize,
+        lr: args.lr,
+        seed: args.seed,
+        image_size: args.image_size as usize,
+        crop_pool: args.crop_pool.map(|n| n as usize),
+        crops_per_batch: args.crops_per_batch as usize,
+        teachers: args.teachers,
+        tiny_teachers: size == TeacherSize::Tiny,
+        teacher_weights: weights,
+        save_model: args.save_model,
+        out: args.out.clone(),
+        cover: args.cover,
+        resume: args.resume,
+        cache_dir: args.cache_dir.clone(),
+        device: device.device.clone(),
+        device_name: device.to_string(),
+        plain: !std::io::stdout().is_terminal(),
+    };
+    let prepared = prepare(request).context("before training")?;
+    println!("writing to {}", prepared.out.display());
+    if let Some(note) = prepared.config.reduced() {
+        println!("NOTE: {note}");
+    }
+    let summary = prepared.run()?;
+    print_summary(&summary);
+    if summary.config.tiny_teachers {
+        println!("\n{GET_REAL_TEACHERS}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_summary(summary: &RunSummary) {
+    println!(
+        "\n{} student, {} classes, {:.0} s: image ROC AUC of each class's best evaluation",
+        summary.config.student,
+        summary.classes.len(),
+        summary.seconds
+    );
+    println!(
+        "{:<14} {:>6} {:>10} {:>10}",
+        "class", "epoch", "oracle", "nor"
+    );
+    for c in &summary.classes {
+        println!(
+            "{:<14} {:>6} {:>10.4} {:>10.4}",
+            c.name,
+            c.best_epoch,
+            c.evaluation.oracle().0,
+            c.evaluation.nor
+        );
+    }
+    let n = summary.classes.len().max(1) as f64;
+    let mean_oracle: f64 = summary
+        .classes
+        .iter()
+        .map(|c| c.evaluation.oracle().0)
+        .sum::<f64>()
+        / n;
+    let mean_nor: f64 = summary
+        .classes
+        .iter()
+        .map(|c| c.evaluation.nor)
+        .sum::<f64>()
+        / n;
+    println!(
+        "{:<14} {:>6} {:>10.4} {:>10.4}",
+        "mean", "", mean_oracle, mean_nor
+    );
+    println!(
+        "oracle = max over the 69 score columns (the reference protocol, picks the column with \
+         the test labels); nor = leakage-free (normalised on normal training data only)"
+    );
+    print_teacher_counts(std::slice::from_ref(summary));
+    println!("results: {}", summary.out.display());
+}
+
+fn print_teacher_counts(summaries: &[RunSummary]) {
+    let done: u64 = summaries.iter().map(|s| s.teacher_inputs).sum();
+    let reference: u64 = summaries.iter().map(|s| s.reference_teacher_inputs).sum();
+    if reference > 0 {
+        let teachers = summaries[0].config.teacher_names.len();
+        println!(
+            "teacher forwards: {done} inputs (x {teachers} teachers); the reference's way \
+             (teachers at every epoch and evaluation, for every student) needs {reference}: \
+             {:.1}x as many",
+            reference as f64 / done.max(1) as f64
+        );
+    }
+}
+
+fn demo(args: &DemoArgs) -> Result<ExitCode> {
+    let started = Instant::now();
+    let device = select_device(args.device.device)?;
+    println!("device: {device}");
+    println!(
+        "This demo uses the TINY RANDOM teachers (small untrained networks shipped for tests), \
+         not the ImageNet teachers of the method, 32x32 inputs, 4 crops per batch and a few \
+         epochs: its AUCs show that the \
+         pipeline runs end to end, not what the method reaches."
+    );
+    // Small enough for the whole demo to take a few minutes on two CPU cores.
+    let spec = DemoSpec {
+        train: 4,
+        test_good: 2,
+        test_defect: 1,
+        ..DemoSpec::default()
+    };
+    let written = write_demo_dataset(&args.data, &spec)
+        .with_context(|| format!("writing the demo dataset to {}", args.data.display()))?;
+    println!(
+        "demo dataset: {written} images of {} procedural categories in {}",
+        DEMO_CATEGORIES.len(),
+        args.data.display()
+    );
+    let epochs = args.epochs as usize;
+    let mut summaries = Vec::new();
+    for student in StudentKind::ALL {
+        let request = TrainRequest {
+            dataset: DatasetKind::Folder,
+            data_root: args.data.clone(),
+            student,
+            classes: "all".into(),
+            epochs,
+            eval_every: epochs,
+            batch_size: 32,
+            lr: 1e-3,
+            seed: 0,
+            image_size: 32,
+            crop_pool: None,
+            crops_per_batch: 4,
+            teachers: TeacherChoice::All,
+            tiny_teachers: true,
+            teacher_weights: WeightsLocation::Build,
+            save_model: false,
+            out: args.out.join(student.name()),
+            cover: true,
+            resume: false,
+            cache_dir: args.out.join("cache"),
+            device: device.device.clone(),
+            device_name: device.to_string(),
+            plain: true,
+        };
+        let summary = prepare(request)
+            .context("preparing the demo")?
+            .run()
+            .with_context(|| format!("training the {student} student"))?;
+        summaries.push(summary);
+    }
+    println!(
+        "\nDemo results: image ROC AUC per category, oracle (reference protocol) / nor \
+         (leakage-free), best of {epochs} epochs"
+    );
+    print!("{:<10}", "category");
+    for s in &summaries {
+        print!(" {:>19}", format!("{} ", s.config.student));
+    }
+    println!();
+    let rows = summaries[0].classes.len();
+    for i in 0..=rows {
+        let label = if i < rows {
+            summaries[0].classes[i].name.as_str()
+        } else {
+            "mean"
+        };
+        print!("{label:<10}");
+        for s in &summaries {
+            let (oracle, nor) = if i < rows {
+                let e = &s.classes[i].evaluation;
+                (e.oracle().0, e.nor)
+            } else {
+                let n = s.classes.len() as f64;
+                (
+                    s.classes
+                        .iter()
+                        .map(|c| c.evaluation.oracle().0)
+                        .sum::<f64>()
+                        / n,
+                    s.classes.iter().map(|c| c.evaluation.nor).sum::<f64>() / n,
+                )
+            };
+            print!(" {:>19}", format!("{oracle:.3} / {nor:.3}"));
+        }
+        println!();
+    }
+    for s in &summaries {
+        println!("{} run: {}", s.config.student, s.out.display());
+    }
+    print_teacher_counts(&summaries);
+    println!(
+        "demo finished in {:.0} s (tiny random teachers, 32x32 inputs)",
+        started.elapsed().as_secs_f64()
+    );
+    println!("\nFor real results, bring the ImageNet teachers:\n{GET_REAL_TEACHERS}");
+    println!(
+        "then train, e.g.: mtad train --dataset mvtec --data-root DIR --student resnet \
+         --classes bottle --out models/bottle"
     );
     Ok(ExitCode::SUCCESS)
 }

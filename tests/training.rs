@@ -1,0 +1,436 @@
+//! Training end to end on tiny data: the Learner step's gradient separation, a whole run and
+//! its run directory, the teacher-embedding cache, resume after a kill, and bad input.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use burn::module::{ModuleVisitor, Param};
+use burn::prelude::*;
+use burn::tensor::Distribution;
+use multi_teacher_ad::cli::DatasetKind;
+use multi_teacher_ad::data::demo::{DemoSpec, write_demo_dataset};
+use multi_teacher_ad::students::StudentKind;
+use multi_teacher_ad::teachers::{TeacherStatistics, WeightsLocation};
+use multi_teacher_ad::training::model::{InputBatch, MtadModelConfig};
+use multi_teacher_ad::training::run::{RunSummary, TeacherChoice, TrainRequest, prepare};
+
+/// Counts the float parameters of a module that have, and that lack, a gradient.
+struct GradCount<'a> {
+    grads: &'a burn::tensor::Gradients,
+    with: usize,
+    without: usize,
+}
+
+impl ModuleVisitor for GradCount<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        if !param.is_require_grad() {
+            return;
+        }
+        match param.val().grad(self.grads) {
+            Some(_) => self.with += 1,
+            None => self.without += 1,
+        }
+    }
+}
+
+fn count<M: Module>(module: &M, grads: &burn::tensor::Gradients) -> (usize, usize) {
+    let mut c = GradCount {
+        grads,
+        with: 0,
+        without: 0,
+    };
+    module.visit(&mut c);
+    (c.with, c.without)
+}
+
+#[test]
+fn each_loss_trains_only_its_own_networks() {
+    let device = Device::flex().autodiff();
+    device.seed(3);
+    let model = MtadModelConfig::new(StudentKind::Resnet, 32, 3)
+        .init(&device)
+        .unwrap();
+    let batch = InputBatch {
+        images: Tensor::random([2, 3, 32, 32], Distribution::Uniform(-1.0, 1.0), &device),
+        teachers: Some(Tensor::random([2, 3, 1000], Distribution::Default, &device)),
+    };
+    let weighting = model
+        .weighting
+        .as_ref()
+        .expect("three teachers are weighted");
+
+    let losses = model.losses(batch.clone());
+    let grads = losses.reconstruction.backward();
+    let student = count(&model.student, &grads);
+    let decoder = count(&model.decoder, &grads);
+    let weights = count(weighting, &grads);
+    assert_eq!(student.0, 0, "the reconstruction loss reached the student");
+    assert!(student.1 > 0);
+    assert_eq!(decoder.1, 0, "some decoder parameter got no gradient");
+    assert_eq!(weights, (1, 0));
+
+    let losses = model.losses(batch);
+    let grads = losses.distillation.expect("teachers given").backward();
+    let student = count(&model.student, &grads);
+    assert_eq!(student.1, 0, "some student parameter got no gradient");
+    assert_eq!(
+        count(&model.decoder, &grads).0,
+        0,
+        "distillation reached the decoder"
+    );
+    assert_eq!(
+        count(weighting, &grads).0,
+        0,
+        "distillation reached the weighting"
+    );
+}
+
+fn demo_data(dir: &Path) -> PathBuf {
+    let root = dir.join("data");
+    let spec = DemoSpec {
+        image_size: 64,
+        train: 8,
+        test_good: 2,
+        test_defect: 1,
+        ..DemoSpec::default()
+    };
+    write_demo_dataset(&root, &spec).unwrap();
+    root
+}
+
+fn request(data: &Path, out: &Path, cache: &Path) -> TrainRequest {
+    TrainRequest {
+        dataset: DatasetKind::Folder,
+        data_root: data.to_path_buf(),
+        student: StudentKind::Resnet,
+        classes: "weave".into(),
+        epochs: 2,
+        eval_every: 1,
+        batch_size: 32,
+        lr: 1e-3,
+        seed: 5,
+        image_size: 32,
+        crop_pool: None,
+        crops_per_batch: 4,
+        teachers: TeacherChoice::All,
+        tiny_teachers: true,
+        teacher_weights: WeightsLocation::Build,
+        save_model: false,
+        out: out.to_path_buf(),
+        cover: false,
+        resume: false,
+        cache_dir: cache.to_path_buf(),
+        device: Device::flex(),
+        device_name: "cpu".into(),
+        plain: true,
+    }
+}
+
+fn run(request: TrainRequest) -> RunSummary {
+    prepare(request).unwrap().run().unwrap()
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Data lines of a CSV (no `#` note, no header).
+fn rows(text: &str) -> Vec<Vec<String>> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .skip(1)
+        .map(|l| l.split(',').map(str::to_string).collect())
+        .collect()
+}
+
+#[test]
+fn a_run_writes_its_directory_and_reuses_the_teacher_cache() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = demo_data(tmp.path());
+    let cache = tmp.path().join("cache");
+    let out = tmp.path().join("run");
+
+    let first = run(request(&data, &out, &cache));
+    // Teachers ran on the 8 train and 4 test images' 25 patches (the caches), then on 2 epochs
+    // x 2 batches x 16 random crops (4 offsets x 4 images).
+    assert_eq!(first.teacher_inputs, (8 + 4) * 25 + 2 * 2 * 16);
+    assert_eq!(first.classes.len(), 1);
+    let eval = &first.classes[0].evaluation;
+    assert_eq!(eval.aucs.len(), 69);
+    assert!(
+        eval.aucs
+            .iter()
+            .chain([&eval.nor])
+            .all(|a| (0.0..=1.0).contains(a))
+    );
+
+    // The run directory.
+    let config: serde_json::Value = serde_json::from_str(&read(&out.join("config.json"))).unwrap();
+    assert_eq!(config["teacher_sha256"].as_array().unwrap().len(), 3);
+    assert_eq!(config["tiny_teachers"], true);
+    assert_eq!(config["epochs"], 2);
+    let fin = read(&out.join("finTS_resnet.csv"));
+    assert!(fin.starts_with("# TINY RANDOM TEACHERS"), "{fin}");
+    let fin_rows = rows(&fin);
+    assert_eq!(fin_rows.len(), 2);
+    assert_eq!(
+        fin_rows[1][..3],
+        ["3".to_string(), "weave".into(), "2".into()]
+    );
+    let eval_csv = read(&out.join("Eval_resnet.csv"));
+    let header = eval_csv.lines().find(|l| !l.starts_with('#')).unwrap();
+    assert_eq!(header.split(',').count(), 3 + 69 + 2);
+    let eval_rows = rows(&eval_csv);
+    assert_eq!(eval_rows.len(), 2);
+    assert_eq!(eval_rows[1][0], "mean");
+    let oracle: f64 = eval_rows[0].last().unwrap().parse().unwrap();
+    assert!((oracle - eval.oracle().0).abs() < 1e-6);
+    let class_dir = out.join("weave");
+    for file in [
+        "best/student.bpk",
+        "best/decoder.bpk",
+        "best/weighting.bpk",
+        "best/best.json",
+        "progress.json",
+        "scores_train.csv",
+    ] {
+        assert!(class_dir.join(file).is_file(), "{file} missing");
+    }
+    let scores = read(&class_dir.join("scores_test.csv"));
+    assert_eq!(scores.lines().count(), 1 + 4 * 25);
+    let stats = TeacherStatistics::load(&class_dir.join("teacher_stats.bin")).unwrap();
+    assert_eq!(stats.count, 8 * 25);
+    // Only the latest checkpoint is kept.
+    let checkpoints: Vec<String> = std::fs::read_dir(class_dir.join("checkpoint"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    let mut sorted = checkpoints.clone();
+    sorted.sort();
+    assert_eq!(sorted, ["model-2.bpk", "optim-2.bpk", "scheduler-2.bpk"]);
+
+    // Same data and teachers again, into the same --out: a numeric suffix, and the caches are
+    // reused, so the teachers only see the random crops.
+    let second = run(request(&data, &out, &cache));
+    assert_eq!(second.out, tmp.path().join("run_1"));
+    assert_eq!(second.teacher_inputs, 2 * 2 * 16);
+    assert!(second.reference_teacher_inputs > second.teacher_inputs);
+
+    // A crop pool: its embeddings are cached once (8 images x 6 offsets), after which training
+    // runs no teacher at all.
+    let mut pooled = request(&data, &tmp.path().join("pool"), &cache);
+    pooled.crop_pool = Some(6);
+    assert_eq!(run(pooled.clone()).teacher_inputs, 8 * 6);
+    pooled.cover = true;
+    assert_eq!(run(pooled).teacher_inputs, 0);
+
+    // A damaged cache is detected and rebuilt.
+    let file = std::fs::read_dir(&cache)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_string_lossy().contains("weave-test"))
+        .unwrap();
+    let mut bytes = std::fs::read(&file).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x10;
+    std::fs::write(&file, bytes).unwrap();
+    let mut again = request(&data, &out, &cache);
+    again.cover = true;
+    assert_eq!(run(again).teacher_inputs, 4 * 25 + 2 * 2 * 16);
+}
+
+#[test]
+fn single_teacher_and_no_teacher_ablations_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = demo_data(tmp.path());
+    let cache = tmp.path().join("cache");
+    let mut single = request(&data, &tmp.path().join("single"), &cache);
+    single.teachers = TeacherChoice::Resnet152;
+    single.epochs = 1;
+    let summary = run(single);
+    assert_eq!(summary.config.teacher_names, ["tiny_resnet"]);
+    assert!(!tmp.path().join("single/weave/best/weighting.bpk").exists());
+
+    let mut none = request(&data, &tmp.path().join("none"), &cache);
+    none.teachers = TeacherChoice::None;
+    none.epochs = 1;
+    let summary = run(none);
+    assert_eq!(summary.teacher_inputs, 0);
+    assert!(summary.config.teacher_sha256.is_empty());
+}
+
+fn mtad(args: &[&str], abort_at: Option<&str>) -> std::process::Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_mtad"));
+    cmd.args(args);
+    if let Some(at) = abort_at {
+        cmd.env("MTAD_ABORT_AT", at);
+    }
+    cmd.output().unwrap()
+}
+
+fn train_args<'a>(data: &'a str, out: &'a str, cache: &'a str) -> Vec<&'a str> {
+    vec![
+        "train",
+        "--dataset",
+        "folder",
+        "--data-root",
+        data,
+        "--classes",
+        "grain",
+        "--student",
+        "resnet",
+        "--epochs",
+        "4",
+        "--eval-every",
+        "2",
+        "--image-size",
+        "32",
+        "--tiny-teachers",
+        "--crops-per-batch",
+        "4",
+        "--device",
+        "cpu",
+        "--seed",
+        "11",
+        "--out",
+        out,
+        "--cache-dir",
+        cache,
+    ]
+}
+
+#[test]
+fn a_killed_run_resumes_to_the_same_results() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = demo_data(tmp.path());
+    let data = data.to_str().unwrap();
+    let cache = tmp.path().join("cache");
+    let cache = cache.to_str().unwrap();
+    let straight = tmp.path().join("straight");
+    let killed = tmp.path().join("killed");
+
+    let out = mtad(&train_args(data, straight.to_str().unwrap(), cache), None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Killed in the middle of epoch 3 (after its first step), after the checkpoint of epoch 2.
+    let args = train_args(data, killed.to_str().unwrap(), cache);
+    let out = mtad(&args, Some("3:1"));
+    assert!(!out.status.success(), "the abort hook did not fire");
+    let progress = read(&killed.join("grain/progress.json"));
+    assert!(progress.contains("\"checkpoint_epoch\": 2"), "{progress}");
+    assert!(!progress.contains("\"complete\": true"));
+
+    let mut resume = args.clone();
+    resume.push("--resume");
+    let out = mtad(&resume, None);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("resuming from the checkpoint of epoch 2"),
+        "{stdout}"
+    );
+    for table in ["Eval_resnet.csv", "finTS_resnet.csv"] {
+        assert_eq!(
+            read(&straight.join(table)),
+            read(&killed.join(table)),
+            "{table} differs after resuming"
+        );
+    }
+
+    // Resuming with other settings is refused.
+    let mut other = resume.clone();
+    other.extend(["--lr", "0.01"]);
+    let out = mtad(&other, None);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("lr"));
+}
+
+#[test]
+fn a_diverging_loss_stops_with_an_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = demo_data(tmp.path());
+    let mut bad = request(&data, &tmp.path().join("nan"), &tmp.path().join("cache"));
+    bad.lr = 1e30;
+    bad.epochs = 3;
+    let err = prepare(bad).unwrap().run().unwrap_err().to_string();
+    assert!(
+        err.contains("loss became") || err.contains("not finite"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_input_is_reported_before_training() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = demo_data(tmp.path());
+    let cache = tmp.path().join("cache");
+    let out = tmp.path().join("out");
+    let err = |r: TrainRequest| prepare(r).err().expect("must fail").to_string();
+
+    let mut r = request(&data, &out, &cache);
+    r.classes = "weave,rust".into();
+    assert!(err(r).contains("unknown class 'rust'"));
+
+    let mut r = request(&data, &out, &cache);
+    r.data_root = tmp.path().join("nowhere");
+    assert!(err(r).contains("nowhere"));
+
+    let mut r = request(&data, &out, &cache);
+    r.image_size = 48;
+    assert!(err(r).contains("multiple of 32"));
+
+    let blocker = tmp.path().join("file");
+    std::fs::write(&blocker, b"x").unwrap();
+    let r = request(&data, &blocker.join("run"), &cache);
+    assert!(err(r).contains("file"));
+
+    let mut r = request(&data, &out, &cache);
+    r.resume = true;
+    assert!(err(r).contains("not a run directory"));
+
+    // Real teachers: at 224 they must be compiled in (a fresh clone has only the tiny ones) and
+    // their weights present.
+    let mut r = request(&data, &out, &cache);
+    r.tiny_teachers = false;
+    r.image_size = 224;
+    r.teacher_weights = WeightsLocation::Dir(tmp.path().join("no-weights"));
+    assert!(err(r).contains("teacher"));
+    assert!(
+        !out.exists(),
+        "nothing may be written before the checks pass"
+    );
+}
+
+#[test]
+fn cifar_runs_the_teachers_once_for_every_class() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cifar = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/cifar");
+    let cache = tmp.path().join("cache");
+    let mut r = request(&cifar, &tmp.path().join("cifar"), &cache);
+    r.dataset = DatasetKind::Cifar10;
+    r.classes = "airplane,1".into();
+    r.batch_size = 2;
+    r.epochs = 2;
+    let first = run(r.clone());
+    // The fixture's 15 training and 10 test images, once for both classes; none per epoch.
+    assert_eq!(first.teacher_inputs, 15 + 10);
+    assert_eq!(first.classes.len(), 2);
+    assert_eq!(first.classes[1].name, "automobile");
+    let scores = read(&tmp.path().join("cifar/airplane/scores_test.csv"));
+    assert_eq!(scores.lines().count(), 1 + 10);
+    assert!(scores.contains("cifar[5]"));
+    // The reference would run them on every epoch and evaluation: per class 2 training images
+    // for the statistics, 2 per epoch, 10 per evaluation.
+    assert_eq!(first.reference_teacher_inputs, 2 * (2 + 2 * 2 + 10 * 2));
+
+    r.cover = true;
+    assert_eq!(run(r).teacher_inputs, 0);
+}
