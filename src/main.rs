@@ -22,7 +22,7 @@ use multi_teacher_ad::{
         GET_REAL_TEACHERS, TeacherSize, WeightsLocation,
         check::{check_teachers, compiled_teachers},
     },
-    training::run::{RunSummary, TeacherChoice, TrainRequest, prepare},
+    training::run::{RunSummary, TrainRequest, prepare},
 };
 
 fn main() -> ExitCode {
@@ -262,29 +262,17 @@ fn demo(args: &DemoArgs) -> Result<ExitCode> {
     let mut summaries = Vec::new();
     for student in StudentKind::ALL {
         let request = TrainRequest {
-            dataset: DatasetKind::Folder,
-            data_root: args.data.clone(),
             student,
-            classes: "all".into(),
             epochs,
             eval_every: epochs,
-            batch_size: 32,
-            lr: 1e-3,
-            seed: 0,
-            image_size: 32,
-            crop_pool: None,
-            crops_per_batch: 4,
-            teachers: TeacherChoice::All,
-            tiny_teachers: true,
-            teacher_weights: WeightsLocation::Build,
-            save_model: false,
-            out: args.out.join(student.name()),
             cover: true,
-            resume: false,
-            cache_dir: args.out.join("cache"),
-            device: device.device.clone(),
             device_name: device.to_string(),
-            plain: true,
+            ..TrainRequest::tiny_folder(
+                &args.data,
+                &args.out.join(student.name()),
+                &args.out.join("cache"),
+                device.device.clone(),
+            )
         };
         let summary = prepare(request)
             .context("preparing the demo")?

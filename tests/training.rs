@@ -100,29 +100,11 @@ fn demo_data(dir: &Path) -> PathBuf {
 
 fn request(data: &Path, out: &Path, cache: &Path) -> TrainRequest {
     TrainRequest {
-        dataset: DatasetKind::Folder,
-        data_root: data.to_path_buf(),
-        student: StudentKind::Resnet,
         classes: "weave".into(),
         epochs: 2,
         eval_every: 1,
-        batch_size: 32,
-        lr: 1e-3,
         seed: 5,
-        image_size: 32,
-        crop_pool: None,
-        crops_per_batch: 4,
-        teachers: TeacherChoice::All,
-        tiny_teachers: true,
-        teacher_weights: WeightsLocation::Build,
-        save_model: false,
-        out: out.to_path_buf(),
-        cover: false,
-        resume: false,
-        cache_dir: cache.to_path_buf(),
-        device: Device::flex(),
-        device_name: "cpu".into(),
-        plain: true,
+        ..TrainRequest::tiny_folder(data, out, cache, Device::flex())
     }
 }
 

@@ -196,6 +196,39 @@ pub struct TrainRequest {
     pub plain: bool,
 }
 
+impl TrainRequest {
+    /// A quick CPU trial on a folder dataset: every class, the tiny teachers, 32x32 inputs,
+    /// 4 crops per batch, 3 epochs evaluated at the end, plain progress lines; the fields are
+    /// public to change any of it (the demo and the tests start from this).
+    pub fn tiny_folder(data_root: &Path, out: &Path, cache_dir: &Path, device: Device) -> Self {
+        Self {
+            dataset: DatasetKind::Folder,
+            data_root: data_root.to_path_buf(),
+            student: StudentKind::Resnet,
+            classes: "all".into(),
+            epochs: 3,
+            eval_every: 3,
+            batch_size: 32,
+            lr: 1e-3,
+            seed: 0,
+            image_size: 32,
+            crop_pool: None,
+            crops_per_batch: 4,
+            teachers: TeacherChoice::All,
+            tiny_teachers: true,
+            teacher_weights: WeightsLocation::Build,
+            save_model: false,
+            out: out.to_path_buf(),
+            cover: false,
+            resume: false,
+            cache_dir: cache_dir.to_path_buf(),
+            device_name: format!("{device:?}"),
+            device,
+            plain: true,
+        }
+    }
+}
+
 /// The result of one class.
 #[derive(Debug, Clone)]
 pub struct ClassResult {
