@@ -567,6 +567,16 @@ impl Prepared {
     /// Trains and evaluates every class in turn.
     pub fn run(self) -> Result<RunSummary> {
         let started = Instant::now();
+        if !self.resume {
+            // A covered directory may hold an older run's progress: it is not this run's.
+            for &class in &self.config.classes {
+                let path =
+                    class_dir(&self.out, &self.config.class_names[class]).join("progress.json");
+                if path.exists() {
+                    std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+                }
+            }
+        }
         let before = self.teacher_inputs();
         let mut results = Vec::new();
         let mut reference_inputs = 0u64;
