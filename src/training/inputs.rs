@@ -370,18 +370,19 @@ pub fn out_of_range(index: usize, len: usize) -> DatasetError {
     )))
 }
 
-/// Indices in order, for evaluation.
-pub struct Sequential(pub usize);
+/// The given indices, in order: evaluation sets (every test input, a class's training inputs).
+pub struct Listed(pub Vec<usize>);
 
-impl Dataset<usize> for Sequential {
+impl Dataset<usize> for Listed {
     fn get(&self, index: usize) -> std::result::Result<usize, DatasetError> {
-        (index < self.0)
-            .then_some(index)
-            .ok_or_else(|| out_of_range(index, self.0))
+        self.0
+            .get(index)
+            .copied()
+            .ok_or_else(|| out_of_range(index, self.0.len()))
     }
 
     fn len(&self) -> usize {
-        self.0
+        self.0.len()
     }
 }
 

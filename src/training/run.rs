@@ -33,7 +33,7 @@ use sha2::{Digest, Sha256};
 use super::cache::{CacheOutcome, EmbeddingCache, cache_key};
 use super::inputs::{
     CachedBatcher, CachedTeachers, CropBatcher, CropTeachers, EpochShuffled, ErrorSlot,
-    ImageSource, InputSet, Sequential, TeacherRunner, mix,
+    ImageSource, InputSet, Listed, TeacherRunner, mix,
 };
 use super::model::{AucMetric, InputBatch, MtadModel, MtadModelConfig};
 use super::strategy::{
@@ -957,26 +957,24 @@ impl Prepared {
                 .build(train_dataset)
             }
         };
-        let eval_loader = |set: &Arc<InputSet>, cache: &Option<Arc<EmbeddingCache>>, n: usize| {
-            DataLoaderBuilder::new(CachedBatcher {
-                set: set.clone(),
-                teachers: cached(cache),
-                errors: errors.clone(),
-            })
-            .batch_size(data.eval_batch)
-            .set_device(inference.clone())
-            .build(Sequential(n))
-        };
-        let test_loader = eval_loader(&data.test_set, &data.test_cache, data.test_set.len());
+        let eval_loader =
+            |set: &Arc<InputSet>, cache: &Option<Arc<EmbeddingCache>>, items: Vec<usize>| {
+                DataLoaderBuilder::new(CachedBatcher {
+                    set: set.clone(),
+                    teachers: cached(cache),
+                    errors: errors.clone(),
+                })
+                .batch_size(data.eval_batch)
+                .set_device(inference.clone())
+                .build(Listed(items))
+            };
+        let test_loader = eval_loader(
+            &data.test_set,
+            &data.test_cache,
+            (0..data.test_set.len()).collect(),
+        );
         let norm_items = data.norm_items.clone();
-        let norm_loader: Arc<dyn DataLoader<InputBatch>> = DataLoaderBuilder::new(CachedBatcher {
-            set: data.norm_set.clone(),
-            teachers: cached(&data.norm_cache),
-            errors: errors.clone(),
-        })
-        .batch_size(data.eval_batch)
-        .set_device(inference.clone())
-        .build(Listed(norm_items.clone()));
+        let norm_loader = eval_loader(&data.norm_set, &data.norm_cache, norm_items.clone());
 
         let session = Session {
             config: c.clone(),
@@ -1058,22 +1056,6 @@ impl Prepared {
             best_epoch: best.epoch,
             evaluation: best.evaluation,
         })
-    }
-}
-
-/// A dataset of the given indices, in order.
-struct Listed(Vec<usize>);
-
-impl burn::data::dataset::Dataset<usize> for Listed {
-    fn get(&self, index: usize) -> std::result::Result<usize, burn::data::dataset::DatasetError> {
-        self.0
-            .get(index)
-            .copied()
-            .ok_or_else(|| super::inputs::out_of_range(index, self.0.len()))
-    }
-
-    fn len(&self) -> usize {
-        self.0.len()
     }
 }
 
