@@ -27,6 +27,10 @@ pub enum Command {
     /// Train students on the normal images of each class and evaluate them (ROC AUC) every
     /// --eval-every epochs; writes models, scores and the reference's CSV tables to --out.
     Train(Box<TrainArgs>),
+    /// Rescore a trained run (the reference's inference script): each class's best models and
+    /// teacher statistics score its test set again; writes `<run>/infer/Eval_<student>.csv`
+    /// with the 69 columns and the leakage-free `nor`.
+    Infer(InferArgs),
     /// The CPU demo: write the procedural dataset, train all three students for a few epochs
     /// with the tiny teachers at 32x32, print the AUC table (also what `mtad` with no arguments
     /// runs).
@@ -179,6 +183,22 @@ pub struct TrainArgs {
     pub cache_dir: PathBuf,
     #[command(flatten)]
     pub teacher_source: TeacherArgs,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct InferArgs {
+    /// The run directory `mtad train` wrote (holds config.json).
+    #[arg(long, value_name = "DIR")]
+    pub run: PathBuf,
+    /// The dataset's root folder, if it moved since training (default: the one in config.json).
+    #[arg(long, value_name = "DIR")]
+    pub data_root: Option<PathBuf>,
+    /// Folder holding the teachers' `<name>.bpk` weights (default: the build's). Also read from
+    /// the environment variable MTAD_TEACHER_WEIGHTS.
+    #[arg(long, env = "MTAD_TEACHER_WEIGHTS", value_name = "DIR")]
+    pub teacher_weights: Option<PathBuf>,
     #[command(flatten)]
     pub device: DeviceArgs,
 }

@@ -9,8 +9,8 @@ use std::time::Instant;
 use clap::Parser;
 use multi_teacher_ad::{
     cli::{
-        Cli, Command, DatasetKind, DemoArgs, DemoDataArgs, DeviceArgs, InspectArgs, TeacherArgs,
-        TeachersArgs, TrainArgs,
+        Cli, Command, DatasetKind, DemoArgs, DemoDataArgs, DeviceArgs, InferArgs, InspectArgs,
+        TeacherArgs, TeachersArgs, TrainArgs,
     },
     data::{
         demo::{DEMO_CATEGORIES, DemoSpec, write_demo_dataset},
@@ -22,7 +22,7 @@ use multi_teacher_ad::{
         GET_REAL_TEACHERS, TeacherSize, WeightsLocation,
         check::{check_teachers, compiled_teachers},
     },
-    training::run::{RunSummary, TrainRequest, prepare},
+    training::run::{Prepared, RunSummary, TrainRequest, prepare},
 };
 
 fn main() -> ExitCode {
@@ -54,6 +54,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Some(Command::Train(args)) => train(&args),
         Some(Command::Demo(args)) => demo(&args),
+        Some(Command::Infer(args)) => infer(&args),
         Some(Command::Inspect(args)) => inspect(&args),
         Some(Command::Teachers(args)) => teachers(&args),
         Some(Command::DemoData(args)) => demo_data(&args),
@@ -328,6 +329,36 @@ fn demo(args: &DemoArgs) -> Result<ExitCode> {
     println!(
         "then train, e.g.: mtad train --dataset mvtec --data-root DIR --student resnet \
          --classes bottle --out models/bottle"
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn infer(args: &InferArgs) -> Result<ExitCode> {
+    let device = select_device(args.device.device)?;
+    println!("device: {device}");
+    let weights = match &args.teacher_weights {
+        Some(dir) => WeightsLocation::Dir(dir.clone()),
+        None => WeightsLocation::Build,
+    };
+    let prepared = Prepared::for_run(&args.run, args.data_root.clone(), &weights, device.device)
+        .with_context(|| format!("opening the run {}", args.run.display()))?;
+    if let Some(note) = prepared.config.reduced() {
+        println!("NOTE: {note}");
+    }
+    let rows = prepared.infer()?;
+    let n = rows.len().max(1) as f64;
+    println!(
+        "mean of {} classes: oracle {:.4}, nor {:.4}",
+        rows.len(),
+        rows.iter().map(|r| r.evaluation.oracle().0).sum::<f64>() / n,
+        rows.iter().map(|r| r.evaluation.nor).sum::<f64>() / n
+    );
+    println!(
+        "wrote {}",
+        args.run
+            .join("infer")
+            .join(format!("Eval_{}.csv", prepared.config.student))
+            .display()
     );
     Ok(ExitCode::SUCCESS)
 }

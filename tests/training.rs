@@ -12,7 +12,7 @@ use multi_teacher_ad::data::demo::{DemoSpec, write_demo_dataset};
 use multi_teacher_ad::students::StudentKind;
 use multi_teacher_ad::teachers::{TeacherStatistics, WeightsLocation};
 use multi_teacher_ad::training::model::{InputBatch, MtadModelConfig};
-use multi_teacher_ad::training::run::{RunSummary, TeacherChoice, TrainRequest, prepare};
+use multi_teacher_ad::training::run::{Prepared, RunSummary, TeacherChoice, TrainRequest, prepare};
 
 /// Counts the float parameters of a module that have, and that lack, a gradient.
 struct GradCount<'a> {
@@ -191,6 +191,12 @@ fn a_run_writes_its_directory_and_reuses_the_teacher_cache() {
     sorted.sort();
     assert_eq!(sorted, ["model-2.bpk", "optim-2.bpk", "scheduler-2.bpk"]);
 
+    // Inference with the saved best models reproduces the training-time table exactly.
+    let prepared = Prepared::for_run(&out, None, &WeightsLocation::Build, Device::flex()).unwrap();
+    let rows = prepared.infer().unwrap();
+    assert_eq!(rows[0].evaluation, *eval);
+    assert_eq!(read(&out.join("infer/Eval_resnet.csv")), eval_csv);
+
     // Same data and teachers again, into the same --out: a numeric suffix, and the caches are
     // reused, so the teachers only see the random crops.
     let second = run(request(&data, &out, &cache));
@@ -232,6 +238,19 @@ fn single_teacher_and_no_teacher_ablations_run() {
     let summary = run(single);
     assert_eq!(summary.config.teacher_names, ["tiny_resnet"]);
     assert!(!tmp.path().join("single/weave/best/weighting.bpk").exists());
+    // Its models reload (no weighting), but not with other teachers than it was trained with.
+    let run_dir = tmp.path().join("single");
+    let reopen = || Prepared::for_run(&run_dir, None, &WeightsLocation::Build, Device::flex());
+    assert_eq!(
+        reopen().unwrap().infer().unwrap()[0].evaluation,
+        summary.classes[0].evaluation
+    );
+    let config_path = run_dir.join("config.json");
+    let config = read(&config_path);
+    let sha = &summary.config.teacher_sha256[0];
+    std::fs::write(&config_path, config.replace(sha.as_str(), &"0".repeat(64))).unwrap();
+    let err = reopen().err().expect("other teachers").to_string();
+    assert!(err.contains("other teachers"), "{err}");
 
     let mut none = request(&data, &tmp.path().join("none"), &cache);
     none.teachers = TeacherChoice::None;
@@ -377,6 +396,14 @@ fn bad_input_is_reported_before_training() {
     let mut r = request(&data, &out, &cache);
     r.resume = true;
     assert!(err(r).contains("not a run directory"));
+    let missing = Prepared::for_run(&out, None, &WeightsLocation::Build, Device::flex());
+    assert!(
+        missing
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("not a run directory")
+    );
 
     // Real teachers: at 224 they must be compiled in (a fresh clone has only the tiny ones) and
     // their weights present.

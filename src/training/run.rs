@@ -314,68 +314,9 @@ pub fn prepare(request: TrainRequest) -> Result<Prepared> {
     debug_assert!(image_size != CROP_SIZE || full_size == IMAGE_SIZE);
     let cifar_resize = ((image_size * 256) as f64 / CROP_SIZE as f64).round() as usize;
 
-    // Dataset and classes.
-    let (data, class_names, classes) = match r.dataset {
-        DatasetKind::Cifar10 => {
-            let cifar = Cifar10::open(&r.data_root)?;
-            let classes = parse_class_list(&r.classes, &cifar::CLASSES)?;
-            for &c in &classes {
-                cifar.one_class(c)?;
-            }
-            let names = cifar::CLASSES.iter().map(|s| s.to_string()).collect();
-            (DataSet::Cifar(Arc::new(cifar)), names, classes)
-        }
-        DatasetKind::Mvtec | DatasetKind::Folder => {
-            let folder = FolderDataset::open(&r.data_root)?;
-            let names: Vec<String> = if r.dataset == DatasetKind::Mvtec {
-                mvtec::CATEGORIES.iter().map(|s| s.to_string()).collect()
-            } else {
-                folder.categories.clone()
-            };
-            let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-            let classes = parse_class_list(&r.classes, &refs)?;
-            let categories = classes
-                .iter()
-                .map(|&c| {
-                    let category = folder.category(&names[c])?;
-                    check_category(&folder.root, &category)?;
-                    Ok(category)
-                })
-                .collect::<Result<Vec<_>>>()?;
-            (DataSet::Folder(categories), names, classes)
-        }
-    };
-
-    // Teachers.
-    let size = if r.tiny_teachers {
-        TeacherSize::Tiny
-    } else {
-        TeacherSize::Full
-    };
-    let families = r.teachers.families();
-    let runner = if families.is_empty() {
-        None
-    } else {
-        let ensemble = TeacherEnsemble::load(size, &families, &r.teacher_weights, &r.device)?;
-        Some(Arc::new(TeacherRunner::new(ensemble, r.device.clone())))
-    };
-    let (teacher_names, teacher_sha256) = match &runner {
-        Some(runner) => (
-            runner
-                .ensemble
-                .names()
-                .iter()
-                .map(|s| s.to_string())
-                .collect(),
-            runner
-                .ensemble
-                .sha256s()
-                .iter()
-                .map(|s| s.to_string())
-                .collect(),
-        ),
-        None => (Vec::new(), Vec::new()),
-    };
+    let (data, class_names, classes) = open_dataset(r.dataset, &r.data_root, &r.classes)?;
+    let runner = load_teachers(r.teachers, r.tiny_teachers, &r.teacher_weights, &r.device)?;
+    let (teacher_names, teacher_sha256) = teacher_identity(runner.as_deref());
 
     let config = TrainConfig {
         dataset: r.dataset,
@@ -438,6 +379,85 @@ pub fn prepare(request: TrainRequest) -> Result<Prepared> {
         plain: r.plain,
         resume: r.resume,
     })
+}
+
+/// Opens a dataset and resolves `--classes`: the data, every class name, the chosen indices.
+fn open_dataset(
+    kind: DatasetKind,
+    root: &Path,
+    spec: &str,
+) -> Result<(DataSet, Vec<String>, Vec<usize>)> {
+    match kind {
+        DatasetKind::Cifar10 => {
+            let cifar = Cifar10::open(root)?;
+            let classes = parse_class_list(spec, &cifar::CLASSES)?;
+            for &c in &classes {
+                cifar.one_class(c)?;
+            }
+            let names = cifar::CLASSES.iter().map(|s| s.to_string()).collect();
+            Ok((DataSet::Cifar(Arc::new(cifar)), names, classes))
+        }
+        DatasetKind::Mvtec | DatasetKind::Folder => {
+            let folder = FolderDataset::open(root)?;
+            let names: Vec<String> = if kind == DatasetKind::Mvtec {
+                mvtec::CATEGORIES.iter().map(|s| s.to_string()).collect()
+            } else {
+                folder.categories.clone()
+            };
+            let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+            let classes = parse_class_list(spec, &refs)?;
+            let categories = classes
+                .iter()
+                .map(|&c| {
+                    let category = folder.category(&names[c])?;
+                    check_category(&folder.root, &category)?;
+                    Ok(category)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Ok((DataSet::Folder(categories), names, classes))
+        }
+    }
+}
+
+/// The teachers of a run, `None` for the no-teacher ablation.
+fn load_teachers(
+    choice: TeacherChoice,
+    tiny: bool,
+    weights: &WeightsLocation,
+    device: &Device,
+) -> Result<Option<Arc<TeacherRunner>>> {
+    let families = choice.families();
+    if families.is_empty() {
+        return Ok(None);
+    }
+    let size = if tiny {
+        TeacherSize::Tiny
+    } else {
+        TeacherSize::Full
+    };
+    let ensemble = TeacherEnsemble::load(size, &families, weights, device)?;
+    Ok(Some(Arc::new(TeacherRunner::new(ensemble, device.clone()))))
+}
+
+/// The teachers' names and sha256s, in order.
+fn teacher_identity(runner: Option<&TeacherRunner>) -> (Vec<String>, Vec<String>) {
+    match runner {
+        Some(runner) => (
+            runner
+                .ensemble
+                .names()
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            runner
+                .ensemble
+                .sha256s()
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+        ),
+        None => (Vec::new(), Vec::new()),
+    }
 }
 
 fn check_category(root: &Path, category: &Category) -> Result<()> {
@@ -833,6 +853,36 @@ impl Prepared {
         })
     }
 
+    /// Loaders of a class's test inputs and of its normal training inputs (for `nor`), in order.
+    fn eval_loaders(
+        &self,
+        data: &ClassData,
+        errors: &ErrorSlot,
+    ) -> (
+        Arc<dyn DataLoader<InputBatch>>,
+        Arc<dyn DataLoader<InputBatch>>,
+    ) {
+        let loader =
+            |set: &Arc<InputSet>, cache: &Option<Arc<EmbeddingCache>>, items: Vec<usize>| {
+                DataLoaderBuilder::new(CachedBatcher {
+                    set: set.clone(),
+                    teachers: cached_teachers(cache, &data.stats),
+                    errors: errors.clone(),
+                })
+                .batch_size(data.eval_batch)
+                .set_device(self.device.clone())
+                .build(Listed(items))
+            };
+        (
+            loader(
+                &data.test_set,
+                &data.test_cache,
+                (0..data.test_set.len()).collect(),
+            ),
+            loader(&data.norm_set, &data.norm_cache, data.norm_items.clone()),
+        )
+    }
+
     fn statistics(&self, cache: &EmbeddingCache, items: &[usize]) -> Result<TeacherStatistics> {
         let k = cache.teachers;
         let mut acc = StatisticsAccumulator::new(k, EMBEDDING_DIM);
@@ -901,18 +951,9 @@ impl Prepared {
             stats.save(&dir.join("teacher_stats.bin"))?;
         }
 
-        let inference = self.device.clone();
         let training_device = self.device.clone().autodiff();
         let errors = ErrorSlot::default();
-        let cached = |cache: &Option<Arc<EmbeddingCache>>| {
-            cache
-                .as_ref()
-                .zip(data.stats.as_ref())
-                .map(|(raw, stats)| CachedTeachers {
-                    raw: raw.clone(),
-                    stats: stats.clone(),
-                })
-        };
+        let cached = |cache: &Option<Arc<EmbeddingCache>>| cached_teachers(cache, &data.stats);
         let epoch = Arc::new(AtomicUsize::new(0));
         let train_dataset = EpochShuffled::new(
             data.train_items.clone(),
@@ -957,24 +998,8 @@ impl Prepared {
                 .build(train_dataset)
             }
         };
-        let eval_loader =
-            |set: &Arc<InputSet>, cache: &Option<Arc<EmbeddingCache>>, items: Vec<usize>| {
-                DataLoaderBuilder::new(CachedBatcher {
-                    set: set.clone(),
-                    teachers: cached(cache),
-                    errors: errors.clone(),
-                })
-                .batch_size(data.eval_batch)
-                .set_device(inference.clone())
-                .build(Listed(items))
-            };
-        let test_loader = eval_loader(
-            &data.test_set,
-            &data.test_cache,
-            (0..data.test_set.len()).collect(),
-        );
+        let (test_loader, norm_loader) = self.eval_loaders(&data, &errors);
         let norm_items = data.norm_items.clone();
-        let norm_loader = eval_loader(&data.norm_set, &data.norm_cache, norm_items.clone());
 
         let session = Session {
             config: c.clone(),
@@ -1057,6 +1082,19 @@ impl Prepared {
             evaluation: best.evaluation,
         })
     }
+}
+
+fn cached_teachers(
+    cache: &Option<Arc<EmbeddingCache>>,
+    stats: &Option<Arc<TeacherStatistics>>,
+) -> Option<CachedTeachers> {
+    cache
+        .as_ref()
+        .zip(stats.as_ref())
+        .map(|(raw, stats)| CachedTeachers {
+            raw: raw.clone(),
+            stats: stats.clone(),
+        })
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -1339,48 +1377,219 @@ pub fn write_tables(
         fin.as_bytes(),
     )?;
 
-    let columns = column_names();
-    let mut eval = format!(
-        "{note}Normal Class,Class Name,Epoch,{},nor,oracle (reference protocol)\n",
-        columns.join(",")
-    );
-    let best: Vec<(&ClassProgress, &BestRecord)> = classes
+    let rows: Vec<EvalRow> = classes
         .iter()
-        .filter_map(|p| p.best.as_ref().map(|b| (p, b)))
+        .filter_map(|p| {
+            p.best.as_ref().map(|b| EvalRow {
+                index: p.index,
+                name: p.name.clone(),
+                epoch: b.epoch,
+                evaluation: b.evaluation.clone(),
+            })
+        })
         .collect();
-    for (p, b) in &best {
-        let aucs: Vec<String> = b
-            .evaluation
-            .aucs
-            .iter()
-            .map(|a| format!("{a:.6}"))
-            .collect();
-        eval.push_str(&format!(
-            "{},{},{},{},{:.6},{:.6}\n",
-            p.index,
-            csv_field(&p.name),
-            b.epoch,
-            aucs.join(","),
-            b.evaluation.nor,
-            b.evaluation.oracle().0
-        ));
-    }
-    if !best.is_empty() {
-        let n = best.len() as f64;
-        let mean = |f: &dyn Fn(&BestRecord) -> f64| best.iter().map(|(_, b)| f(b)).sum::<f64>() / n;
-        let aucs: Vec<String> = (0..columns.len())
-            .map(|i| format!("{:.6}", mean(&|b| b.evaluation.aucs[i])))
-            .collect();
-        eval.push_str(&format!(
-            "mean,mean of {} classes,,{},{:.6},{:.6}\n",
-            best.len(),
-            aucs.join(","),
-            mean(&|b| b.evaluation.nor),
-            mean(&|b| b.evaluation.oracle().0)
-        ));
-    }
+    let eval = eval_table(&note, &rows);
     write_atomic(
         &out.join(format!("Eval_{}.csv", config.student)),
         eval.as_bytes(),
     )
+}
+
+/// One class's row of an `Eval_<student>.csv`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EvalRow {
+    pub index: usize,
+    pub name: String,
+    pub epoch: usize,
+    pub evaluation: ClassEvaluation,
+}
+
+/// The text of an `Eval_<student>.csv`: a `note` line or nothing, the header, one row per class
+/// (the 69 columns, nor, oracle) and a mean row.
+fn eval_table(note: &str, rows: &[EvalRow]) -> String {
+    let columns = column_names();
+    let mut text = format!(
+        "{note}Normal Class,Class Name,Epoch,{},nor,oracle (reference protocol)\n",
+        columns.join(",")
+    );
+    let line = |index: &str, name: &str, epoch: &str, aucs: Vec<f64>, nor: f64, oracle: f64| {
+        let aucs: Vec<String> = aucs.iter().map(|a| format!("{a:.6}")).collect();
+        format!(
+            "{index},{},{epoch},{},{nor:.6},{oracle:.6}\n",
+            csv_field(name),
+            aucs.join(",")
+        )
+    };
+    for r in rows {
+        text.push_str(&line(
+            &r.index.to_string(),
+            &r.name,
+            &r.epoch.to_string(),
+            r.evaluation.aucs.clone(),
+            r.evaluation.nor,
+            r.evaluation.oracle().0,
+        ));
+    }
+    if !rows.is_empty() {
+        let n = rows.len() as f64;
+        let mean = |f: &dyn Fn(&ClassEvaluation) -> f64| {
+            rows.iter().map(|r| f(&r.evaluation)).sum::<f64>() / n
+        };
+        text.push_str(&line(
+            "mean",
+            &format!("mean of {} classes", rows.len()),
+            "",
+            (0..columns.len()).map(|i| mean(&|e| e.aucs[i])).collect(),
+            mean(&|e| e.nor),
+            mean(&|e| e.oracle().0),
+        ));
+    }
+    text
+}
+
+impl Prepared {
+    /// Reopens a trained run's dataset and teachers to score with its saved models (`mtad
+    /// infer`). `data_root` replaces the one in `config.json` (the data moved); the teachers
+    /// must be the ones the run was trained with.
+    pub fn for_run(
+        run: &Path,
+        data_root: Option<PathBuf>,
+        weights: &WeightsLocation,
+        device: Device,
+    ) -> Result<Self> {
+        let mut config = read_config(run)?;
+        if let Some(root) = data_root {
+            config.data_root = root;
+        }
+        let spec: Vec<String> = config.classes.iter().map(usize::to_string).collect();
+        let (data, class_names, _) =
+            open_dataset(config.dataset, &config.data_root, &spec.join(","))?;
+        if class_names != config.class_names {
+            return Err(invalid(format!(
+                "{}: its classes are not those of the run ({} vs {})",
+                config.data_root.display(),
+                class_names.join(", "),
+                config.class_names.join(", ")
+            )));
+        }
+        let runner = load_teachers(config.teachers, config.tiny_teachers, weights, &device)?;
+        let (names, sha256) = teacher_identity(runner.as_deref());
+        if sha256 != config.teacher_sha256 {
+            return Err(Error::Teacher {
+                name: names.join(", "),
+                message: format!(
+                    "{} was trained with other teachers (sha256 {:?}, this binary has {:?}); its \
+                     scores are only valid with those",
+                    run.display(),
+                    config.teacher_sha256,
+                    sha256
+                ),
+            });
+        }
+        check_writable(&config.cache_dir)?;
+        Ok(Self {
+            config,
+            out: run.to_path_buf(),
+            data,
+            runner,
+            device,
+            plain: true,
+            resume: false,
+        })
+    }
+
+    /// Scores every class's test inputs with its best models and saved teacher statistics,
+    /// normalises with its normal training inputs, and writes `infer/Eval_<student>.csv`.
+    pub fn infer(&self) -> Result<Vec<EvalRow>> {
+        let cifar_caches = match (&self.data, &self.runner) {
+            (DataSet::Cifar(cifar), Some(runner)) => Some(self.cifar_caches(cifar, runner)?),
+            _ => None,
+        };
+        let mut rows = Vec::new();
+        for (position, &class) in self.config.classes.iter().enumerate() {
+            let name = self.config.class_names[class].clone();
+            let dir = class_dir(&self.out, &name);
+            let best_json = dir.join("best").join("best.json");
+            if !best_json.is_file() {
+                return Err(invalid(format!(
+                    "class {name}: {} is missing (did its training reach an evaluation?)",
+                    best_json.display()
+                )));
+            }
+            let best: BestRecord = read_json(&best_json)?;
+            let mut data = match &self.data {
+                DataSet::Cifar(cifar) => self.cifar_class(cifar, class, cifar_caches.as_ref())?,
+                DataSet::Folder(categories) => self.folder_class(&categories[position])?,
+            };
+            if self.runner.is_some() {
+                let path = dir.join("teacher_stats.bin");
+                let stats = TeacherStatistics::load(&path)?;
+                if stats.teacher_sha256 != self.config.teacher_sha256 {
+                    return Err(Error::invalid_file(
+                        &path,
+                        "statistics of other teachers than the run's",
+                    ));
+                }
+                data.stats = Some(Arc::new(stats));
+            }
+            let model = self.load_best(&dir.join("best"))?;
+            let errors = ErrorSlot::default();
+            let (test_loader, norm_loader) = self.eval_loaders(&data, &errors);
+            let test = score_loader(&model, test_loader.as_ref())?;
+            let train = score_loader(&model, norm_loader.as_ref())?;
+            if let Some(e) = errors.take() {
+                return Err(e);
+            }
+            let normaliser = Normaliser::fit(&train)?;
+            let evaluation = evaluate(&test, &data.test_groups, &data.test_labels, &normaliser)?;
+            println!(
+                "  [{name}] oracle {:.4}, nor {:.4} (best evaluation: epoch {})",
+                evaluation.oracle().0,
+                evaluation.nor,
+                best.epoch
+            );
+            rows.push(EvalRow {
+                index: class,
+                name,
+                epoch: best.epoch,
+                evaluation,
+            });
+        }
+        let note = self
+            .config
+            .reduced()
+            .map_or(String::new(), |n| format!("# {n}\n"));
+        let path = self
+            .out
+            .join("infer")
+            .join(format!("Eval_{}.csv", self.config.student));
+        write_atomic(&path, eval_table(&note, &rows).as_bytes())?;
+        Ok(rows)
+    }
+
+    /// The best evaluation's student, decoder and weighting of a class, in inference mode.
+    fn load_best(&self, dir: &Path) -> Result<MtadModel> {
+        let c = &self.config;
+        let model = MtadModelConfig::new(c.student, c.image_size, c.teacher_names.len())
+            .init(&self.device)?;
+        fn load<M: Module>(module: M, path: &Path) -> Result<M> {
+            let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+            let record =
+                burn::store::ModuleRecord::from_bytes(burn::tensor::Bytes::from_bytes_vec(bytes))
+                    .map_err(|e| Error::invalid_file(path, e.to_string()))?;
+            module
+                .try_load_record(record)
+                .map_err(|e| Error::invalid_file(path, e.to_string()))
+        }
+        let weighting = match model.weighting {
+            Some(w) => Some(load(w, &dir.join("weighting.bpk"))?),
+            None => None,
+        };
+        let model = MtadModel {
+            student: load(model.student, &dir.join("student.bpk"))?,
+            decoder: load(model.decoder, &dir.join("decoder.bpk"))?,
+            weighting,
+        };
+        Ok(model.valid())
+    }
 }
