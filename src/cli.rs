@@ -31,6 +31,10 @@ pub enum Command {
     /// teacher statistics score its test set again; writes `<run>/infer/Eval_<student>.csv`
     /// with the 69 columns and the leakage-free `nor`.
     Infer(InferArgs),
+    /// The multi-student ensemble (the reference's multi-student evaluation): per score kind,
+    /// each run's test scores min-max normalised and summed over the runs, then the 69 columns
+    /// and the leakage-free nor; writes `<out>/eval_<dataset>.csv`.
+    Ensemble(EnsembleArgs),
     /// The CPU demo: write the procedural dataset, train all three students for a few epochs
     /// with the tiny teachers at 32x32, print the AUC table (also what `mtad` with no arguments
     /// runs).
@@ -201,6 +205,16 @@ pub struct InferArgs {
     pub teacher_weights: Option<PathBuf>,
     #[command(flatten)]
     pub device: DeviceArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct EnsembleArgs {
+    /// Run directories of `mtad train`, one per student, on the same data and classes.
+    #[arg(long, value_name = "DIR", num_args = 2.., required = true)]
+    pub runs: Vec<PathBuf>,
+    /// Folder to write `eval_<dataset>.csv` into.
+    #[arg(long, value_name = "DIR", default_value = "models/ensemble")]
+    pub out: PathBuf,
 }
 
 #[derive(Debug, Clone, Args)]

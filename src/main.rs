@@ -9,8 +9,8 @@ use std::time::Instant;
 use clap::Parser;
 use multi_teacher_ad::{
     cli::{
-        Cli, Command, DatasetKind, DemoArgs, DemoDataArgs, DeviceArgs, InferArgs, InspectArgs,
-        TeacherArgs, TeachersArgs, TrainArgs,
+        Cli, Command, DatasetKind, DemoArgs, DemoDataArgs, DeviceArgs, EnsembleArgs, InferArgs,
+        InspectArgs, TeacherArgs, TeachersArgs, TrainArgs,
     },
     data::{
         demo::{DEMO_CATEGORIES, DemoSpec, write_demo_dataset},
@@ -22,6 +22,7 @@ use multi_teacher_ad::{
         GET_REAL_TEACHERS, TeacherSize, WeightsLocation,
         check::{check_teachers, compiled_teachers},
     },
+    training::ensemble,
     training::run::{Prepared, RunSummary, TrainRequest, prepare},
 };
 
@@ -55,6 +56,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Some(Command::Train(args)) => train(&args),
         Some(Command::Demo(args)) => demo(&args),
         Some(Command::Infer(args)) => infer(&args),
+        Some(Command::Ensemble(args)) => ensemble(&args),
         Some(Command::Inspect(args)) => inspect(&args),
         Some(Command::Teachers(args)) => teachers(&args),
         Some(Command::DemoData(args)) => demo_data(&args),
@@ -360,5 +362,27 @@ fn infer(args: &InferArgs) -> Result<ExitCode> {
             .join(format!("Eval_{}.csv", prepared.config.student))
             .display()
     );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn ensemble(args: &EnsembleArgs) -> Result<ExitCode> {
+    let (rows, path) = ensemble::ensemble(&args.runs, &args.out)?;
+    println!("{:<14} {:>10} {:>10}", "class", "oracle", "nor");
+    for r in &rows {
+        println!(
+            "{:<14} {:>10.4} {:>10.4}",
+            r.name,
+            r.evaluation.oracle().0,
+            r.evaluation.nor
+        );
+    }
+    let n = rows.len().max(1) as f64;
+    println!(
+        "{:<14} {:>10.4} {:>10.4}",
+        "mean",
+        rows.iter().map(|r| r.evaluation.oracle().0).sum::<f64>() / n,
+        rows.iter().map(|r| r.evaluation.nor).sum::<f64>() / n
+    );
+    println!("wrote {}", path.display());
     Ok(ExitCode::SUCCESS)
 }

@@ -11,6 +11,7 @@ use multi_teacher_ad::cli::DatasetKind;
 use multi_teacher_ad::data::demo::{DemoSpec, write_demo_dataset};
 use multi_teacher_ad::students::StudentKind;
 use multi_teacher_ad::teachers::{TeacherStatistics, WeightsLocation};
+use multi_teacher_ad::training::ensemble;
 use multi_teacher_ad::training::model::{InputBatch, MtadModelConfig};
 use multi_teacher_ad::training::run::{Prepared, RunSummary, TeacherChoice, TrainRequest, prepare};
 
@@ -442,4 +443,37 @@ fn cifar_runs_the_teachers_once_for_every_class() {
 
     r.cover = true;
     assert_eq!(run(r).teacher_inputs, 0);
+}
+
+#[test]
+fn the_ensemble_combines_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = demo_data(tmp.path());
+    let cache = tmp.path().join("cache");
+    let mut a = request(&data, &tmp.path().join("a"), &cache);
+    a.epochs = 1;
+    let first = run(a.clone());
+    let mut b = a.clone();
+    b.seed = 6;
+    b.out = tmp.path().join("b");
+    run(b);
+    let runs = [tmp.path().join("a"), tmp.path().join("b")];
+
+    // A run with itself: per-kind min-max normalisation is monotone, so the raw columns and
+    // nor keep the run's own AUCs.
+    let same = [runs[0].clone(), runs[0].clone()];
+    let (same_rows, _) = ensemble::ensemble(&same, &tmp.path().join("same")).unwrap();
+    let own = &first.classes[0].evaluation;
+    assert_eq!(same_rows[0].evaluation.aucs[..3], own.aucs[..3]);
+    assert_eq!(same_rows[0].evaluation.nor, own.nor);
+
+    let (ens_rows, path) = ensemble::ensemble(&runs, &tmp.path().join("ens")).unwrap();
+    assert_eq!(ens_rows.len(), 1);
+    assert_eq!(path, tmp.path().join("ens/eval_folder.csv"));
+    let text = read(&path);
+    assert!(text.starts_with("# ensemble of resnet + resnet"), "{text}");
+    assert_eq!(rows(&text).len(), 2);
+
+    let err = ensemble::ensemble(&runs[..1], &tmp.path().join("x")).unwrap_err();
+    assert!(err.to_string().contains("at least two"));
 }

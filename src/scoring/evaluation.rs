@@ -172,7 +172,18 @@ pub fn evaluate(
     labels: &[u8],
     normaliser: &Normaliser,
 ) -> Result<ClassEvaluation> {
-    if groups.len() != test.len() {
+    let nor_inputs: Vec<f64> = (0..test.len()).map(|i| normaliser.score(test, i)).collect();
+    evaluate_with_nor(test, groups, labels, &nor_inputs)
+}
+
+/// [`evaluate`] with the leakage-free score of each input given.
+pub fn evaluate_with_nor(
+    test: &RawScores,
+    groups: &[usize],
+    labels: &[u8],
+    nor_inputs: &[f64],
+) -> Result<ClassEvaluation> {
+    if groups.len() != test.len() || nor_inputs.len() != test.len() {
         return Err(Error::InvalidArgument(format!(
             "{} test scores for {} inputs",
             test.len(),
@@ -193,9 +204,43 @@ pub fn evaluate(
             roc_auc(&group_max(&per_input, groups, images), labels)
         })
         .collect::<Result<Vec<_>>>()?;
-    let nor_inputs: Vec<f64> = (0..test.len()).map(|i| normaliser.score(test, i)).collect();
-    let nor = roc_auc(&group_max(&nor_inputs, groups, images), labels)?;
+    let nor = roc_auc(&group_max(nor_inputs, groups, images), labels)?;
     Ok(ClassEvaluation { aucs, nor })
+}
+
+/// The multi-student ensemble's raw scores: for each score kind, each student's test scores
+/// min-max normalised over the test inputs, summed over the students (a kind with one value
+/// everywhere contributes 0).
+pub fn ensemble_scores(students: &[RawScores]) -> Result<RawScores> {
+    let n = students.first().map_or(0, RawScores::len);
+    if students.iter().any(|s| s.len() != n) {
+        return Err(Error::InvalidArgument(
+            "the students scored different numbers of test inputs".into(),
+        ));
+    }
+    let normalised_sum = |kind: fn(&RawScores) -> &Vec<f64>| {
+        let mut sum = vec![0.0; n];
+        for student in students {
+            let values = kind(student);
+            let (lo, hi) = values
+                .iter()
+                .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &x| {
+                    (lo.min(x), hi.max(x))
+                });
+            let range = hi - lo;
+            for (acc, &v) in sum.iter_mut().zip(values) {
+                if range > 0.0 {
+                    *acc += (v - lo) / range;
+                }
+            }
+        }
+        sum
+    };
+    Ok(RawScores {
+        as_z: normalised_sum(|s| &s.as_z),
+        as_cossim: normalised_sum(|s| &s.as_cossim),
+        as_rec: normalised_sum(|s| &s.as_rec),
+    })
 }
 
 #[cfg(test)]
@@ -254,6 +299,20 @@ mod tests {
         // (2-1)/2 + (0.75-0.5) (empty range: shifted only) + (30-10)/10
         assert!((n.score(&test, 0) - (0.5 + 0.25 + 2.0)).abs() < 1e-12);
         assert!(Normaliser::fit(&RawScores::default()).is_err());
+    }
+
+    #[test]
+    fn the_ensemble_sums_min_max_normalised_students() {
+        let a = scores(&[0.0, 5.0, 10.0], &[1.0, 1.0, 1.0], &[2.0, 4.0, 3.0]);
+        let b = scores(&[1.0, 3.0, 2.0], &[0.0, 4.0, 2.0], &[7.0, 7.0, 7.0]);
+        let e = ensemble_scores(&[a, b]).unwrap();
+        // AS_z: a -> [0, .5, 1], b -> [0, 1, .5]; AS_cossim: a constant -> 0, b -> [0, 1, .5];
+        // AS_rec: a -> [0, 1, .5], b constant -> 0.
+        assert_eq!(e.as_z, [0.0, 1.5, 1.5]);
+        assert_eq!(e.as_cossim, [0.0, 1.0, 0.5]);
+        assert_eq!(e.as_rec, [0.0, 1.0, 0.5]);
+        let short = scores(&[1.0], &[1.0], &[1.0]);
+        assert!(ensemble_scores(&[e, short]).is_err());
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! and the teacher-embedding cache, the custom learning strategy, and whole runs.
 
 pub mod cache;
+pub mod ensemble;
 pub mod inputs;
 pub mod model;
 pub mod renderer;

@@ -1213,7 +1213,7 @@ impl Session {
     }
 }
 
-fn csv_field(s: &str) -> String {
+pub(crate) fn csv_field(s: &str) -> String {
     if s.contains([',', '"', '\n']) {
         format!("\"{}\"", s.replace('"', "\"\""))
     } else {
@@ -1383,7 +1383,7 @@ pub fn write_tables(
             p.best.as_ref().map(|b| EvalRow {
                 index: p.index,
                 name: p.name.clone(),
-                epoch: b.epoch,
+                epoch: Some(b.epoch),
                 evaluation: b.evaluation.clone(),
             })
         })
@@ -1400,13 +1400,14 @@ pub fn write_tables(
 pub struct EvalRow {
     pub index: usize,
     pub name: String,
-    pub epoch: usize,
+    /// The evaluation's epoch (none for an ensemble).
+    pub epoch: Option<usize>,
     pub evaluation: ClassEvaluation,
 }
 
 /// The text of an `Eval_<student>.csv`: a `note` line or nothing, the header, one row per class
 /// (the 69 columns, nor, oracle) and a mean row.
-fn eval_table(note: &str, rows: &[EvalRow]) -> String {
+pub(crate) fn eval_table(note: &str, rows: &[EvalRow]) -> String {
     let columns = column_names();
     let mut text = format!(
         "{note}Normal Class,Class Name,Epoch,{},nor,oracle (reference protocol)\n",
@@ -1424,7 +1425,7 @@ fn eval_table(note: &str, rows: &[EvalRow]) -> String {
         text.push_str(&line(
             &r.index.to_string(),
             &r.name,
-            &r.epoch.to_string(),
+            &r.epoch.map_or(String::new(), |e| e.to_string()),
             r.evaluation.aucs.clone(),
             r.evaluation.nor,
             r.evaluation.oracle().0,
@@ -1551,7 +1552,7 @@ impl Prepared {
             rows.push(EvalRow {
                 index: class,
                 name,
-                epoch: best.epoch,
+                epoch: Some(best.epoch),
                 evaluation,
             });
         }

@@ -1,0 +1,157 @@
+//! The multi-student ensemble (the reference's multi-student evaluation): for each score kind,
+//! each student's test scores min-max normalised over the test set and summed over the
+//! students, then the 69 columns; beside them the leakage-free `nor`, summed over the students
+//! (each normalised on its own normal training inputs).
+
+use std::path::{Path, PathBuf};
+
+use super::run::{EvalRow, TrainConfig, class_dir, eval_table, read_config};
+use crate::cli::DatasetKind;
+use crate::output::write_atomic;
+use crate::scoring::evaluation::{Normaliser, RawScores, ensemble_scores, evaluate_with_nor};
+use crate::{Error, Result};
+
+/// The inputs of a score file: `(path, patch y, patch x)` and label of each row.
+struct ScoreFile {
+    inputs: Vec<(String, String, String)>,
+    labels: Vec<u8>,
+    scores: RawScores,
+}
+
+fn read_scores(path: &Path) -> Result<ScoreFile> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let bad = |line: usize, m: &str| Error::invalid_file(path, format!("line {line}: {m}"));
+    let mut file = ScoreFile {
+        inputs: Vec::new(),
+        labels: Vec::new(),
+        scores: RawScores::default(),
+    };
+    for (n, line) in text.lines().enumerate().skip(1) {
+        let rest = line
+            .split_once(',')
+            .map(|(_, rest)| rest)
+            .ok_or_else(|| bad(n + 1, "too few fields"))?;
+        let fields: Vec<&str> = rest.rsplitn(7, ',').collect();
+        if fields.len() != 7 {
+            return Err(bad(n + 1, "too few fields"));
+        }
+        let number = |s: &str| s.parse::<f64>().map_err(|_| bad(n + 1, "not a number"));
+        let raw_path = fields[6];
+        let path = match raw_path.strip_prefix('"').and_then(|p| p.strip_suffix('"')) {
+            Some(quoted) => quoted.replace("\"\"", "\""),
+            None => raw_path.to_string(),
+        };
+        file.inputs
+            .push((path, fields[5].to_string(), fields[4].to_string()));
+        file.labels
+            .push(fields[3].parse().map_err(|_| bad(n + 1, "bad label"))?);
+        file.scores.extend(
+            &[number(fields[2])?],
+            &[number(fields[1])?],
+            &[number(fields[0])?],
+        );
+    }
+    Ok(file)
+}
+
+/// Image index of each input (inputs of one image are consecutive) and each image's label.
+fn images(file: &ScoreFile) -> (Vec<usize>, Vec<u8>) {
+    let mut groups = Vec::with_capacity(file.inputs.len());
+    let mut labels = Vec::new();
+    for (i, (path, _, _)) in file.inputs.iter().enumerate() {
+        if i == 0 || file.inputs[i - 1].0 != *path {
+            labels.push(file.labels[i]);
+        }
+        groups.push(labels.len() - 1);
+    }
+    (groups, labels)
+}
+
+fn dataset_name(kind: DatasetKind) -> &'static str {
+    match kind {
+        DatasetKind::Mvtec => "mvtec",
+        DatasetKind::Cifar10 => "cifar10",
+        DatasetKind::Folder => "folder",
+    }
+}
+
+/// Evaluates the ensemble of `runs` (one per student) and writes `<out>/eval_<dataset>.csv`.
+pub fn ensemble(runs: &[PathBuf], out: &Path) -> Result<(Vec<EvalRow>, PathBuf)> {
+    if runs.len() < 2 {
+        return Err(Error::InvalidArgument(
+            "--runs: an ensemble needs at least two runs".into(),
+        ));
+    }
+    let configs = runs
+        .iter()
+        .map(|r| read_config(r))
+        .collect::<Result<Vec<TrainConfig>>>()?;
+    let first = &configs[0];
+    for (run, c) in runs.iter().zip(&configs).skip(1) {
+        if c.dataset != first.dataset
+            || c.class_names != first.class_names
+            || c.classes != first.classes
+            || c.image_size != first.image_size
+        {
+            return Err(Error::InvalidArgument(format!(
+                "{} was trained on other data, classes or image size than {}",
+                run.display(),
+                runs[0].display()
+            )));
+        }
+    }
+    let mut rows = Vec::new();
+    for &class in &first.classes {
+        let name = &first.class_names[class];
+        let mut tests = Vec::new();
+        let mut nor = Vec::new();
+        let mut layout: Option<(Vec<usize>, Vec<u8>)> = None;
+        let mut inputs: Option<Vec<(String, String, String)>> = None;
+        for run in runs {
+            let dir = class_dir(run, name);
+            let test = read_scores(&dir.join("scores_test.csv"))?;
+            let train = read_scores(&dir.join("scores_train.csv"))?;
+            match &inputs {
+                Some(known) if *known != test.inputs => {
+                    return Err(Error::InvalidArgument(format!(
+                        "class {name}: {} scored other test inputs than {}",
+                        run.display(),
+                        runs[0].display()
+                    )));
+                }
+                Some(_) => {}
+                None => {
+                    layout = Some(images(&test));
+                    inputs = Some(test.inputs.clone());
+                }
+            }
+            let normaliser = Normaliser::fit(&train.scores)?;
+            let student_nor: Vec<f64> = (0..test.scores.len())
+                .map(|i| normaliser.score(&test.scores, i))
+                .collect();
+            if nor.is_empty() {
+                nor = student_nor;
+            } else {
+                nor.iter_mut().zip(student_nor).for_each(|(a, b)| *a += b);
+            }
+            tests.push(test.scores);
+        }
+        let (groups, labels) = layout.expect("at least two runs");
+        let evaluation = evaluate_with_nor(&ensemble_scores(&tests)?, &groups, &labels, &nor)?;
+        rows.push(EvalRow {
+            index: class,
+            name: name.clone(),
+            epoch: None,
+            evaluation,
+        });
+    }
+    let students: Vec<String> = configs.iter().map(|c| c.student.to_string()).collect();
+    let mut note = format!("# ensemble of {}", students.join(" + "));
+    if let Some(reduced) = first.reduced() {
+        note.push_str(&format!("; {reduced}"));
+    }
+    note.push('\n');
+    let path = out.join(format!("eval_{}.csv", dataset_name(first.dataset)));
+    write_atomic(&path, eval_table(&note, &rows).as_bytes())?;
+    Ok((rows, path))
+}
