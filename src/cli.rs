@@ -35,6 +35,10 @@ pub enum Command {
     /// each run's test scores min-max normalised and summed over the runs, then the 69 columns
     /// and the leakage-free nor; writes `<out>/eval_<dataset>.csv`.
     Ensemble(EnsembleArgs),
+    /// Score new images with a trained class: per image the score (default the leakage-free
+    /// nor), a decision against a threshold calibrated on normal training images only, the raw
+    /// scores, and a heatmap PNG of the patch scores over the image.
+    Detect(DetectArgs),
     /// The CPU demo: write the procedural dataset, train all three students for a few epochs
     /// with the tiny teachers at 32x32, print the AUC table (also what `mtad` with no arguments
     /// runs).
@@ -215,6 +219,39 @@ pub struct EnsembleArgs {
     /// Folder to write `eval_<dataset>.csv` into.
     #[arg(long, value_name = "DIR", default_value = "models/ensemble")]
     pub out: PathBuf,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DetectArgs {
+    /// The run directory `mtad train` wrote.
+    #[arg(long, value_name = "DIR")]
+    pub run: PathBuf,
+    /// The trained class to score against, by name or index.
+    #[arg(long, value_name = "NAME")]
+    pub class: String,
+    /// Image files, or folders whose images are all scored.
+    #[arg(required = true, value_name = "PATH")]
+    pub paths: Vec<PathBuf>,
+    /// The score that decides: `nor` (leakage-free, default) or any column of
+    /// Eval_<student>.csv (AS_z, AS_cossim, AS_rec, mix_z0.5_cos0.2_rec0.3, ...).
+    #[arg(long, default_value = "nor")]
+    pub column: String,
+    /// Decision threshold: scores above it are anomalous. Default: the score that about 1% of
+    /// the class's normal training images exceed.
+    #[arg(long)]
+    pub threshold: Option<f64>,
+    /// Folder for detections.csv and heatmaps/ (default: <run>/detect/<class>).
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// Do not write heatmap PNGs.
+    #[arg(long)]
+    pub no_heatmaps: bool,
+    /// Folder holding the teachers' `<name>.bpk` weights (default: the build's). Also read from
+    /// the environment variable MTAD_TEACHER_WEIGHTS.
+    #[arg(long, env = "MTAD_TEACHER_WEIGHTS", value_name = "DIR")]
+    pub teacher_weights: Option<PathBuf>,
+    #[command(flatten)]
+    pub device: DeviceArgs,
 }
 
 #[derive(Debug, Clone, Args)]

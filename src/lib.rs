@@ -5,6 +5,7 @@
 pub mod cli;
 pub mod data;
 pub mod decoder;
+pub mod detect;
 pub mod device;
 pub mod error;
 pub mod output;

@@ -9,13 +9,14 @@ use std::time::Instant;
 use clap::Parser;
 use multi_teacher_ad::{
     cli::{
-        Cli, Command, DatasetKind, DemoArgs, DemoDataArgs, DeviceArgs, EnsembleArgs, InferArgs,
-        InspectArgs, TeacherArgs, TeachersArgs, TrainArgs,
+        Cli, Command, DatasetKind, DemoArgs, DemoDataArgs, DetectArgs, DeviceArgs, EnsembleArgs,
+        InferArgs, InspectArgs, TeacherArgs, TeachersArgs, TrainArgs,
     },
     data::{
         demo::{DEMO_CATEGORIES, DemoSpec, write_demo_dataset},
         inspect::{inspect_cifar, inspect_folder},
     },
+    detect::{Detector, ScoreColumn},
     device::{DeviceChoice, select_device},
     students::StudentKind,
     teachers::{
@@ -57,6 +58,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Some(Command::Demo(args)) => demo(&args),
         Some(Command::Infer(args)) => infer(&args),
         Some(Command::Ensemble(args)) => ensemble(&args),
+        Some(Command::Detect(args)) => detect(&args),
         Some(Command::Inspect(args)) => inspect(&args),
         Some(Command::Teachers(args)) => teachers(&args),
         Some(Command::DemoData(args)) => demo_data(&args),
@@ -385,4 +387,67 @@ fn ensemble(args: &EnsembleArgs) -> Result<ExitCode> {
     );
     println!("wrote {}", path.display());
     Ok(ExitCode::SUCCESS)
+}
+
+fn detect(args: &DetectArgs) -> Result<ExitCode> {
+    let device = select_device(args.device.device)?;
+    println!("device: {device}");
+    let weights = match &args.teacher_weights {
+        Some(dir) => WeightsLocation::Dir(dir.clone()),
+        None => WeightsLocation::Build,
+    };
+    let column = ScoreColumn::parse(&args.column)?;
+    let detector = Detector::load(
+        &args.run,
+        &args.class,
+        column,
+        args.threshold,
+        &weights,
+        device.device,
+    )
+    .with_context(|| format!("loading class {} of {}", args.class, args.run.display()))?;
+    println!(
+        "threshold {:.6} ({})",
+        detector.threshold,
+        if args.threshold.is_some() {
+            "given"
+        } else {
+            "flags about 1% of the normal training images"
+        }
+    );
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| args.run.join("detect").join(&args.class));
+    let detections = detector.run(&args.paths, &out, !args.no_heatmaps)?;
+    let mut failed = 0;
+    for d in &detections {
+        match &d.outcome {
+            Ok(s) => println!(
+                "{:<10} {:>12.6}  {}",
+                if s.anomalous { "ANOMALOUS" } else { "normal" },
+                s.score,
+                d.path.display()
+            ),
+            Err(e) => {
+                failed += 1;
+                println!("{:<10} {:>12}  {e}", "ERROR", "");
+            }
+        }
+    }
+    let anomalous = detections
+        .iter()
+        .filter(|d| matches!(&d.outcome, Ok(s) if s.anomalous))
+        .count();
+    println!(
+        "{} images: {anomalous} anomalous, {} normal, {failed} unreadable; wrote {}",
+        detections.len(),
+        detections.len() - anomalous - failed,
+        out.join("detections.csv").display()
+    );
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
+    })
 }

@@ -9,6 +9,7 @@ use burn::prelude::*;
 use burn::tensor::Distribution;
 use multi_teacher_ad::cli::DatasetKind;
 use multi_teacher_ad::data::demo::{DemoSpec, write_demo_dataset};
+use multi_teacher_ad::detect::{Detector, ScoreColumn};
 use multi_teacher_ad::students::StudentKind;
 use multi_teacher_ad::teachers::{TeacherStatistics, WeightsLocation};
 use multi_teacher_ad::training::ensemble;
@@ -476,4 +477,99 @@ fn the_ensemble_combines_runs() {
 
     let err = ensemble::ensemble(&runs[..1], &tmp.path().join("x")).unwrap_err();
     assert!(err.to_string().contains("at least two"));
+}
+
+#[test]
+fn detect_scores_new_images_like_the_evaluation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = demo_data(tmp.path());
+    let out = tmp.path().join("run");
+    let mut r = request(&data, &out, &tmp.path().join("cache"));
+    r.epochs = 1;
+    run(r);
+    let load = |threshold: Option<f64>| {
+        Detector::load(
+            &out,
+            "weave",
+            ScoreColumn::Nor,
+            threshold,
+            &WeightsLocation::Build,
+            Device::flex(),
+        )
+        .unwrap()
+    };
+    let detector = load(None);
+    let test_dir = data.join("weave/test");
+    let unreadable = tmp.path().join("broken.png");
+    std::fs::write(&unreadable, b"not a png").unwrap();
+    let det_out = tmp.path().join("detect");
+    let found = detector
+        .run(&[test_dir.clone(), unreadable], &det_out, true)
+        .unwrap();
+    assert_eq!(found.len(), 4 + 1);
+    assert!(found[4].outcome.as_ref().unwrap_err().contains("decode"));
+    let csv = read(&det_out.join("detections.csv"));
+    assert_eq!(rows(&csv).len(), 5);
+    assert!(csv.contains(",error,"));
+
+    // The image score is the max over its patches of the leakage-free score, as at evaluation
+    // (scores_test.csv holds the best evaluation's per-patch scores).
+    let best: serde_json::Value =
+        serde_json::from_str(&read(&out.join("weave/best/best.json"))).unwrap();
+    let min: Vec<f64> = serde_json::from_value(best["normaliser"]["min"].clone()).unwrap();
+    let max: Vec<f64> = serde_json::from_value(best["normaliser"]["max"].clone()).unwrap();
+    let scores = read(&out.join("weave/scores_test.csv"));
+    for d in &found[..4] {
+        let path = d.path.display().to_string();
+        let expected = scores
+            .lines()
+            .filter(|l| l.contains(&format!(",{path},")))
+            .map(|l| {
+                let f: Vec<f64> = l
+                    .rsplitn(4, ',')
+                    .take(3)
+                    .map(|v| v.parse().unwrap())
+                    .collect();
+                let raw = [f[2], f[1], f[0]];
+                (0..3)
+                    .map(|k| (raw[k] - min[k]) / (max[k] - min[k]))
+                    .sum::<f64>()
+            })
+            .fold(f64::NEG_INFINITY, f64::max);
+        let got = d.outcome.as_ref().unwrap();
+        assert!(
+            (got.score - expected).abs() <= 1e-4 * expected.abs().max(1.0),
+            "{path}: {} vs {expected}",
+            got.score
+        );
+        assert_eq!(got.patch_scores.len(), 25);
+        let heatmap = image::open(got.heatmap.as_ref().unwrap()).unwrap();
+        assert_eq!((heatmap.width(), heatmap.height()), (148, 148));
+    }
+
+    // --threshold really decides.
+    let all = load(Some(f64::NEG_INFINITY))
+        .run(std::slice::from_ref(&test_dir), &det_out, false)
+        .unwrap();
+    assert!(all.iter().all(|d| d.outcome.as_ref().unwrap().anomalous));
+    let none = load(Some(1e30))
+        .run(std::slice::from_ref(&test_dir), &det_out, false)
+        .unwrap();
+    assert!(none.iter().all(|d| !d.outcome.as_ref().unwrap().anomalous));
+
+    let err = Detector::load(
+        &out,
+        "grain",
+        ScoreColumn::Nor,
+        None,
+        &WeightsLocation::Build,
+        Device::flex(),
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(
+        err.contains("not trained") && err.contains("weave"),
+        "{err}"
+    );
 }

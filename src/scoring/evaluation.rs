@@ -61,7 +61,7 @@ pub fn column_names() -> Vec<String> {
 }
 
 /// The mixes of the 69 columns (the raw scores as mixes with one weight of 1).
-fn column_mixes() -> Vec<Mix> {
+pub fn column_mixes() -> Vec<Mix> {
     let mut mixes = vec![
         Mix {
             z: 1.0,

@@ -420,7 +420,7 @@ fn open_dataset(
 }
 
 /// The teachers of a run, `None` for the no-teacher ablation.
-fn load_teachers(
+pub(crate) fn load_teachers(
     choice: TeacherChoice,
     tiny: bool,
     weights: &WeightsLocation,
@@ -494,7 +494,7 @@ fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
     write_atomic(path, text.as_bytes())
 }
 
-fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
+pub(crate) fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     serde_json::from_str(&text).map_err(|e| Error::invalid_file(path, e.to_string()))
 }
@@ -1568,29 +1568,33 @@ impl Prepared {
         Ok(rows)
     }
 
-    /// The best evaluation's student, decoder and weighting of a class, in inference mode.
     fn load_best(&self, dir: &Path) -> Result<MtadModel> {
-        let c = &self.config;
-        let model = MtadModelConfig::new(c.student, c.image_size, c.teacher_names.len())
-            .init(&self.device)?;
-        fn load<M: Module>(module: M, path: &Path) -> Result<M> {
-            let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-            let record =
-                burn::store::ModuleRecord::from_bytes(burn::tensor::Bytes::from_bytes_vec(bytes))
-                    .map_err(|e| Error::invalid_file(path, e.to_string()))?;
-            module
-                .try_load_record(record)
-                .map_err(|e| Error::invalid_file(path, e.to_string()))
-        }
-        let weighting = match model.weighting {
-            Some(w) => Some(load(w, &dir.join("weighting.bpk"))?),
-            None => None,
-        };
-        let model = MtadModel {
-            student: load(model.student, &dir.join("student.bpk"))?,
-            decoder: load(model.decoder, &dir.join("decoder.bpk"))?,
-            weighting,
-        };
-        Ok(model.valid())
+        load_best(&self.config, dir, &self.device)
     }
+}
+
+/// The best evaluation's student, decoder and weighting of a class (`<class>/best/`), in
+/// inference mode.
+pub(crate) fn load_best(c: &TrainConfig, dir: &Path, device: &Device) -> Result<MtadModel> {
+    let model =
+        MtadModelConfig::new(c.student, c.image_size, c.teacher_names.len()).init(device)?;
+    fn load<M: Module>(module: M, path: &Path) -> Result<M> {
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let record =
+            burn::store::ModuleRecord::from_bytes(burn::tensor::Bytes::from_bytes_vec(bytes))
+                .map_err(|e| Error::invalid_file(path, e.to_string()))?;
+        module
+            .try_load_record(record)
+            .map_err(|e| Error::invalid_file(path, e.to_string()))
+    }
+    let weighting = match model.weighting {
+        Some(w) => Some(load(w, &dir.join("weighting.bpk"))?),
+        None => None,
+    };
+    let model = MtadModel {
+        student: load(model.student, &dir.join("student.bpk"))?,
+        decoder: load(model.decoder, &dir.join("decoder.bpk"))?,
+        weighting,
+    };
+    Ok(model.valid())
 }

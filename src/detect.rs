@@ -1,0 +1,478 @@
+//! `mtad detect`: score new images with a trained class, decide against a threshold calibrated
+//! on normal training data only, and draw where the anomaly is.
+//!
+//! Per image: the image is prepared as in training (MVTec/folder: resized and cut into the full
+//! cut's patches; CIFAR-10: resized and centre-cropped), the teachers and the class's best models
+//! score every input, the chosen score column (default the leakage-free `nor`) is computed per
+//! input and the image's score is the max over its inputs. The default threshold is the score
+//! above which about 1% of the class's normal training images fall (from the training inputs'
+//! scores of the best model, `scores_train.csv`).
+
+use std::path::{Path, PathBuf};
+
+use burn::prelude::*;
+
+use crate::cli::DatasetKind;
+use crate::data::FloatImage;
+use crate::data::crops::FullCut;
+use crate::data::folder::{decode_rgb8, is_image, list_images, sorted_subfolders};
+use crate::data::transform::{center_crop, crop, normalize_rgb8, resize_bilinear};
+use crate::output::write_atomic;
+use crate::scoring::Mix;
+use crate::scoring::evaluation::{Normaliser, RawScores, column_mixes, column_names};
+use crate::teachers::{TeacherStatistics, WeightsLocation};
+use crate::training::inputs::{TeacherRunner, images_tensor, z_scores_host};
+use crate::training::model::{InputBatch, MtadModel};
+use crate::training::run::{
+    BestRecord, TrainConfig, class_dir, csv_field, load_best, load_teachers, read_config, read_json,
+};
+use crate::{Error, Result};
+
+/// Which score decides.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ScoreColumn {
+    /// The leakage-free score (default).
+    Nor,
+    /// One of the 69 columns (3 raw scores, 66 mixes).
+    Mix(usize, Mix),
+}
+
+impl ScoreColumn {
+    /// `nor` or a column name of `Eval_<student>.csv`.
+    pub fn parse(name: &str) -> Result<Self> {
+        if name == "nor" {
+            return Ok(Self::Nor);
+        }
+        let names = column_names();
+        names
+            .iter()
+            .position(|n| n == name)
+            .map(|i| Self::Mix(i, column_mixes()[i]))
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "--column {name}: not a score column (nor, {} ... {})",
+                    names[..3].join(", "),
+                    names[names.len() - 1]
+                ))
+            })
+    }
+
+    fn score(&self, scores: &RawScores, i: usize, normaliser: &Normaliser) -> f64 {
+        match self {
+            Self::Nor => normaliser.score(scores, i),
+            Self::Mix(_, mix) => scores.mixed(i, mix),
+        }
+    }
+}
+
+/// The result for one image.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Detection {
+    pub path: PathBuf,
+    /// The image score, its decision and its raw scores (those of its highest-scoring input);
+    /// or why the image could not be scored.
+    pub outcome: std::result::Result<Scored, String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Scored {
+    pub score: f64,
+    pub anomalous: bool,
+    pub as_z: f64,
+    pub as_cossim: f64,
+    pub as_rec: f64,
+    /// Per input (patch) score, in input order.
+    pub patch_scores: Vec<f64>,
+    pub heatmap: Option<PathBuf>,
+}
+
+/// A trained class, ready to score images.
+pub struct Detector {
+    config: TrainConfig,
+    model: MtadModel,
+    runner: Option<std::sync::Arc<TeacherRunner>>,
+    stats: Option<TeacherStatistics>,
+    normaliser: Normaliser,
+    column: ScoreColumn,
+    pub threshold: f64,
+    device: Device,
+}
+
+/// Threshold that about `rate` of the normal `scores` exceed: the value with
+/// `floor(rate * n)` scores strictly above it.
+pub fn calibrate(scores: &[f64], rate: f64) -> Result<f64> {
+    if scores.is_empty() {
+        return Err(Error::InvalidArgument(
+            "no normal training scores to calibrate a threshold on".into(),
+        ));
+    }
+    let mut sorted = scores.to_vec();
+    sorted.sort_by(|a, b| b.total_cmp(a));
+    let above = ((rate * sorted.len() as f64).floor() as usize).min(sorted.len() - 1);
+    Ok(sorted[above])
+}
+
+impl Detector {
+    /// Loads class `class` (name or index) of the run in `run`.
+    pub fn load(
+        run: &Path,
+        class: &str,
+        column: ScoreColumn,
+        threshold: Option<f64>,
+        weights: &WeightsLocation,
+        device: Device,
+    ) -> Result<Self> {
+        let config = read_config(run)?;
+        let index = config
+            .classes
+            .iter()
+            .copied()
+            .find(|&c| config.class_names[c] == class || c.to_string() == class)
+            .ok_or_else(|| {
+                let trained: Vec<&str> = config
+                    .classes
+                    .iter()
+                    .map(|&c| config.class_names[c].as_str())
+                    .collect();
+                Error::InvalidArgument(format!(
+                    "--class {class}: not trained in {} (its classes: {})",
+                    run.display(),
+                    trained.join(", ")
+                ))
+            })?;
+        let dir = class_dir(run, &config.class_names[index]);
+        let best: BestRecord = read_json(&dir.join("best").join("best.json"))?;
+        let runner = load_teachers(config.teachers, config.tiny_teachers, weights, &device)?;
+        let stats = match &runner {
+            Some(runner) => {
+                let path = dir.join("teacher_stats.bin");
+                let stats = TeacherStatistics::load(&path)?;
+                let have: Vec<&str> = runner.ensemble.sha256s();
+                if stats.teacher_sha256 != have {
+                    return Err(Error::Teacher {
+                        name: runner.ensemble.names().join(", "),
+                        message: format!(
+                            "{} was trained with other teachers than this binary's; its scores \
+                             are only valid with those",
+                            run.display()
+                        ),
+                    });
+                }
+                Some(stats)
+            }
+            None => None,
+        };
+        let model = load_best(&config, &dir.join("best"), &device)?;
+        let threshold = match threshold {
+            Some(t) => t,
+            None => {
+                let (train, paths) = read_train_scores(&dir.join("scores_train.csv"))?;
+                let per_input: Vec<f64> = (0..train.len())
+                    .map(|i| column.score(&train, i, &best.normaliser))
+                    .collect();
+                calibrate(&image_max(&per_input, &paths), 0.01)?
+            }
+        };
+        Ok(Self {
+            config,
+            model,
+            runner,
+            stats,
+            normaliser: best.normaliser,
+            column,
+            threshold,
+            device,
+        })
+    }
+
+    /// The network inputs of an image file, as in training.
+    fn inputs(&self, path: &Path) -> Result<(FloatImage, Vec<FloatImage>, Vec<(usize, usize)>)> {
+        let rgb = decode_rgb8(path)?;
+        let (w, h) = rgb.dimensions();
+        let image = normalize_rgb8(rgb.as_raw(), w as usize, h as usize)?;
+        let c = &self.config;
+        if c.dataset == DatasetKind::Cifar10 {
+            let resized = resize_bilinear(&image, c.cifar_resize, c.cifar_resize)?;
+            let input = center_crop(&resized, c.image_size, c.image_size)?;
+            return Ok((input.clone(), vec![input], vec![(0, 0)]));
+        }
+        let full = resize_bilinear(&image, c.full_size, c.full_size)?;
+        let cut = FullCut::new(c.full_size, c.image_size, c.stride)?;
+        let offsets = cut.offsets();
+        let patches = offsets
+            .iter()
+            .map(|&(y, x)| crop(&full, y, x, c.image_size, c.image_size))
+            .collect::<Result<Vec<_>>>()?;
+        Ok((full, patches, offsets))
+    }
+
+    /// Scores one image; writes its heatmap into `heatmaps` when given.
+    pub fn score(&self, path: &Path, heatmaps: Option<&Path>) -> Result<Scored> {
+        let (full, inputs, offsets) = self.inputs(path)?;
+        let n = inputs.len();
+        let teachers = match (&self.runner, &self.stats) {
+            (Some(runner), Some(stats)) => {
+                let z = z_scores_host(&runner.raw(&inputs)?, stats);
+                Some(Tensor::from_data(
+                    TensorData::new(z, [n, runner.len(), crate::students::EMBEDDING_DIM]),
+                    &self.device,
+                ))
+            }
+            _ => None,
+        };
+        let scores = self.model.scores(InputBatch {
+            images: images_tensor(&inputs, &self.device),
+            teachers,
+        });
+        let host = |t: Tensor<1>| -> Result<Vec<f64>> {
+            t.into_data()
+                .convert::<f64>()
+                .try_into_vec::<f64>()
+                .map_err(|e| Error::Training(format!("scores: {e:?}")))
+        };
+        let raw = RawScores {
+            as_z: host(scores.as_z)?,
+            as_cossim: host(scores.as_cossim)?,
+            as_rec: host(scores.as_rec)?,
+        };
+        let patch_scores: Vec<f64> = (0..n)
+            .map(|i| self.column.score(&raw, i, &self.normaliser))
+            .collect();
+        let top = (0..n)
+            .max_by(|&a, &b| patch_scores[a].total_cmp(&patch_scores[b]))
+            .expect("at least one input");
+        let score = patch_scores[top];
+        if !score.is_finite() {
+            return Err(Error::Training(format!(
+                "the score of {} is not finite",
+                path.display()
+            )));
+        }
+        let heatmap = match heatmaps {
+            Some(dir) => {
+                let out = dir.join(heatmap_name(path));
+                let png = heatmap_png(
+                    &full,
+                    &patch_scores,
+                    &offsets,
+                    self.config.image_size,
+                    self.threshold,
+                )?;
+                write_atomic(&out, &png)?;
+                Some(out)
+            }
+            None => None,
+        };
+        Ok(Scored {
+            score,
+            anomalous: score > self.threshold,
+            as_z: raw.as_z[top],
+            as_cossim: raw.as_cossim[top],
+            as_rec: raw.as_rec[top],
+            patch_scores,
+            heatmap,
+        })
+    }
+
+    /// Scores every image in `paths` (files, or folders searched for images); an image that
+    /// fails is a row with its error. Writes `detections.csv` (and heatmaps) into `out`.
+    pub fn run(&self, paths: &[PathBuf], out: &Path, heatmaps: bool) -> Result<Vec<Detection>> {
+        let mut files = Vec::new();
+        for p in paths {
+            if p.is_dir() {
+                let found = images_below(p)?;
+                if found.is_empty() {
+                    return Err(Error::InvalidArgument(format!(
+                        "{}: no images in this folder",
+                        p.display()
+                    )));
+                }
+                files.extend(found);
+            } else {
+                files.push(p.clone());
+            }
+        }
+        let heatmap_dir = heatmaps.then(|| out.join("heatmaps"));
+        let detections: Vec<Detection> = files
+            .into_iter()
+            .map(|path| {
+                let outcome = if path.is_file() && !is_image(&path) {
+                    Err("not an image file this build reads".to_string())
+                } else {
+                    self.score(&path, heatmap_dir.as_deref())
+                        .map_err(|e| e.to_string())
+                };
+                Detection { path, outcome }
+            })
+            .collect();
+        let mut csv = format!(
+            "# {} class, column {}, threshold {:e}{}\npath,score,decision,AS_z,AS_cossim,AS_rec,heatmap,error\n",
+            self.config.student,
+            match self.column {
+                ScoreColumn::Nor => "nor".to_string(),
+                ScoreColumn::Mix(i, _) => column_names()[i].clone(),
+            },
+            self.threshold,
+            self.config
+                .reduced()
+                .map_or(String::new(), |n| format!("; {n}"))
+        );
+        for d in &detections {
+            let path = csv_field(&d.path.display().to_string());
+            match &d.outcome {
+                Ok(s) => csv.push_str(&format!(
+                    "{path},{:e},{},{:e},{:e},{:e},{},\n",
+                    s.score,
+                    if s.anomalous { "anomalous" } else { "normal" },
+                    s.as_z,
+                    s.as_cossim,
+                    s.as_rec,
+                    s.heatmap
+                        .as_ref()
+                        .map_or(String::new(), |h| csv_field(&h.display().to_string()))
+                )),
+                Err(e) => csv.push_str(&format!("{path},,error,,,,,{}\n", csv_field(e))),
+            }
+        }
+        write_atomic(&out.join("detections.csv"), csv.as_bytes())?;
+        Ok(detections)
+    }
+}
+
+/// The images in `dir` and its subfolders, sorted, folder by folder.
+fn images_below(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut found = list_images(dir)?;
+    for sub in sorted_subfolders(dir)? {
+        found.extend(images_below(&dir.join(sub))?);
+    }
+    Ok(found)
+}
+
+/// Normal training scores from `scores_train.csv` and each row's image path.
+fn read_train_scores(path: &Path) -> Result<(RawScores, Vec<String>)> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let mut scores = RawScores::default();
+    let mut paths = Vec::new();
+    for (n, line) in text.lines().enumerate().skip(1) {
+        let bad = || Error::invalid_file(path, format!("line {}: malformed", n + 1));
+        let (_, rest) = line.split_once(',').ok_or_else(bad)?;
+        let f: Vec<&str> = rest.rsplitn(7, ',').collect();
+        if f.len() != 7 {
+            return Err(bad());
+        }
+        let num = |s: &str| s.parse::<f64>().map_err(|_| bad());
+        scores.extend(&[num(f[2])?], &[num(f[1])?], &[num(f[0])?]);
+        paths.push(f[6].to_string());
+    }
+    Ok((scores, paths))
+}
+
+/// Max of `values` over consecutive rows of the same image.
+fn image_max(values: &[f64], images: &[String]) -> Vec<f64> {
+    let mut out: Vec<f64> = Vec::new();
+    for (i, &v) in values.iter().enumerate() {
+        if i == 0 || images[i] != images[i - 1] {
+            out.push(v);
+        } else if let Some(last) = out.last_mut() {
+            *last = last.max(v);
+        }
+    }
+    out
+}
+
+fn heatmap_name(path: &Path) -> String {
+    let stem = path
+        .file_stem()
+        .map_or("image".into(), |s| s.to_string_lossy().into_owned());
+    let parent = path
+        .parent()
+        .and_then(|p| p.file_name())
+        .map_or(String::new(), |s| format!("{}_", s.to_string_lossy()));
+    format!("{parent}{stem}_heatmap.png")
+}
+
+/// The image (as the networks saw it) with the patch scores over it: each pixel takes the max
+/// score of the patches covering it; scores at or above the threshold are red, lower ones fade
+/// from yellow to transparent.
+fn heatmap_png(
+    image: &FloatImage,
+    scores: &[f64],
+    offsets: &[(usize, usize)],
+    side: usize,
+    threshold: f64,
+) -> Result<Vec<u8>> {
+    let (h, w) = (image.height, image.width);
+    let mut map = vec![f64::NEG_INFINITY; h * w];
+    for (&s, &(y0, x0)) in scores.iter().zip(offsets) {
+        for y in y0..(y0 + side).min(h) {
+            for x in x0..(x0 + side).min(w) {
+                let m = &mut map[y * w + x];
+                *m = m.max(s);
+            }
+        }
+    }
+    let lo = scores.iter().copied().fold(f64::INFINITY, f64::min);
+    let span = (threshold - lo).max(1e-12);
+    let mut rgb = image::RgbImage::new(w as u32, h as u32);
+    for y in 0..h {
+        for x in 0..w {
+            let base: Vec<f64> = (0..3)
+                .map(|c| ((image.get(c, y, x) as f64 + 1.0) * 127.5).clamp(0.0, 255.0))
+                .collect();
+            let v = map[y * w + x];
+            let t = if v.is_finite() {
+                ((v - lo) / span).clamp(0.0, 1.0)
+            } else {
+                0.0
+            };
+            let (color, alpha) = if v >= threshold {
+                ([255.0, 0.0, 0.0], 0.6)
+            } else {
+                ([255.0, 220.0 * (1.0 - t), 0.0], 0.5 * t)
+            };
+            let px: Vec<u8> = (0..3)
+                .map(|c| (base[c] * (1.0 - alpha) + color[c] * alpha).round() as u8)
+                .collect();
+            rgb.put_pixel(x as u32, y as u32, image::Rgb([px[0], px[1], px[2]]));
+        }
+    }
+    let mut bytes = std::io::Cursor::new(Vec::new());
+    rgb.write_to(&mut bytes, image::ImageFormat::Png)
+        .map_err(|e| Error::Training(format!("encoding a heatmap: {e}")))?;
+    Ok(bytes.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_threshold_flags_about_one_percent() {
+        let scores: Vec<f64> = (0..200).map(f64::from).collect();
+        let t = calibrate(&scores, 0.01).unwrap();
+        assert_eq!(scores.iter().filter(|&&s| s > t).count(), 2);
+        // Fewer than 100 images: none of them is flagged.
+        assert_eq!(calibrate(&[3.0, 1.0, 2.0], 0.01).unwrap(), 3.0);
+        assert!(calibrate(&[], 0.01).is_err());
+    }
+
+    #[test]
+    fn image_scores_are_the_max_of_consecutive_rows() {
+        let paths: Vec<String> = ["a", "a", "b", "c", "c"].map(String::from).to_vec();
+        assert_eq!(
+            image_max(&[1.0, 3.0, 2.0, 5.0, 4.0], &paths),
+            [3.0, 2.0, 5.0]
+        );
+    }
+
+    #[test]
+    fn columns_parse_by_name() {
+        assert_eq!(ScoreColumn::parse("nor").unwrap(), ScoreColumn::Nor);
+        assert!(matches!(
+            ScoreColumn::parse("AS_rec").unwrap(),
+            ScoreColumn::Mix(2, _)
+        ));
+        let err = ScoreColumn::parse("best").unwrap_err().to_string();
+        assert!(err.contains("AS_z"), "{err}");
+    }
+}
