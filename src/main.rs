@@ -71,11 +71,16 @@ fn teacher_source(args: &TeacherArgs) -> (TeacherSize, WeightsLocation) {
     } else {
         TeacherSize::Full
     };
-    let weights = match &args.teacher_weights {
+    let weights = weights_location(&args.teacher_weights);
+    (size, weights)
+}
+
+/// `--teacher-weights DIR`, or the build's weights.
+fn weights_location(dir: &Option<std::path::PathBuf>) -> WeightsLocation {
+    match dir {
         Some(dir) => WeightsLocation::Dir(dir.clone()),
         None => WeightsLocation::Build,
-    };
-    (size, weights)
+    }
 }
 
 fn teachers(args: &TeachersArgs) -> Result<ExitCode> {
@@ -340,10 +345,7 @@ fn demo(args: &DemoArgs) -> Result<ExitCode> {
 fn infer(args: &InferArgs) -> Result<ExitCode> {
     let device = select_device(args.device.device)?;
     println!("device: {device}");
-    let weights = match &args.teacher_weights {
-        Some(dir) => WeightsLocation::Dir(dir.clone()),
-        None => WeightsLocation::Build,
-    };
+    let weights = weights_location(&args.teacher_weights);
     let prepared = Prepared::for_run(&args.run, args.data_root.clone(), &weights, device.device)
         .with_context(|| format!("opening the run {}", args.run.display()))?;
     if let Some(note) = prepared.config.reduced() {
@@ -392,10 +394,7 @@ fn ensemble(args: &EnsembleArgs) -> Result<ExitCode> {
 fn detect(args: &DetectArgs) -> Result<ExitCode> {
     let device = select_device(args.device.device)?;
     println!("device: {device}");
-    let weights = match &args.teacher_weights {
-        Some(dir) => WeightsLocation::Dir(dir.clone()),
-        None => WeightsLocation::Build,
-    };
+    let weights = weights_location(&args.teacher_weights);
     let column = ScoreColumn::parse(&args.column)?;
     let detector = Detector::load(
         &args.run,
