@@ -220,21 +220,13 @@ impl Detector {
             }
             _ => None,
         };
-        let scores = self.model.scores(InputBatch {
-            images: images_tensor(&inputs, &self.device),
-            teachers,
-        });
-        let host = |t: Tensor<1>| -> Result<Vec<f64>> {
-            t.into_data()
-                .convert::<f64>()
-                .try_into_vec::<f64>()
-                .map_err(|e| Error::Training(format!("scores: {e:?}")))
-        };
-        let raw = RawScores {
-            as_z: host(scores.as_z)?,
-            as_cossim: host(scores.as_cossim)?,
-            as_rec: host(scores.as_rec)?,
-        };
+        let raw = self
+            .model
+            .scores(InputBatch {
+                images: images_tensor(&inputs, &self.device),
+                teachers,
+            })
+            .to_host()?;
         let patch_scores: Vec<f64> = (0..n)
             .map(|i| self.column.score(&raw, i, &self.normaliser))
             .collect();

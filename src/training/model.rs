@@ -203,6 +203,23 @@ pub struct Scores {
     pub auc: Option<f64>,
 }
 
+impl Scores {
+    /// The three scores on the host.
+    pub fn to_host(self) -> crate::Result<crate::scoring::evaluation::RawScores> {
+        let host = |t: Tensor<1>| {
+            t.into_data()
+                .convert::<f64>()
+                .try_into_vec::<f64>()
+                .map_err(|e| crate::Error::Training(format!("scores: {e:?}")))
+        };
+        Ok(crate::scoring::evaluation::RawScores {
+            as_z: host(self.as_z)?,
+            as_cossim: host(self.as_cossim)?,
+            as_rec: host(self.as_rec)?,
+        })
+    }
+}
+
 impl ItemLazy for Scores {
     fn sync(self) -> std::result::Result<Self, burn::tensor::ExecutionError> {
         Ok(self)

@@ -1146,16 +1146,10 @@ struct Session {
 /// Scores of every input of a loader, on the host.
 pub fn score_loader(model: &MtadModel, loader: &dyn DataLoader<InputBatch>) -> Result<RawScores> {
     let mut scores = RawScores::default();
-    let host = |t: Tensor<1>| -> Result<Vec<f64>> {
-        t.into_data()
-            .convert::<f64>()
-            .try_into_vec::<f64>()
-            .map_err(|e| Error::Training(format!("scores: {e:?}")))
-    };
     for batch in loader.iter() {
         let batch = batch.map_err(|e| Error::Training(format!("data loader: {e}")))?;
-        let s = model.scores(batch);
-        scores.extend(&host(s.as_z)?, &host(s.as_cossim)?, &host(s.as_rec)?);
+        let s = model.scores(batch).to_host()?;
+        scores.extend(&s.as_z, &s.as_cossim, &s.as_rec);
     }
     Ok(scores)
 }
