@@ -19,12 +19,13 @@ use crate::data::folder::{decode_rgb8, is_image, list_images, sorted_subfolders}
 use crate::data::transform::{center_crop, crop, normalize_rgb8, resize_bilinear};
 use crate::output::write_atomic;
 use crate::scoring::Mix;
-use crate::scoring::evaluation::{Normaliser, RawScores, column_mixes, column_names};
+use crate::scoring::evaluation::{Normaliser, RawScores, column_mixes, column_names, group_max};
 use crate::teachers::{TeacherStatistics, WeightsLocation};
 use crate::training::inputs::{TeacherRunner, images_tensor, z_scores_host};
 use crate::training::model::{InputBatch, MtadModel};
 use crate::training::run::{
-    BestRecord, TrainConfig, class_dir, csv_field, load_best, load_teachers, read_config, read_json,
+    BestRecord, TrainConfig, class_dir, csv_field, load_best, load_teachers, read_config,
+    read_json, read_scores,
 };
 use crate::{Error, Result};
 
@@ -166,11 +167,12 @@ impl Detector {
         let threshold = match threshold {
             Some(t) => t,
             None => {
-                let (train, paths) = read_train_scores(&dir.join("scores_train.csv"))?;
-                let per_input: Vec<f64> = (0..train.len())
-                    .map(|i| column.score(&train, i, &best.normaliser))
+                let train = read_scores(&dir.join("scores_train.csv"))?;
+                let (groups, images) = train.image_groups();
+                let per_input: Vec<f64> = (0..train.scores.len())
+                    .map(|i| column.score(&train.scores, i, &best.normaliser))
                     .collect();
-                calibrate(&image_max(&per_input, &paths), 0.01)?
+                calibrate(&group_max(&per_input, &groups, images.len()), 0.01)?
             }
         };
         Ok(Self {
@@ -340,38 +342,6 @@ fn images_below(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(found)
 }
 
-/// Normal training scores from `scores_train.csv` and each row's image path.
-fn read_train_scores(path: &Path) -> Result<(RawScores, Vec<String>)> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let mut scores = RawScores::default();
-    let mut paths = Vec::new();
-    for (n, line) in text.lines().enumerate().skip(1) {
-        let bad = || Error::invalid_file(path, format!("line {}: malformed", n + 1));
-        let (_, rest) = line.split_once(',').ok_or_else(bad)?;
-        let f: Vec<&str> = rest.rsplitn(7, ',').collect();
-        if f.len() != 7 {
-            return Err(bad());
-        }
-        let num = |s: &str| s.parse::<f64>().map_err(|_| bad());
-        scores.extend(&[num(f[2])?], &[num(f[1])?], &[num(f[0])?]);
-        paths.push(f[6].to_string());
-    }
-    Ok((scores, paths))
-}
-
-/// Max of `values` over consecutive rows of the same image.
-fn image_max(values: &[f64], images: &[String]) -> Vec<f64> {
-    let mut out: Vec<f64> = Vec::new();
-    for (i, &v) in values.iter().enumerate() {
-        if i == 0 || images[i] != images[i - 1] {
-            out.push(v);
-        } else if let Some(last) = out.last_mut() {
-            *last = last.max(v);
-        }
-    }
-    out
-}
-
 fn heatmap_name(path: &Path) -> String {
     let stem = path
         .file_stem()
@@ -446,15 +416,6 @@ mod tests {
         // Fewer than 100 images: none of them is flagged.
         assert_eq!(calibrate(&[3.0, 1.0, 2.0], 0.01).unwrap(), 3.0);
         assert!(calibrate(&[], 0.01).is_err());
-    }
-
-    #[test]
-    fn image_scores_are_the_max_of_consecutive_rows() {
-        let paths: Vec<String> = ["a", "a", "b", "c", "c"].map(String::from).to_vec();
-        assert_eq!(
-            image_max(&[1.0, 3.0, 2.0, 5.0, 4.0], &paths),
-            [3.0, 2.0, 5.0]
-        );
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! batch statistics, the loss, its gradients, the running statistics it left and inference
 //! with them.
 
+mod common;
 #[path = "fixtures/networks/formula.rs"]
 mod formula;
 

@@ -7,6 +7,7 @@
 //! (training) and with the running statistics that one training pass left (inference); vgg11
 //! on two 32x32 images in inference (its dropout is random in training).
 
+mod common;
 #[path = "fixtures/networks/formula.rs"]
 mod formula;
 

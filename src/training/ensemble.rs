@@ -5,67 +5,11 @@
 
 use std::path::{Path, PathBuf};
 
-use super::run::{EvalRow, TrainConfig, class_dir, eval_table, read_config};
+use super::run::{EvalRow, TrainConfig, class_dir, eval_table, read_config, read_scores};
 use crate::cli::DatasetKind;
 use crate::output::write_atomic;
-use crate::scoring::evaluation::{Normaliser, RawScores, ensemble_scores, evaluate_with_nor};
+use crate::scoring::evaluation::{Normaliser, ensemble_scores, evaluate_with_nor};
 use crate::{Error, Result};
-
-/// The inputs of a score file: `(path, patch y, patch x)` and label of each row.
-struct ScoreFile {
-    inputs: Vec<(String, String, String)>,
-    labels: Vec<u8>,
-    scores: RawScores,
-}
-
-fn read_scores(path: &Path) -> Result<ScoreFile> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let bad = |line: usize, m: &str| Error::invalid_file(path, format!("line {line}: {m}"));
-    let mut file = ScoreFile {
-        inputs: Vec::new(),
-        labels: Vec::new(),
-        scores: RawScores::default(),
-    };
-    for (n, line) in text.lines().enumerate().skip(1) {
-        let rest = line
-            .split_once(',')
-            .map(|(_, rest)| rest)
-            .ok_or_else(|| bad(n + 1, "too few fields"))?;
-        let fields: Vec<&str> = rest.rsplitn(7, ',').collect();
-        if fields.len() != 7 {
-            return Err(bad(n + 1, "too few fields"));
-        }
-        let number = |s: &str| s.parse::<f64>().map_err(|_| bad(n + 1, "not a number"));
-        let raw_path = fields[6];
-        let path = match raw_path.strip_prefix('"').and_then(|p| p.strip_suffix('"')) {
-            Some(quoted) => quoted.replace("\"\"", "\""),
-            None => raw_path.to_string(),
-        };
-        file.inputs
-            .push((path, fields[5].to_string(), fields[4].to_string()));
-        file.labels
-            .push(fields[3].parse().map_err(|_| bad(n + 1, "bad label"))?);
-        file.scores.extend(
-            &[number(fields[2])?],
-            &[number(fields[1])?],
-            &[number(fields[0])?],
-        );
-    }
-    Ok(file)
-}
-
-/// Image index of each input (inputs of one image are consecutive) and each image's label.
-fn images(file: &ScoreFile) -> (Vec<usize>, Vec<u8>) {
-    let mut groups = Vec::with_capacity(file.inputs.len());
-    let mut labels = Vec::new();
-    for (i, (path, _, _)) in file.inputs.iter().enumerate() {
-        if i == 0 || file.inputs[i - 1].0 != *path {
-            labels.push(file.labels[i]);
-        }
-        groups.push(labels.len() - 1);
-    }
-    (groups, labels)
-}
 
 fn dataset_name(kind: DatasetKind) -> &'static str {
     match kind {
@@ -121,7 +65,7 @@ pub fn ensemble(runs: &[PathBuf], out: &Path) -> Result<(Vec<EvalRow>, PathBuf)>
                 }
                 Some(_) => {}
                 None => {
-                    layout = Some(images(&test));
+                    layout = Some(test.image_groups());
                     inputs = Some(test.inputs.clone());
                 }
             }

@@ -50,7 +50,7 @@ use crate::scoring::evaluation::{ClassEvaluation, Normaliser, RawScores, column_
 use crate::students::{EMBEDDING_DIM, StudentKind};
 use crate::teachers::{
     StatisticsAccumulator, TeacherEnsemble, TeacherFamily, TeacherSize, TeacherStatistics,
-    WeightsLocation,
+    WeightsLocation, hex,
 };
 use crate::{Error, Result};
 
@@ -1097,10 +1097,6 @@ fn cached_teachers(
         })
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 fn split_digest(split: &CifarSplit) -> String {
     let mut h = Sha256::new();
     h.update(&split.images);
@@ -1204,6 +1200,66 @@ impl Session {
             ));
         }
         write_atomic(path, text.as_bytes())
+    }
+}
+
+/// The inputs of a score file: `(path, patch y, patch x)` and label of each row.
+pub struct ScoreFile {
+    pub inputs: Vec<(String, String, String)>,
+    pub labels: Vec<u8>,
+    pub scores: RawScores,
+}
+
+/// Reads a `scores_test.csv` or `scores_train.csv` written by a run.
+pub fn read_scores(path: &Path) -> Result<ScoreFile> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let bad = |line: usize, m: &str| Error::invalid_file(path, format!("line {line}: {m}"));
+    let mut file = ScoreFile {
+        inputs: Vec::new(),
+        labels: Vec::new(),
+        scores: RawScores::default(),
+    };
+    for (n, line) in text.lines().enumerate().skip(1) {
+        let rest = line
+            .split_once(',')
+            .map(|(_, rest)| rest)
+            .ok_or_else(|| bad(n + 1, "too few fields"))?;
+        let fields: Vec<&str> = rest.rsplitn(7, ',').collect();
+        if fields.len() != 7 {
+            return Err(bad(n + 1, "too few fields"));
+        }
+        let number = |s: &str| s.parse::<f64>().map_err(|_| bad(n + 1, "not a number"));
+        let raw_path = fields[6];
+        let path = match raw_path.strip_prefix('"').and_then(|p| p.strip_suffix('"')) {
+            Some(quoted) => quoted.replace("\"\"", "\""),
+            None => raw_path.to_string(),
+        };
+        file.inputs
+            .push((path, fields[5].to_string(), fields[4].to_string()));
+        file.labels
+            .push(fields[3].parse().map_err(|_| bad(n + 1, "bad label"))?);
+        file.scores.extend(
+            &[number(fields[2])?],
+            &[number(fields[1])?],
+            &[number(fields[0])?],
+        );
+    }
+    Ok(file)
+}
+
+impl ScoreFile {
+    /// Image index of each input (inputs of one image are consecutive) and each image's label.
+    pub fn image_groups(&self) -> (Vec<usize>, Vec<u8>) {
+        let file = self;
+        let mut groups = Vec::with_capacity(file.inputs.len());
+        let mut labels = Vec::new();
+        for (i, (path, _, _)) in file.inputs.iter().enumerate() {
+            if i == 0 || file.inputs[i - 1].0 != *path {
+                labels.push(file.labels[i]);
+            }
+            groups.push(labels.len() - 1);
+        }
+        (groups, labels)
     }
 }
 
@@ -1591,4 +1647,27 @@ pub(crate) fn load_best(c: &TrainConfig, dir: &Path, device: &Device) -> Result<
         weighting,
     };
     Ok(model.valid())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn score_files_read_back_with_quoted_paths_and_image_groups() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("scores_test.csv");
+        let text = "input,path,patch_y,patch_x,label,AS_z,AS_cossim,AS_rec\n\
+                    0,\"a,b.png\",0,0,1,1e0,2e0,3e-1\n\
+                    1,\"a,b.png\",0,4,1,4e0,5e0,6e-1\n\
+                    2,c.png,0,0,0,7e0,8e0,9e-1\n";
+        std::fs::write(&path, text).unwrap();
+        let file = read_scores(&path).unwrap();
+        assert_eq!(file.inputs[1], ("a,b.png".into(), "0".into(), "4".into()));
+        assert_eq!(file.scores.as_z, [1.0, 4.0, 7.0]);
+        assert_eq!(file.scores.as_rec, [0.3, 0.6, 0.9]);
+        assert_eq!(file.image_groups(), (vec![0, 0, 1], vec![1, 0]));
+        std::fs::write(&path, "header\n0,x,1\n").unwrap();
+        assert!(read_scores(&path).is_err());
+    }
 }
