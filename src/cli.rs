@@ -166,7 +166,7 @@ pub struct TrainArgs {
     #[arg(long)]
     pub resume: bool,
     /// Also keep the models of every evaluation in `<class>/epoch-<N>/` (the best evaluation's
-    /// models are always kept in `<class>/best/`).
+    /// are always kept, with all scoring needs, in `<class>/model.mtad`).
     #[arg(long)]
     pub save_model: bool,
     /// Teachers: `all` (the method), `resnet152` (single-teacher ablation) or `none` (no-teacher
@@ -223,12 +223,21 @@ pub struct EnsembleArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct DetectArgs {
-    /// The run directory `mtad train` wrote.
-    #[arg(long, value_name = "DIR")]
-    pub run: PathBuf,
-    /// The trained class to score against, by name or index.
-    #[arg(long, value_name = "NAME")]
-    pub class: String,
+    /// The run directory `mtad train` wrote (with --class).
+    #[arg(
+        long,
+        value_name = "DIR",
+        required_unless_present = "model",
+        requires = "class"
+    )]
+    pub run: Option<PathBuf>,
+    /// The trained class of --run to score against, by name or index.
+    #[arg(long, value_name = "NAME", requires = "run")]
+    pub class: Option<String>,
+    /// A class's self-contained model file (`<run>/<class>/model.mtad`), instead of --run and
+    /// --class.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["run", "class"])]
+    pub model: Option<PathBuf>,
     /// Image files, or folders whose images are all scored.
     #[arg(required = true, value_name = "PATH")]
     pub paths: Vec<PathBuf>,
@@ -240,12 +249,18 @@ pub struct DetectArgs {
     /// the class's normal training images exceed.
     #[arg(long)]
     pub threshold: Option<f64>,
-    /// Folder for detections.csv and heatmaps/ (default: <run>/detect/<class>).
+    /// Folder for detections.csv and heatmaps/ (default: <run>/detect/<class>, or
+    /// detect/ beside --model).
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
     /// Do not write heatmap PNGs.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "residuals")]
     pub no_heatmaps: bool,
+    /// Also write, per image, the student's reconstruction residual (squared error per pixel,
+    /// averaged over the colour channels and over the patches covering the pixel) over the
+    /// image as `<name>_residual.png`.
+    #[arg(long)]
+    pub residuals: bool,
     /// Folder holding the teachers' `<name>.bpk` weights (default: the build's). Also read from
     /// the environment variable MTAD_TEACHER_WEIGHTS.
     #[arg(long, env = "MTAD_TEACHER_WEIGHTS", value_name = "DIR")]

@@ -5,8 +5,8 @@
 //! cut's patches; CIFAR-10: resized and centre-cropped), the teachers and the class's best models
 //! score every input, the chosen score column (default the leakage-free `nor`) is computed per
 //! input and the image's score is the max over its inputs. The default threshold is the score
-//! above which about 1% of the class's normal training images fall (from the training inputs'
-//! scores of the best model, `scores_train.csv`).
+//! above which about 1% of the class's normal training images fall (from the normal training
+//! inputs' scores of the best model, kept in the class's `model.mtad`).
 
 use std::path::{Path, PathBuf};
 
@@ -21,12 +21,10 @@ use crate::output::write_atomic;
 use crate::scoring::Mix;
 use crate::scoring::evaluation::{Normaliser, RawScores, column_mixes, column_names, group_max};
 use crate::teachers::{TeacherStatistics, WeightsLocation};
+use crate::training::artifact::{ARTIFACT_FILE, Artifact};
 use crate::training::inputs::{TeacherRunner, images_tensor, z_scores_host};
 use crate::training::model::{InputBatch, MtadModel};
-use crate::training::run::{
-    BestRecord, TrainConfig, class_dir, csv_field, load_best, load_teachers, read_config,
-    read_json, read_scores,
-};
+use crate::training::run::{TrainConfig, class_dir, csv_field, load_teachers, read_config};
 use crate::{Error, Result};
 
 /// Which score decides.
@@ -85,6 +83,18 @@ pub struct Scored {
     /// Per input (patch) score, in input order.
     pub patch_scores: Vec<f64>,
     pub heatmap: Option<PathBuf>,
+    /// The reconstruction-residual heatmap, when asked for.
+    pub residual: Option<PathBuf>,
+}
+
+/// Which heatmaps `mtad detect` draws.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Heatmaps {
+    None,
+    /// The patch scores over the image.
+    Scores,
+    /// And the student's reconstruction residual over the image.
+    ScoresAndResiduals,
 }
 
 /// A trained class, ready to score images.
@@ -114,7 +124,7 @@ pub fn calibrate(scores: &[f64], rate: f64) -> Result<f64> {
 }
 
 impl Detector {
-    /// Loads class `class` (name or index) of the run in `run`.
+    /// Loads class `class` (name or index) of the run in `run` (its `<class>/model.mtad`).
     pub fn load(
         run: &Path,
         class: &str,
@@ -141,38 +151,37 @@ impl Detector {
                     trained.join(", ")
                 ))
             })?;
-        let dir = class_dir(run, &config.class_names[index]);
-        let best: BestRecord = read_json(&dir.join("best").join("best.json"))?;
+        let path = class_dir(run, &config.class_names[index]).join(ARTIFACT_FILE);
+        Self::from_artifact(&path, column, threshold, weights, device)
+    }
+
+    /// Loads a class's artifact (`model.mtad`), refusing other teachers than its own.
+    pub fn from_artifact(
+        path: &Path,
+        column: ScoreColumn,
+        threshold: Option<f64>,
+        weights: &WeightsLocation,
+        device: Device,
+    ) -> Result<Self> {
+        let artifact = Artifact::read(path)?;
+        let header = &artifact.header;
+        let config = header.config.clone();
         let runner = load_teachers(config.teachers, config.tiny_teachers, weights, &device)?;
-        let stats = match &runner {
-            Some(runner) => {
-                let path = dir.join("teacher_stats.bin");
-                let stats = TeacherStatistics::load(&path)?;
-                let have: Vec<&str> = runner.ensemble.sha256s();
-                if stats.teacher_sha256 != have {
-                    return Err(Error::Teacher {
-                        name: runner.ensemble.names().join(", "),
-                        message: format!(
-                            "{} was trained with other teachers than this binary's; its scores \
-                             are only valid with those",
-                            run.display()
-                        ),
-                    });
-                }
-                Some(stats)
-            }
-            None => None,
-        };
-        let model = load_best(&config, &dir.join("best"), &device)?;
-        let threshold = match threshold {
-            Some(t) => t,
-            None => {
-                let train = read_scores(&dir.join("scores_train.csv"))?;
-                let (groups, images) = train.image_groups();
-                let per_input: Vec<f64> = (0..train.scores.len())
-                    .map(|i| column.score(&train.scores, i, &best.normaliser))
+        let stats = artifact.statistics(runner.as_deref())?;
+        let model = artifact.model(&device)?;
+        let normaliser = header.best.normaliser;
+        let threshold = match (threshold, column) {
+            (Some(t), _) => t,
+            (None, ScoreColumn::Nor) => header.threshold,
+            (None, _) => {
+                let normal = &header.normal;
+                let per_input: Vec<f64> = (0..normal.scores.len())
+                    .map(|i| column.score(&normal.scores, i, &normaliser))
                     .collect();
-                calibrate(&group_max(&per_input, &groups, images.len()), 0.01)?
+                calibrate(
+                    &group_max(&per_input, &normal.groups, normal.images),
+                    header.threshold_rate,
+                )?
             }
         };
         Ok(Self {
@@ -180,7 +189,7 @@ impl Detector {
             model,
             runner,
             stats,
-            normaliser: best.normaliser,
+            normaliser,
             column,
             threshold,
             device,
@@ -208,8 +217,8 @@ impl Detector {
         Ok((full, patches, offsets))
     }
 
-    /// Scores one image; writes its heatmap into `heatmaps` when given.
-    pub fn score(&self, path: &Path, heatmaps: Option<&Path>) -> Result<Scored> {
+    /// Scores one image; writes its heatmaps into `dir` when given.
+    pub fn score(&self, path: &Path, heatmaps: Heatmaps, dir: Option<&Path>) -> Result<Scored> {
         let (full, inputs, offsets) = self.inputs(path)?;
         let n = inputs.len();
         let teachers = match (&self.runner, &self.stats) {
@@ -222,10 +231,11 @@ impl Detector {
             }
             _ => None,
         };
+        let images = images_tensor(&inputs, &self.device);
         let raw = self
             .model
             .scores(InputBatch {
-                images: images_tensor(&inputs, &self.device),
+                images: images.clone(),
                 teachers,
             })
             .to_host()?;
@@ -242,9 +252,10 @@ impl Detector {
                 path.display()
             )));
         }
-        let heatmap = match heatmaps {
+        let dir = dir.filter(|_| heatmaps != Heatmaps::None);
+        let heatmap = match dir {
             Some(dir) => {
-                let out = dir.join(heatmap_name(path));
+                let out = dir.join(heatmap_name(path, "heatmap"));
                 let png = heatmap_png(
                     &full,
                     &patch_scores,
@@ -252,6 +263,23 @@ impl Detector {
                     self.config.image_size,
                     self.threshold,
                 )?;
+                write_atomic(&out, &png)?;
+                Some(out)
+            }
+            None => None,
+        };
+        let residual = match dir.filter(|_| heatmaps == Heatmaps::ScoresAndResiduals) {
+            Some(dir) => {
+                let out = dir.join(heatmap_name(path, "residual"));
+                let side = self.config.image_size;
+                let squared = (self.model.reconstruct(images.clone()) - images)
+                    .powi_scalar(2)
+                    .mean_dim(1)
+                    .into_data()
+                    .convert::<f32>()
+                    .try_into_vec::<f32>()
+                    .map_err(|e| Error::Training(format!("reading the residual: {e:?}")))?;
+                let png = residual_png(&full, &squared, &offsets, side)?;
                 write_atomic(&out, &png)?;
                 Some(out)
             }
@@ -265,12 +293,13 @@ impl Detector {
             as_rec: raw.as_rec[top],
             patch_scores,
             heatmap,
+            residual,
         })
     }
 
     /// Scores every image in `paths` (files, or folders searched for images); an image that
     /// fails is a row with its error. Writes `detections.csv` (and heatmaps) into `out`.
-    pub fn run(&self, paths: &[PathBuf], out: &Path, heatmaps: bool) -> Result<Vec<Detection>> {
+    pub fn run(&self, paths: &[PathBuf], out: &Path, heatmaps: Heatmaps) -> Result<Vec<Detection>> {
         let mut files = Vec::new();
         for p in paths {
             if p.is_dir() {
@@ -286,21 +315,21 @@ impl Detector {
                 files.push(p.clone());
             }
         }
-        let heatmap_dir = heatmaps.then(|| out.join("heatmaps"));
+        let heatmap_dir = out.join("heatmaps");
         let detections: Vec<Detection> = files
             .into_iter()
             .map(|path| {
                 let outcome = if path.is_file() && !is_image(&path) {
                     Err("not an image file this build reads".to_string())
                 } else {
-                    self.score(&path, heatmap_dir.as_deref())
+                    self.score(&path, heatmaps, Some(&heatmap_dir))
                         .map_err(|e| e.to_string())
                 };
                 Detection { path, outcome }
             })
             .collect();
         let mut csv = format!(
-            "# {} class, column {}, threshold {:e}{}\npath,score,decision,AS_z,AS_cossim,AS_rec,heatmap,error\n",
+            "# {} class, column {}, threshold {:e}{}\npath,score,decision,AS_z,AS_cossim,AS_rec,heatmap,residual,error\n",
             self.config.student,
             match self.column {
                 ScoreColumn::Nor => "nor".to_string(),
@@ -315,7 +344,7 @@ impl Detector {
             let path = csv_field(&d.path.display().to_string());
             match &d.outcome {
                 Ok(s) => csv.push_str(&format!(
-                    "{path},{:e},{},{:e},{:e},{:e},{},\n",
+                    "{path},{:e},{},{:e},{:e},{:e},{},{},\n",
                     s.score,
                     if s.anomalous { "anomalous" } else { "normal" },
                     s.as_z,
@@ -323,9 +352,12 @@ impl Detector {
                     s.as_rec,
                     s.heatmap
                         .as_ref()
+                        .map_or(String::new(), |h| csv_field(&h.display().to_string())),
+                    s.residual
+                        .as_ref()
                         .map_or(String::new(), |h| csv_field(&h.display().to_string()))
                 )),
-                Err(e) => csv.push_str(&format!("{path},,error,,,,,{}\n", csv_field(e))),
+                Err(e) => csv.push_str(&format!("{path},,error,,,,,,{}\n", csv_field(e))),
             }
         }
         write_atomic(&out.join("detections.csv"), csv.as_bytes())?;
@@ -342,7 +374,7 @@ fn images_below(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(found)
 }
 
-fn heatmap_name(path: &Path) -> String {
+fn heatmap_name(path: &Path, kind: &str) -> String {
     let stem = path
         .file_stem()
         .map_or("image".into(), |s| s.to_string_lossy().into_owned());
@@ -350,7 +382,7 @@ fn heatmap_name(path: &Path) -> String {
         .parent()
         .and_then(|p| p.file_name())
         .map_or(String::new(), |s| format!("{}_", s.to_string_lossy()));
-    format!("{parent}{stem}_heatmap.png")
+    format!("{parent}{stem}_{kind}.png")
 }
 
 /// The image (as the networks saw it) with the patch scores over it: each pixel takes the max
@@ -374,7 +406,53 @@ fn heatmap_png(
         }
     }
     let lo = scores.iter().copied().fold(f64::INFINITY, f64::min);
-    let span = (threshold - lo).max(1e-12);
+    overlay_png(image, &map, lo, threshold)
+}
+
+/// The image with the student's reconstruction residual over it: per pixel, the squared error
+/// averaged over the colour channels and over the patches covering it; red at the image's
+/// largest residual, fading to transparent at its smallest.
+/// `squared` is `[patches, side, side]` in input order.
+fn residual_png(
+    image: &FloatImage,
+    squared: &[f32],
+    offsets: &[(usize, usize)],
+    side: usize,
+) -> Result<Vec<u8>> {
+    let (h, w) = (image.height, image.width);
+    let mut sum = vec![0f64; h * w];
+    let mut count = vec![0u32; h * w];
+    for (p, &(y0, x0)) in offsets.iter().enumerate() {
+        for y in 0..side.min(h - y0) {
+            for x in 0..side.min(w - x0) {
+                let i = (y0 + y) * w + x0 + x;
+                sum[i] += squared[(p * side + y) * side + x] as f64;
+                count[i] += 1;
+            }
+        }
+    }
+    let map: Vec<f64> = sum
+        .iter()
+        .zip(&count)
+        .map(|(&s, &n)| {
+            if n > 0 {
+                s / n as f64
+            } else {
+                f64::NEG_INFINITY
+            }
+        })
+        .collect();
+    let finite = map.iter().copied().filter(|v| v.is_finite());
+    let lo = finite.clone().fold(f64::INFINITY, f64::min);
+    let hi = finite.fold(f64::NEG_INFINITY, f64::max);
+    overlay_png(image, &map, lo, hi)
+}
+
+/// `image` (values in [-1, 1]) with `map` over it: at or above `high` red, between `low` and
+/// `high` from transparent to yellow-orange, not finite: the image alone.
+fn overlay_png(image: &FloatImage, map: &[f64], low: f64, high: f64) -> Result<Vec<u8>> {
+    let (h, w) = (image.height, image.width);
+    let span = (high - low).max(1e-12);
     let mut rgb = image::RgbImage::new(w as u32, h as u32);
     for y in 0..h {
         for x in 0..w {
@@ -383,11 +461,11 @@ fn heatmap_png(
                 .collect();
             let v = map[y * w + x];
             let t = if v.is_finite() {
-                ((v - lo) / span).clamp(0.0, 1.0)
+                ((v - low) / span).clamp(0.0, 1.0)
             } else {
                 0.0
             };
-            let (color, alpha) = if v >= threshold {
+            let (color, alpha) = if v.is_finite() && v >= high {
                 ([255.0, 0.0, 0.0], 0.6)
             } else {
                 ([255.0, 220.0 * (1.0 - t), 0.0], 0.5 * t)

@@ -16,7 +16,7 @@ use multi_teacher_ad::{
         demo::{DEMO_CATEGORIES, DemoSpec, write_demo_dataset},
         inspect::{inspect_cifar, inspect_folder},
     },
-    detect::{Detector, ScoreColumn},
+    detect::{Detector, Heatmaps, ScoreColumn},
     device::{DeviceChoice, select_device},
     students::StudentKind,
     teachers::{
@@ -396,15 +396,22 @@ fn detect(args: &DetectArgs) -> Result<ExitCode> {
     println!("device: {device}");
     let weights = weights_location(&args.teacher_weights);
     let column = ScoreColumn::parse(&args.column)?;
-    let detector = Detector::load(
-        &args.run,
-        &args.class,
-        column,
-        args.threshold,
-        &weights,
-        device.device,
-    )
-    .with_context(|| format!("loading class {} of {}", args.class, args.run.display()))?;
+    let (detector, default_out) = match (&args.model, &args.run, &args.class) {
+        (Some(model), _, _) => (
+            Detector::from_artifact(model, column, args.threshold, &weights, device.device)
+                .with_context(|| format!("loading {}", model.display()))?,
+            model
+                .parent()
+                .unwrap_or(std::path::Path::new("."))
+                .join("detect"),
+        ),
+        (None, Some(run), Some(class)) => (
+            Detector::load(run, class, column, args.threshold, &weights, device.device)
+                .with_context(|| format!("loading class {class} of {}", run.display()))?,
+            run.join("detect").join(class),
+        ),
+        _ => anyhow::bail!("give --model FILE, or --run DIR and --class NAME"),
+    };
     println!(
         "threshold {:.6} ({})",
         detector.threshold,
@@ -414,11 +421,13 @@ fn detect(args: &DetectArgs) -> Result<ExitCode> {
             "flags about 1% of the normal training images"
         }
     );
-    let out = args
-        .out
-        .clone()
-        .unwrap_or_else(|| args.run.join("detect").join(&args.class));
-    let detections = detector.run(&args.paths, &out, !args.no_heatmaps)?;
+    let out = args.out.clone().unwrap_or(default_out);
+    let heatmaps = match (args.no_heatmaps, args.residuals) {
+        (true, _) => Heatmaps::None,
+        (false, false) => Heatmaps::Scores,
+        (false, true) => Heatmaps::ScoresAndResiduals,
+    };
+    let detections = detector.run(&args.paths, &out, heatmaps)?;
     let mut failed = 0;
     for d in &detections {
         match &d.outcome {

@@ -9,9 +9,11 @@ use burn::prelude::*;
 use burn::tensor::Distribution;
 use multi_teacher_ad::cli::DatasetKind;
 use multi_teacher_ad::data::demo::{DemoSpec, write_demo_dataset};
-use multi_teacher_ad::detect::{Detector, ScoreColumn};
+use multi_teacher_ad::detect::{Detector, Heatmaps, ScoreColumn};
+use multi_teacher_ad::scoring::roc_auc;
 use multi_teacher_ad::students::StudentKind;
 use multi_teacher_ad::teachers::{TeacherStatistics, WeightsLocation};
+use multi_teacher_ad::training::artifact::Artifact;
 use multi_teacher_ad::training::ensemble;
 use multi_teacher_ad::training::model::{InputBatch, MtadModelConfig};
 use multi_teacher_ad::training::run::{Prepared, RunSummary, TeacherChoice, TrainRequest, prepare};
@@ -163,23 +165,22 @@ fn a_run_writes_its_directory_and_reuses_the_teacher_cache() {
     );
     let eval_csv = read(&out.join("Eval_resnet.csv"));
     let header = eval_csv.lines().find(|l| !l.starts_with('#')).unwrap();
-    assert_eq!(header.split(',').count(), 3 + 69 + 2);
+    // The demo data has masks: the pixel AUROC of nor follows oracle.
+    assert_eq!(header.split(',').count(), 3 + 69 + 2 + 1);
+    assert!(header.ends_with(",oracle (reference protocol),pixel AUROC (nor)"));
     let eval_rows = rows(&eval_csv);
     assert_eq!(eval_rows.len(), 2);
     assert_eq!(eval_rows[1][0], "mean");
-    let oracle: f64 = eval_rows[0].last().unwrap().parse().unwrap();
+    let oracle: f64 = eval_rows[0][3 + 69 + 1].parse().unwrap();
     assert!((oracle - eval.oracle().0).abs() < 1e-6);
+    let pixel: f64 = eval_rows[0].last().unwrap().parse().unwrap();
+    assert!((pixel - eval.pixel_nor.unwrap()).abs() < 1e-6);
     let class_dir = out.join("weave");
-    for file in [
-        "best/student.bpk",
-        "best/decoder.bpk",
-        "best/weighting.bpk",
-        "best/best.json",
-        "progress.json",
-        "scores_train.csv",
-    ] {
+    for file in ["model.mtad", "progress.json", "scores_train.csv"] {
         assert!(class_dir.join(file).is_file(), "{file} missing");
     }
+    assert!(!class_dir.join("best").exists());
+    check_artifact(&class_dir.join("model.mtad"), &first);
     let scores = read(&class_dir.join("scores_test.csv"));
     assert_eq!(scores.lines().count(), 1 + 4 * 25);
     let stats = TeacherStatistics::load(&class_dir.join("teacher_stats.bin")).unwrap();
@@ -239,7 +240,14 @@ fn single_teacher_and_no_teacher_ablations_run() {
     single.epochs = 1;
     let summary = run(single);
     assert_eq!(summary.config.teacher_names, ["tiny_resnet"]);
-    assert!(!tmp.path().join("single/weave/best/weighting.bpk").exists());
+    let artifact = Artifact::read(&tmp.path().join("single/weave/model.mtad")).unwrap();
+    let parts: Vec<&str> = artifact
+        .header
+        .parts
+        .iter()
+        .map(|p| p.name.as_str())
+        .collect();
+    assert_eq!(parts, ["student.bpk", "decoder.bpk", "teacher_stats.bin"]);
     // Its models reload (no weighting), but not with other teachers than it was trained with.
     let run_dir = tmp.path().join("single");
     let reopen = || Prepared::for_run(&run_dir, None, &WeightsLocation::Build, Device::flex());
@@ -504,7 +512,11 @@ fn detect_scores_new_images_like_the_evaluation() {
     std::fs::write(&unreadable, b"not a png").unwrap();
     let det_out = tmp.path().join("detect");
     let found = detector
-        .run(&[test_dir.clone(), unreadable], &det_out, true)
+        .run(
+            &[test_dir.clone(), unreadable],
+            &det_out,
+            Heatmaps::ScoresAndResiduals,
+        )
         .unwrap();
     assert_eq!(found.len(), 4 + 1);
     assert!(found[4].outcome.as_ref().unwrap_err().contains("decode"));
@@ -514,10 +526,11 @@ fn detect_scores_new_images_like_the_evaluation() {
 
     // The image score is the max over its patches of the leakage-free score, as at evaluation
     // (scores_test.csv holds the best evaluation's per-patch scores).
-    let best: serde_json::Value =
-        serde_json::from_str(&read(&out.join("weave/best/best.json"))).unwrap();
-    let min: Vec<f64> = serde_json::from_value(best["normaliser"]["min"].clone()).unwrap();
-    let max: Vec<f64> = serde_json::from_value(best["normaliser"]["max"].clone()).unwrap();
+    let artifact = Artifact::read(&out.join("weave/model.mtad")).unwrap();
+    let (min, max) = (
+        artifact.header.best.normaliser.min,
+        artifact.header.best.normaliser.max,
+    );
     let scores = read(&out.join("weave/scores_test.csv"));
     for d in &found[..4] {
         let path = d.path.display().to_string();
@@ -543,17 +556,64 @@ fn detect_scores_new_images_like_the_evaluation() {
             got.score
         );
         assert_eq!(got.patch_scores.len(), 25);
-        let heatmap = image::open(got.heatmap.as_ref().unwrap()).unwrap();
-        assert_eq!((heatmap.width(), heatmap.height()), (148, 148));
+        for map in [&got.heatmap, &got.residual] {
+            let map = image::open(map.as_ref().unwrap()).unwrap();
+            assert_eq!((map.width(), map.height()), (148, 148));
+        }
     }
+
+    // The model file alone scores the same, from anywhere.
+    let moved = tmp.path().join("elsewhere/weave.mtad");
+    std::fs::create_dir_all(moved.parent().unwrap()).unwrap();
+    std::fs::copy(out.join("weave/model.mtad"), &moved).unwrap();
+    let alone = Detector::from_artifact(
+        &moved,
+        ScoreColumn::Nor,
+        None,
+        &WeightsLocation::Build,
+        Device::flex(),
+    )
+    .unwrap();
+    assert_eq!(alone.threshold, detector.threshold);
+    let again = alone
+        .run(
+            std::slice::from_ref(&test_dir),
+            &tmp.path().join("d2"),
+            Heatmaps::None,
+        )
+        .unwrap();
+    for (a, b) in again.iter().zip(&found) {
+        let (a, b) = (a.outcome.as_ref().unwrap(), b.outcome.as_ref().unwrap());
+        assert_eq!(a.score, b.score);
+        assert!(a.heatmap.is_none());
+    }
+    // ... but not with other teachers than it was trained with.
+    let sha = artifact.header.config.teacher_sha256[0].clone();
+    let bytes = std::fs::read(&moved).unwrap();
+    let text = String::from_utf8_lossy(&bytes);
+    let at = text.find(&sha).unwrap();
+    let mut changed = bytes.clone();
+    changed[at..at + 64].copy_from_slice("0".repeat(64).as_bytes());
+    std::fs::write(&moved, &changed).unwrap();
+    let err = Detector::from_artifact(
+        &moved,
+        ScoreColumn::Nor,
+        None,
+        &WeightsLocation::Build,
+        Device::flex(),
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(err.contains("trained with the teachers"), "{err}");
 
     // --threshold really decides.
     let all = load(Some(f64::NEG_INFINITY))
-        .run(std::slice::from_ref(&test_dir), &det_out, false)
+        .run(std::slice::from_ref(&test_dir), &det_out, Heatmaps::None)
         .unwrap();
     assert!(all.iter().all(|d| d.outcome.as_ref().unwrap().anomalous));
     let none = load(Some(1e30))
-        .run(std::slice::from_ref(&test_dir), &det_out, false)
+        .run(std::slice::from_ref(&test_dir), &det_out, Heatmaps::None)
         .unwrap();
     assert!(none.iter().all(|d| !d.outcome.as_ref().unwrap().anomalous));
 
@@ -572,4 +632,108 @@ fn detect_scores_new_images_like_the_evaluation() {
         err.contains("not trained") && err.contains("weave"),
         "{err}"
     );
+}
+
+/// The class artifact of the tiny run: its parts, calibration, pixel AUROC, and its checks.
+fn check_artifact(path: &Path, summary: &RunSummary) {
+    let artifact = Artifact::read(path).unwrap();
+    let h = &artifact.header;
+    let names: Vec<&str> = h.parts.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "student.bpk",
+            "decoder.bpk",
+            "weighting.bpk",
+            "teacher_stats.bin"
+        ]
+    );
+    assert_eq!(h.class_name, "weave");
+    assert_eq!(h.config, summary.config);
+    assert_eq!(h.best.evaluation, summary.classes[0].evaluation);
+    // 8 normal training images of 25 patches; the threshold flags floor(1% of 8) = 0 of them.
+    assert_eq!((h.normal.images, h.normal.scores.len()), (8, 8 * 25));
+    let nor: Vec<f64> = (0..h.normal.scores.len())
+        .map(|i| h.best.normaliser.score(&h.normal.scores, i))
+        .collect();
+    let top = nor.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    assert_eq!(h.threshold, top);
+
+    // The pixel AUROC equals a pixel-by-pixel computation over the 148x148 resized images:
+    // each pixel scores the max nor of the patches covering it (scores_test.csv).
+    let run = path.parent().unwrap();
+    let scores = read(&run.join("scores_test.csv"));
+    let mut per_image: Vec<(String, Vec<(usize, usize, f64)>)> = Vec::new();
+    for line in scores.lines().skip(1) {
+        let f: Vec<&str> = line.split(',').collect();
+        let raw: Vec<f64> = f[5..8].iter().map(|v| v.parse().unwrap()).collect();
+        let n = &h.best.normaliser;
+        let s: f64 = (0..3)
+            .map(|k| (raw[k] - n.min[k]) / (n.max[k] - n.min[k]))
+            .sum();
+        let (y, x) = (f[2].parse().unwrap(), f[3].parse().unwrap());
+        match per_image.last_mut() {
+            Some((p, v)) if *p == f[1] => v.push((y, x, s)),
+            _ => per_image.push((f[1].to_string(), vec![(y, x, s)])),
+        }
+    }
+    let (side, patch) = (148usize, 32usize);
+    let (mut pixel_scores, mut pixel_labels) = (Vec::new(), Vec::new());
+    for (image, patches) in &per_image {
+        let image = PathBuf::from(image);
+        let defect = image
+            .parent()
+            .unwrap()
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        let mask = (defect != "good").then(|| {
+            let stem = image.file_stem().unwrap().to_string_lossy().into_owned();
+            let category = image.parent().unwrap().parent().unwrap().parent().unwrap();
+            image::open(category.join(format!("ground_truth/{defect}/{stem}_mask.png")))
+                .unwrap()
+                .to_luma8()
+        });
+        for y in 0..side {
+            for x in 0..side {
+                let s = patches
+                    .iter()
+                    .filter(|(py, px, _)| *py <= y && y < py + patch && *px <= x && x < px + patch)
+                    .map(|p| p.2)
+                    .fold(f64::NEG_INFINITY, f64::max);
+                let label = mask.as_ref().map_or(0, |m| {
+                    let (w, hh) = (m.width() as usize, m.height() as usize);
+                    u8::from(m.get_pixel((x * w / side) as u32, (y * hh / side) as u32).0[0] > 127)
+                });
+                pixel_scores.push(s);
+                pixel_labels.push(label);
+            }
+        }
+    }
+    let expected = roc_auc(&pixel_scores, &pixel_labels).unwrap();
+    let got = h.best.evaluation.pixel_nor.unwrap();
+    assert!(
+        (got - expected).abs() < 1e-9,
+        "pixel AUROC {got} vs {expected}"
+    );
+
+    // A damaged or truncated file is refused with what is wrong.
+    let bytes = std::fs::read(path).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let broken = dir.path().join("model.mtad");
+    let mut flipped = bytes.clone();
+    let end = flipped.len() - 10;
+    flipped[end] ^= 1;
+    std::fs::write(&broken, &flipped).unwrap();
+    let err = Artifact::read(&broken).err().unwrap().to_string();
+    assert!(err.contains("checksum mismatch"), "{err}");
+    std::fs::write(&broken, &bytes[..bytes.len() / 2]).unwrap();
+    let err = Artifact::read(&broken).err().unwrap().to_string();
+    assert!(err.contains("truncated"), "{err}");
+    let err = Artifact::read(&dir.path().join("none.mtad"))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("does not exist"), "{err}");
 }

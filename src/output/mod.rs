@@ -11,6 +11,11 @@ use crate::{Error, Result};
 
 /// Writes `bytes` to `path` atomically, creating the parent folder if needed.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic_parts(path, &[bytes])
+}
+
+/// Writes the concatenation of `parts` to `path` atomically (without joining them in memory).
+pub fn write_atomic_parts(path: &Path, parts: &[&[u8]]) -> Result<()> {
     let parent = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -26,7 +31,12 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     ));
     let result = (|| {
         let mut file = fs::File::create(&tmp)?;
-        file.write_all(bytes)?;
+        let mut writer = std::io::BufWriter::new(&mut file);
+        for part in parts {
+            writer.write_all(part)?;
+        }
+        writer.flush()?;
+        drop(writer);
         file.sync_all()?;
         fs::rename(&tmp, path)
     })();

@@ -8,7 +8,7 @@ use super::{Mix, reference_mixes, roc_auc};
 use crate::{Error, Result};
 
 /// The three raw scores of a list of inputs.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct RawScores {
     pub as_z: Vec<f64>,
     pub as_cossim: Vec<f64>,
@@ -150,6 +150,9 @@ pub struct ClassEvaluation {
     pub aucs: Vec<f64>,
     /// ROC AUC of the leakage-free score.
     pub nor: f64,
+    /// Pixel-level ROC AUC of the leakage-free score's heatmaps, where masks exist.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pixel_nor: Option<f64>,
 }
 
 impl ClassEvaluation {
@@ -205,7 +208,11 @@ pub fn evaluate_with_nor(
         })
         .collect::<Result<Vec<_>>>()?;
     let nor = roc_auc(&group_max(nor_inputs, groups, images), labels)?;
-    Ok(ClassEvaluation { aucs, nor })
+    Ok(ClassEvaluation {
+        aucs,
+        nor,
+        pixel_nor: None,
+    })
 }
 
 /// The multi-student ensemble's raw scores: for each score kind, each student's test scores

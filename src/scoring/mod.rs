@@ -1,6 +1,7 @@
 //! Anomaly scores and their evaluation (METHOD.md, "Scores and evaluation").
 
 pub mod evaluation;
+pub mod pixel;
 pub mod roc_auc;
 
 pub use roc_auc::roc_auc;

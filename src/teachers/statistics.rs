@@ -204,7 +204,8 @@ impl TeacherStatistics {
         Self::from_bytes(&bytes).map_err(|m| Error::invalid_file(path, m))
     }
 
-    fn to_bytes(&self) -> Vec<u8> {
+    /// The file's bytes (what [`TeacherStatistics::save`] writes).
+    pub fn to_bytes(&self) -> Vec<u8> {
         let dim = self.mean.first().map_or(0, Vec::len);
         let mut out = Vec::with_capacity(64 + 8 * self.mean.len() * dim);
         out.extend_from_slice(MAGIC);
@@ -228,7 +229,8 @@ impl TeacherStatistics {
         out
     }
 
-    fn from_bytes(bytes: &[u8]) -> std::result::Result<Self, String> {
+    /// Reads [`TeacherStatistics::to_bytes`], checking the checksum.
+    pub fn from_bytes(bytes: &[u8]) -> std::result::Result<Self, String> {
         const NOT_STATS: &str = "not a teacher statistics file";
         if bytes.len() < MAGIC.len() + 32 || &bytes[..MAGIC.len()] != MAGIC {
             return Err(NOT_STATS.to_string());

@@ -125,6 +125,11 @@ impl MtadModel {
         }
     }
 
+    /// The student's reconstruction `x_S = Decoder(Student(x))` of every input.
+    pub fn reconstruct(&self, images: Tensor<4>) -> Tensor<4> {
+        self.decoder.forward(self.student.forward(images))
+    }
+
     /// `AS_z`, `AS_cossim` and `AS_rec` of every input (zeros for the first two without
     /// teachers). Call it on a [`valid`](burn::module::AutodiffModule::valid) module.
     pub fn scores(&self, batch: InputBatch) -> Scores {

@@ -6,7 +6,8 @@
 //! <out>/finTS_<student>.csv         Normal Class, Class Name, Epoch, AUC (oracle), nor
 //! <out>/Eval_<student>.csv          per class: the 69 columns, nor, oracle; then a mean row
 //! <out>/<class>/teacher_stats.bin   the class's teacher normalisation
-//! <out>/<class>/best/               student.bpk, decoder.bpk, weighting.bpk, best.json
+//! <out>/<class>/model.mtad          the best evaluation's models, statistics, normalisation and
+//!                                   threshold in one file (see `artifact`)
 //! <out>/<class>/scores_test.csv     per test input: path, patch, label, AS_z, AS_cossim, AS_rec
 //! <out>/<class>/scores_train.csv    the same for the normal training inputs (for nor)
 //! <out>/<class>/progress.json       evaluations so far and the latest checkpoint
@@ -30,6 +31,7 @@ use burn::train::{Learner, SupervisedTraining, TrainingStrategy};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use super::artifact::{ARTIFACT_FILE, Artifact, NormalScores};
 use super::cache::{CacheOutcome, EmbeddingCache, cache_key};
 use super::inputs::{
     CachedBatcher, CachedTeachers, CropBatcher, CropTeachers, EpochShuffled, ErrorSlot,
@@ -47,6 +49,7 @@ use crate::data::folder::{Category, FolderDataset};
 use crate::data::mvtec::{self, parse_class_list};
 use crate::output::write_atomic;
 use crate::scoring::evaluation::{ClassEvaluation, Normaliser, RawScores, column_names, evaluate};
+use crate::scoring::pixel::{Mask, PixelTruth};
 use crate::students::{EMBEDDING_DIM, StudentKind};
 use crate::teachers::{
     StatisticsAccumulator, TeacherEnsemble, TeacherFamily, TeacherSize, TeacherStatistics,
@@ -568,6 +571,8 @@ struct ClassData {
     test_groups: Vec<usize>,
     test_labels: Vec<u8>,
     stats: Option<Arc<TeacherStatistics>>,
+    /// Pixel ground truth of the test set, where masks exist.
+    pixels: Option<Arc<PixelTruth>>,
     eval_batch: usize,
     /// For the reference-way count: inputs per training epoch, per evaluation, for statistics.
     reference_per_epoch: u64,
@@ -755,6 +760,7 @@ impl Prepared {
             test_set,
             test_cache,
             stats,
+            pixels: None,
             eval_batch: self.config.batch_size,
             reference_per_epoch: n_train,
             reference_per_eval: n_test,
@@ -831,6 +837,21 @@ impl Prepared {
             None => None,
         };
         let n_train = category.train.len() as u64;
+        let masks: Vec<Mask> = category
+            .test
+            .iter()
+            .map(|t| match (&t.mask, t.label) {
+                (_, 0) => Mask::Normal,
+                (Some(path), _) => Mask::File(path.clone()),
+                (None, _) => Mask::Missing,
+            })
+            .collect();
+        let patch_inputs: Vec<(usize, (usize, usize))> = test_set
+            .inputs
+            .iter()
+            .map(|&(image, offset)| (image, offset.unwrap_or((0, 0))))
+            .collect();
+        let pixels = PixelTruth::build(&patch_inputs, &masks, c.full_size, c.image_size)?;
         Ok(ClassData {
             train_items: (0..category.train.len()).collect(),
             train: TrainKind::Crops {
@@ -845,6 +866,7 @@ impl Prepared {
             test_set,
             test_cache,
             stats,
+            pixels: pixels.map(Arc::new),
             eval_batch: MVTEC_IMAGES_PER_BATCH * patches,
             // The reference: 16 crops per image per epoch (64 per batch of 4).
             reference_per_epoch: n_train * c.crops_per_batch as u64,
@@ -1014,6 +1036,8 @@ impl Prepared {
             norm_items,
             test_groups: data.test_groups.clone(),
             test_labels: data.test_labels.clone(),
+            stats: data.stats.clone(),
+            pixels: data.pixels.clone(),
             batch_errors: errors.clone(),
             plain: self.plain,
         };
@@ -1135,8 +1159,42 @@ struct Session {
     norm_items: Vec<usize>,
     test_groups: Vec<usize>,
     test_labels: Vec<u8>,
+    stats: Option<Arc<TeacherStatistics>>,
+    pixels: Option<Arc<PixelTruth>>,
     batch_errors: ErrorSlot,
     plain: bool,
+}
+
+/// The pixel AUROC of the `nor` heatmaps of `test`, where the class has masks.
+fn pixel_auroc(
+    pixels: Option<&PixelTruth>,
+    test: &RawScores,
+    normaliser: &Normaliser,
+) -> Result<Option<f64>> {
+    pixels
+        .map(|p| {
+            let nor: Vec<f64> = (0..test.len()).map(|i| normaliser.score(test, i)).collect();
+            p.auroc(&nor)
+        })
+        .transpose()
+}
+
+/// The normal training inputs' scores with the image of each input (inputs of one image are
+/// consecutive), for the artifact's thresholds.
+fn normal_scores(set: &InputSet, items: &[usize], scores: RawScores) -> NormalScores {
+    let mut groups = Vec::with_capacity(items.len());
+    let mut images = 0;
+    for (row, &input) in items.iter().enumerate() {
+        if row == 0 || set.inputs[items[row - 1]].0 != set.inputs[input].0 {
+            images += 1;
+        }
+        groups.push(images - 1);
+    }
+    NormalScores {
+        groups,
+        images,
+        scores,
+    }
 }
 
 /// Scores of every input of a loader, on the host.
@@ -1289,7 +1347,8 @@ impl ClassSession for Session {
             }
         }
         let normaliser = Normaliser::fit(&train)?;
-        let evaluation = evaluate(&test, &self.test_groups, &self.test_labels, &normaliser)?;
+        let mut evaluation = evaluate(&test, &self.test_groups, &self.test_labels, &normaliser)?;
+        evaluation.pixel_nor = pixel_auroc(self.pixels.as_deref(), &test, &normaliser)?;
         let (oracle, column) = evaluation.oracle();
         self.progress.history.retain(|r| r.epoch < epoch);
         self.progress.history.push(EvalRecord {
@@ -1303,14 +1362,11 @@ impl ClassSession for Session {
             .as_ref()
             .is_none_or(|b| oracle > b.evaluation.oracle().0);
         if improved {
-            let best_dir = self.dir.join("best");
-            self.save_models(model, &best_dir)?;
             let record = BestRecord {
                 epoch,
                 evaluation: evaluation.clone(),
                 normaliser,
             };
-            write_json(&best_dir.join("best.json"), &record)?;
             let all: Vec<usize> = (0..self.test_set.len()).collect();
             self.write_scores(
                 &self.dir.join("scores_test.csv"),
@@ -1326,6 +1382,15 @@ impl ClassSession for Session {
                 None,
                 &train,
             )?;
+            Artifact::write(
+                &self.dir.join(ARTIFACT_FILE),
+                (self.progress.index, self.name()),
+                &self.config,
+                &record,
+                model,
+                self.stats.as_deref(),
+                normal_scores(&self.norm_set, &self.norm_items, train),
+            )?;
             self.progress.best = Some(record);
         }
         if self.config.save_model {
@@ -1334,10 +1399,13 @@ impl ClassSession for Session {
         write_tables(&self.out, &self.config, Some(&self.progress))?;
         if self.plain {
             println!(
-                "  [{}] epoch {epoch}: AUC oracle {oracle:.4} ({}), leakage-free nor {:.4}{} ({:.1} s)",
+                "  [{}] epoch {epoch}: AUC oracle {oracle:.4} ({}), leakage-free nor {:.4}{}{} ({:.1} s)",
                 self.name(),
                 column_names()[column],
                 evaluation.nor,
+                evaluation
+                    .pixel_nor
+                    .map_or(String::new(), |p| format!(", pixel AUROC (nor) {p:.4}")),
                 if improved { ", best so far: saved" } else { "" },
                 started.elapsed().as_secs_f64()
             );
@@ -1456,43 +1524,56 @@ pub struct EvalRow {
 }
 
 /// The text of an `Eval_<student>.csv`: a `note` line or nothing, the header, one row per class
-/// (the 69 columns, nor, oracle) and a mean row.
+/// (the 69 columns, nor, oracle, and the pixel AUROC of nor where masks exist) and a mean row.
 pub(crate) fn eval_table(note: &str, rows: &[EvalRow]) -> String {
     let columns = column_names();
+    let pixel = rows.iter().any(|r| r.evaluation.pixel_nor.is_some());
     let mut text = format!(
-        "{note}Normal Class,Class Name,Epoch,{},nor,oracle (reference protocol)\n",
-        columns.join(",")
+        "{note}Normal Class,Class Name,Epoch,{},nor,oracle (reference protocol){}\n",
+        columns.join(","),
+        if pixel { ",pixel AUROC (nor)" } else { "" }
     );
-    let line = |index: &str, name: &str, epoch: &str, aucs: Vec<f64>, nor: f64, oracle: f64| {
+    let line = |index: &str, name: &str, epoch: &str, aucs: &[f64], nor: f64, oracle: f64, p| {
         let aucs: Vec<String> = aucs.iter().map(|a| format!("{a:.6}")).collect();
+        let pixel_nor = match (pixel, p) {
+            (false, _) => String::new(),
+            (true, Some(p)) => format!(",{p:.6}"),
+            (true, None) => ",".to_string(),
+        };
         format!(
-            "{index},{},{epoch},{},{nor:.6},{oracle:.6}\n",
+            "{index},{},{epoch},{},{nor:.6},{oracle:.6}{pixel_nor}\n",
             csv_field(name),
             aucs.join(",")
         )
     };
     for r in rows {
+        let e = &r.evaluation;
         text.push_str(&line(
             &r.index.to_string(),
             &r.name,
             &r.epoch.map_or(String::new(), |e| e.to_string()),
-            r.evaluation.aucs.clone(),
-            r.evaluation.nor,
-            r.evaluation.oracle().0,
+            &e.aucs,
+            e.nor,
+            e.oracle().0,
+            e.pixel_nor,
         ));
     }
     if !rows.is_empty() {
-        let n = rows.len() as f64;
-        let mean = |f: &dyn Fn(&ClassEvaluation) -> f64| {
-            rows.iter().map(|r| f(&r.evaluation)).sum::<f64>() / n
+        let mean = |f: &dyn Fn(&ClassEvaluation) -> Option<f64>| {
+            let values: Vec<f64> = rows.iter().filter_map(|r| f(&r.evaluation)).collect();
+            (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64)
         };
+        let aucs: Vec<f64> = (0..columns.len())
+            .map(|i| mean(&|e| Some(e.aucs[i])).unwrap_or(f64::NAN))
+            .collect();
         text.push_str(&line(
             "mean",
             &format!("mean of {} classes", rows.len()),
             "",
-            (0..columns.len()).map(|i| mean(&|e| e.aucs[i])).collect(),
-            mean(&|e| e.nor),
-            mean(&|e| e.oracle().0),
+            &aucs,
+            mean(&|e| Some(e.nor)).unwrap_or(f64::NAN),
+            mean(&|e| Some(e.oracle().0)).unwrap_or(f64::NAN),
+            mean(&|e| e.pixel_nor),
         ));
     }
     text
@@ -1560,30 +1641,20 @@ impl Prepared {
         for (position, &class) in self.config.classes.iter().enumerate() {
             let name = self.config.class_names[class].clone();
             let dir = class_dir(&self.out, &name);
-            let best_json = dir.join("best").join("best.json");
-            if !best_json.is_file() {
-                return Err(invalid(format!(
-                    "class {name}: {} is missing (did its training reach an evaluation?)",
-                    best_json.display()
-                )));
+            let artifact = Artifact::read(&dir.join(ARTIFACT_FILE))?;
+            if artifact.header.config.teacher_sha256 != self.config.teacher_sha256 {
+                return Err(Error::invalid_file(
+                    &artifact.path,
+                    "trained with other teachers than its run's config.json says",
+                ));
             }
-            let best: BestRecord = read_json(&best_json)?;
             let mut data = match &self.data {
                 DataSet::Cifar(cifar) => self.cifar_class(cifar, class, cifar_caches.as_ref())?,
                 DataSet::Folder(categories) => self.folder_class(&categories[position])?,
             };
-            if self.runner.is_some() {
-                let path = dir.join("teacher_stats.bin");
-                let stats = TeacherStatistics::load(&path)?;
-                if stats.teacher_sha256 != self.config.teacher_sha256 {
-                    return Err(Error::invalid_file(
-                        &path,
-                        "statistics of other teachers than the run's",
-                    ));
-                }
-                data.stats = Some(Arc::new(stats));
-            }
-            let model = self.load_best(&dir.join("best"))?;
+            data.stats = artifact.statistics(self.runner.as_deref())?.map(Arc::new);
+            let model = artifact.model(&self.device)?;
+            let best = &artifact.header.best;
             let errors = ErrorSlot::default();
             let (test_loader, norm_loader) = self.eval_loaders(&data, &errors);
             let test = score_loader(&model, test_loader.as_ref())?;
@@ -1592,11 +1663,16 @@ impl Prepared {
                 return Err(e);
             }
             let normaliser = Normaliser::fit(&train)?;
-            let evaluation = evaluate(&test, &data.test_groups, &data.test_labels, &normaliser)?;
+            let mut evaluation =
+                evaluate(&test, &data.test_groups, &data.test_labels, &normaliser)?;
+            evaluation.pixel_nor = pixel_auroc(data.pixels.as_deref(), &test, &normaliser)?;
             println!(
-                "  [{name}] oracle {:.4}, nor {:.4} (best evaluation: epoch {})",
+                "  [{name}] oracle {:.4}, nor {:.4}{} (best evaluation: epoch {})",
                 evaluation.oracle().0,
                 evaluation.nor,
+                evaluation
+                    .pixel_nor
+                    .map_or(String::new(), |p| format!(", pixel AUROC (nor) {p:.4}")),
                 best.epoch
             );
             rows.push(EvalRow {
@@ -1617,36 +1693,6 @@ impl Prepared {
         write_atomic(&path, eval_table(&note, &rows).as_bytes())?;
         Ok(rows)
     }
-
-    fn load_best(&self, dir: &Path) -> Result<MtadModel> {
-        load_best(&self.config, dir, &self.device)
-    }
-}
-
-/// The best evaluation's student, decoder and weighting of a class (`<class>/best/`), in
-/// inference mode.
-pub(crate) fn load_best(c: &TrainConfig, dir: &Path, device: &Device) -> Result<MtadModel> {
-    let model =
-        MtadModelConfig::new(c.student, c.image_size, c.teacher_names.len()).init(device)?;
-    fn load<M: Module>(module: M, path: &Path) -> Result<M> {
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        let record =
-            burn::store::ModuleRecord::from_bytes(burn::tensor::Bytes::from_bytes_vec(bytes))
-                .map_err(|e| Error::invalid_file(path, e.to_string()))?;
-        module
-            .try_load_record(record)
-            .map_err(|e| Error::invalid_file(path, e.to_string()))
-    }
-    let weighting = match model.weighting {
-        Some(w) => Some(load(w, &dir.join("weighting.bpk"))?),
-        None => None,
-    };
-    let model = MtadModel {
-        student: load(model.student, &dir.join("student.bpk"))?,
-        decoder: load(model.decoder, &dir.join("decoder.bpk"))?,
-        weighting,
-    };
-    Ok(model.valid())
 }
 
 #[cfg(test)]

@@ -1,0 +1,282 @@
+//! Pixel-level ROC AUC of the patch-score heatmaps, where ground-truth masks exist.
+//!
+//! The heatmap of an image (as `mtad detect` draws it) gives each pixel of the resized image the
+//! max score of the full-cut patches covering it. It is constant on the cells cut out by the
+//! patch borders, so the pixel AUROC over every pixel of every test image is computed exactly
+//! from, per cell, the patches covering it and its counts of defect and normal mask pixels:
+//! a weighted ROC AUC (ties count 1/2, as for the image AUROC) with no per-pixel score maps.
+//!
+//! Masks are resized to the image's resized side with nearest-neighbour sampling; a mask pixel
+//! above 127 is a defect pixel. Normal (`good`) test images count as all-normal pixels. Defect
+//! images without a mask are left out of the pixel AUROC (the dataset check lists them).
+
+use std::path::PathBuf;
+
+use crate::{Error, Result};
+
+/// A region of one image covered by the same patches.
+#[derive(Debug, Clone, PartialEq)]
+struct Cell {
+    /// Indices of the inputs (patches) covering it.
+    inputs: Vec<usize>,
+    defect: u64,
+    normal: u64,
+}
+
+/// The ground truth of a test set at pixel level.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PixelTruth {
+    cells: Vec<Cell>,
+    /// Test images left out: defect images without a mask.
+    pub left_out: usize,
+}
+
+/// The mask of one test image.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Mask {
+    /// A normal image: every pixel is normal.
+    Normal,
+    /// A defect image's mask file.
+    File(PathBuf),
+    /// A defect image without a mask: left out.
+    Missing,
+}
+
+impl PixelTruth {
+    /// `inputs[i] = (image, (y, x))`: the image and patch offset of input `i` in the resized
+    /// `side` x `side` image; patches are `patch` x `patch`; `masks` per image.
+    /// `None` when no image has a mask of a defect (no pixel AUROC to compute).
+    pub fn build(
+        inputs: &[(usize, (usize, usize))],
+        masks: &[Mask],
+        side: usize,
+        patch: usize,
+    ) -> Result<Option<Self>> {
+        if !masks.iter().any(|m| matches!(m, Mask::File(_))) {
+            return Ok(None);
+        }
+        let mut per_image: Vec<Vec<(usize, (usize, usize))>> = vec![Vec::new(); masks.len()];
+        for (i, &(image, offset)) in inputs.iter().enumerate() {
+            per_image
+                .get_mut(image)
+                .ok_or_else(|| {
+                    Error::InvalidArgument(format!("input {i}: image {image} has no mask entry"))
+                })?
+                .push((i, offset));
+        }
+        let mut cells = Vec::new();
+        let mut left_out = 0;
+        for (image, mask) in masks.iter().enumerate() {
+            let defect = match mask {
+                Mask::Normal => None,
+                Mask::File(path) => Some(read_mask(path, side)?),
+                Mask::Missing => {
+                    left_out += 1;
+                    continue;
+                }
+            };
+            cells.extend(image_cells(
+                &per_image[image],
+                defect.as_deref(),
+                side,
+                patch,
+            ));
+        }
+        Ok(Some(Self { cells, left_out }))
+    }
+
+    /// Pixel AUROC of per-input scores (a pixel's score: the max of its covering patches').
+    pub fn auroc(&self, per_input: &[f64]) -> Result<f64> {
+        let mut weighted: Vec<(f64, u64, u64)> = self
+            .cells
+            .iter()
+            .map(|c| {
+                let score = c
+                    .inputs
+                    .iter()
+                    .map(|&i| per_input[i])
+                    .fold(f64::NEG_INFINITY, f64::max);
+                (score, c.defect, c.normal)
+            })
+            .collect();
+        weighted_roc_auc(&mut weighted)
+    }
+}
+
+/// The defect pixels of a mask resized (nearest) to `side` x `side`.
+fn read_mask(path: &std::path::Path, side: usize) -> Result<Vec<bool>> {
+    let mask = image::open(path)
+        .map_err(|e| Error::Image {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?
+        .to_luma8();
+    let (w, h) = (mask.width() as usize, mask.height() as usize);
+    let mut out = vec![false; side * side];
+    for y in 0..side {
+        let sy = ((y * h) / side).min(h - 1);
+        for x in 0..side {
+            let sx = ((x * w) / side).min(w - 1);
+            out[y * side + x] = mask.get_pixel(sx as u32, sy as u32).0[0] > 127;
+        }
+    }
+    Ok(out)
+}
+
+/// The cells of one image: the grid cut by every patch border.
+fn image_cells(
+    patches: &[(usize, (usize, usize))],
+    defect: Option<&[bool]>,
+    side: usize,
+    patch: usize,
+) -> Vec<Cell> {
+    let borders = |axis: fn(&(usize, usize)) -> usize| {
+        let mut b: Vec<usize> = vec![0, side];
+        for (_, o) in patches {
+            b.push(axis(o).min(side));
+            b.push((axis(o) + patch).min(side));
+        }
+        b.sort_unstable();
+        b.dedup();
+        b
+    };
+    let ys = borders(|o| o.0);
+    let xs = borders(|o| o.1);
+    let mut cells = Vec::new();
+    for y in ys.windows(2) {
+        for x in xs.windows(2) {
+            let inputs: Vec<usize> = patches
+                .iter()
+                .filter(|(_, (py, px))| {
+                    *py <= y[0] && y[1] <= py + patch && *px <= x[0] && x[1] <= px + patch
+                })
+                .map(|&(i, _)| i)
+                .collect();
+            let area = ((y[1] - y[0]) * (x[1] - x[0])) as u64;
+            let marked = defect.map_or(0, |m| {
+                (y[0]..y[1])
+                    .map(|r| {
+                        m[r * side + x[0]..r * side + x[1]]
+                            .iter()
+                            .filter(|&&d| d)
+                            .count()
+                    })
+                    .sum::<usize>() as u64
+            });
+            // A cell no patch covers has no score; the full cut covers the whole image.
+            if !inputs.is_empty() {
+                cells.push(Cell {
+                    inputs,
+                    defect: marked,
+                    normal: area - marked,
+                });
+            }
+        }
+    }
+    cells
+}
+
+/// ROC AUC of scored groups `(score, positives, negatives)`, ties counted 1/2: equal to
+/// [`roc_auc`](super::roc_auc) of every sample listed one by one.
+pub fn weighted_roc_auc(groups: &mut [(f64, u64, u64)]) -> Result<f64> {
+    if let Some(g) = groups.iter().find(|g| !g.0.is_finite()) {
+        return Err(Error::InvalidArgument(format!(
+            "pixel AUROC: a score is {} (not finite)",
+            g.0
+        )));
+    }
+    let positives: u64 = groups.iter().map(|g| g.1).sum();
+    let negatives: u64 = groups.iter().map(|g| g.2).sum();
+    if positives == 0 || negatives == 0 {
+        return Err(Error::InvalidArgument(
+            "pixel AUROC is undefined without both defect and normal pixels".into(),
+        ));
+    }
+    groups.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let (mut below, mut area, mut start) = (0f64, 0f64, 0);
+    while start < groups.len() {
+        let mut end = start;
+        let (mut pos, mut neg) = (0f64, 0f64);
+        while end < groups.len() && groups[end].0 == groups[start].0 {
+            pos += groups[end].1 as f64;
+            neg += groups[end].2 as f64;
+            end += 1;
+        }
+        area += pos * (below + 0.5 * neg);
+        below += neg;
+        start = end;
+    }
+    Ok(area / (positives as f64 * negatives as f64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scoring::roc_auc;
+
+    #[test]
+    fn weighted_auc_equals_the_auc_of_the_expanded_samples() {
+        let mut groups = vec![
+            (0.3, 2, 1),
+            (0.1, 0, 3),
+            (0.3, 1, 2),
+            (0.9, 4, 0),
+            (0.5, 0, 1),
+        ];
+        let (mut scores, mut labels) = (Vec::new(), Vec::new());
+        for &(s, p, n) in &groups {
+            for _ in 0..p {
+                scores.push(s);
+                labels.push(1);
+            }
+            for _ in 0..n {
+                scores.push(s);
+                labels.push(0);
+            }
+        }
+        let expected = roc_auc(&scores, &labels).unwrap();
+        let got = weighted_roc_auc(&mut groups).unwrap();
+        assert!((got - expected).abs() < 1e-12, "{got} vs {expected}");
+        assert!(weighted_roc_auc(&mut [(1.0, 3, 0)]).is_err());
+    }
+
+    #[test]
+    fn pixel_auroc_counts_every_pixel_under_the_max_of_its_patches() {
+        // A 6x6 image, 4x4 patches at (0,0) and (2,2): borders 0,2,4,6 cut nine 2x2 cells,
+        // of which (0..2, 4..6) and (4..6, 0..2) no patch covers.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.png");
+        // Defect pixels: the 2x2 block at rows 4..6, cols 4..6 (only patch 1 covers it).
+        let mut mask = image::GrayImage::new(6, 6);
+        for y in 4..6 {
+            for x in 4..6 {
+                mask.put_pixel(x, y, image::Luma([255]));
+            }
+        }
+        mask.save(&path).unwrap();
+        let inputs = [(0, (0, 0)), (0, (2, 2))];
+        let truth = PixelTruth::build(&inputs, &[Mask::File(path)], 6, 4)
+            .unwrap()
+            .unwrap();
+        // Scores [1, 2]: the 4 defect pixels score 2; normal pixels: 12 covered by patch 0
+        // only score 1, 4 covered by both and 8 by patch 1 only score 2.
+        // AUC = (12 + 0.5 * 12) / (4 * 24) * 4 = 0.75.
+        let auc = truth.auroc(&[1.0, 2.0]).unwrap();
+        // Normal pixels: covered by patch 0 only: 16 - 4 = 12 at score 1; by patch 1: 12 at 2.
+        // AUC = P(defect > normal) + 1/2 P(tie) = 12/24 + 0.5 * 12/24 = 0.75.
+        assert!((auc - 0.75).abs() < 1e-12, "{auc}");
+        // Scores [2, 1]: the defect scores 1, tied with the 8 patch-1-only normal pixels and
+        // below the other 16: AUC = 0.5 * 8 / 24.
+        let auc = truth.auroc(&[2.0, 1.0]).unwrap();
+        assert!((auc - 1.0 / 6.0).abs() < 1e-12, "{auc}");
+        // A normal image adds only normal pixels; a defect image without a mask is left out.
+        let truth = PixelTruth::build(
+            &[(0, (0, 0)), (1, (0, 0))],
+            &[Mask::Normal, Mask::Missing],
+            6,
+            4,
+        )
+        .unwrap();
+        assert!(truth.is_none(), "no mask at all: no pixel AUROC");
+    }
+}

@@ -1,0 +1,302 @@
+//! One self-contained file per trained class, `<run>/<class>/model.mtad`: everything scoring
+//! needs, so that a class can be copied elsewhere and used by `mtad detect --model FILE`
+//! without its run directory.
+//!
+//! ```text
+//! b"MTAD-MODEL\n"  magic
+//! u32 LE           format version
+//! u64 LE           length of the header
+//! header           JSON: class, the run's config (with the teachers' names and sha256s), the
+//!                  best evaluation and its score normalisation, the calibrated threshold, the
+//!                  normal training inputs' scores, and each part's name, length and sha256
+//! parts            in header order: student.bpk, decoder.bpk, [weighting.bpk],
+//!                  [teacher_stats.bin]
+//! ```
+//!
+//! Every part is checked against its sha256 when loaded, and loading with other teachers than
+//! the class was trained with is refused.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use burn::module::Module;
+use burn::prelude::*;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::inputs::TeacherRunner;
+use super::model::{MtadModel, MtadModelConfig};
+use super::run::{BestRecord, TrainConfig};
+use crate::detect::calibrate;
+use crate::output::write_atomic_parts;
+use crate::scoring::evaluation::{RawScores, group_max};
+use crate::teachers::{TeacherStatistics, hex};
+use crate::{Error, Result};
+
+/// File name of a class's artifact inside its class folder.
+pub const ARTIFACT_FILE: &str = "model.mtad";
+const MAGIC: &[u8] = b"MTAD-MODEL\n";
+const VERSION: u32 = 1;
+/// Share of normal training images the default threshold flags.
+pub const DEFAULT_FLAG_RATE: f64 = 0.01;
+
+const STUDENT: &str = "student.bpk";
+const DECODER: &str = "decoder.bpk";
+const WEIGHTING: &str = "weighting.bpk";
+const STATISTICS: &str = "teacher_stats.bin";
+
+/// One stored part.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Part {
+    pub name: String,
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+/// The scores of the normal training inputs by the stored models, for thresholds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NormalScores {
+    /// Image of each input (MVTec: 25 consecutive patches per image).
+    pub groups: Vec<usize>,
+    pub images: usize,
+    pub scores: RawScores,
+}
+
+/// What the artifact says besides the network weights.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Header {
+    /// Class index and name in the run's dataset.
+    pub class_index: usize,
+    pub class_name: String,
+    pub config: TrainConfig,
+    /// The best evaluation (its epoch, AUCs) and the `nor` normalisation fitted then.
+    pub best: BestRecord,
+    /// Threshold on `nor` flagging [`DEFAULT_FLAG_RATE`] of the normal training images.
+    pub threshold: f64,
+    pub threshold_rate: f64,
+    pub normal: NormalScores,
+    pub parts: Vec<Part>,
+}
+
+/// A class's models, statistics and calibration.
+pub struct Artifact {
+    pub path: PathBuf,
+    pub header: Header,
+    parts: Vec<Vec<u8>>,
+}
+
+/// The record bytes of a model's parts.
+fn record_bytes<M: Module>(module: &M, name: &str) -> Result<burn::tensor::Bytes> {
+    module
+        .clone()
+        .into_record()
+        .into_bytes()
+        .map_err(|e| Error::Training(format!("saving {name}: {e}")))
+}
+
+impl Artifact {
+    /// Writes the artifact of a class's best evaluation: `model` and `normal` (its scores of
+    /// the normal training inputs) must be that evaluation's.
+    pub fn write(
+        path: &Path,
+        (class_index, class_name): (usize, &str),
+        config: &TrainConfig,
+        best: &BestRecord,
+        model: &MtadModel,
+        stats: Option<&TeacherStatistics>,
+        normal: NormalScores,
+    ) -> Result<()> {
+        let per_input: Vec<f64> = (0..normal.scores.len())
+            .map(|i| best.normaliser.score(&normal.scores, i))
+            .collect();
+        let threshold = calibrate(
+            &group_max(&per_input, &normal.groups, normal.images),
+            DEFAULT_FLAG_RATE,
+        )?;
+        let mut blobs: Vec<(&str, burn::tensor::Bytes)> = vec![
+            (STUDENT, record_bytes(&model.student, STUDENT)?),
+            (DECODER, record_bytes(&model.decoder, DECODER)?),
+        ];
+        if let Some(w) = &model.weighting {
+            blobs.push((WEIGHTING, record_bytes(w, WEIGHTING)?));
+        }
+        let stats_bytes = stats.map(TeacherStatistics::to_bytes);
+        let mut slices: Vec<(&str, &[u8])> = blobs.iter().map(|(n, b)| (*n, &b[..])).collect();
+        if let Some(s) = &stats_bytes {
+            slices.push((STATISTICS, s));
+        }
+        let header = Header {
+            class_index,
+            class_name: class_name.to_string(),
+            config: config.clone(),
+            best: best.clone(),
+            threshold,
+            threshold_rate: DEFAULT_FLAG_RATE,
+            normal,
+            parts: slices
+                .iter()
+                .map(|(name, bytes)| Part {
+                    name: name.to_string(),
+                    bytes: bytes.len() as u64,
+                    sha256: hex(&Sha256::digest(bytes)),
+                })
+                .collect(),
+        };
+        let json = serde_json::to_vec(&header)
+            .map_err(|e| Error::Training(format!("encoding {}: {e}", path.display())))?;
+        let version = VERSION.to_le_bytes();
+        let length = (json.len() as u64).to_le_bytes();
+        let mut all: Vec<&[u8]> = vec![MAGIC, &version, &length, &json];
+        all.extend(slices.iter().map(|(_, b)| *b));
+        write_atomic_parts(path, &all)
+    }
+
+    /// Reads an artifact and checks every part against its sha256.
+    pub fn read(path: &Path) -> Result<Self> {
+        let mut file = std::fs::File::open(path).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                Error::InvalidArgument(format!(
+                    "{} does not exist: the class has no trained model yet (did its training \
+                     reach an evaluation?)",
+                    path.display()
+                ))
+            } else {
+                Error::io(path, e)
+            }
+        })?;
+        let bad = |m: String| Error::invalid_file(path, m);
+        let truncated = |e: std::io::Error| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                bad("truncated: the file ends before its last part".into())
+            } else {
+                Error::io(path, e)
+            }
+        };
+        let mut magic = vec![0u8; MAGIC.len()];
+        file.read_exact(&mut magic).map_err(truncated)?;
+        if magic != MAGIC {
+            return Err(bad("not an mtad model file".into()));
+        }
+        let mut word = [0u8; 4];
+        file.read_exact(&mut word).map_err(truncated)?;
+        let version = u32::from_le_bytes(word);
+        if version != VERSION {
+            return Err(bad(format!(
+                "format version {version}; this mtad reads version {VERSION}"
+            )));
+        }
+        let mut long = [0u8; 8];
+        file.read_exact(&mut long).map_err(truncated)?;
+        let length = u64::from_le_bytes(long);
+        let size = file.metadata().map_err(|e| Error::io(path, e))?.len();
+        if length > size {
+            return Err(bad("truncated or corrupt header".into()));
+        }
+        let mut json = vec![0u8; length as usize];
+        file.read_exact(&mut json).map_err(truncated)?;
+        let header: Header =
+            serde_json::from_slice(&json).map_err(|e| bad(format!("header: {e}")))?;
+        let mut parts = Vec::with_capacity(header.parts.len());
+        for part in &header.parts {
+            let mut bytes = vec![0u8; part.bytes as usize];
+            file.read_exact(&mut bytes).map_err(truncated)?;
+            if hex(&Sha256::digest(&bytes)) != part.sha256 {
+                return Err(bad(format!(
+                    "{}: checksum mismatch (the file is corrupt)",
+                    part.name
+                )));
+            }
+            parts.push(bytes);
+        }
+        if file.read(&mut [0u8; 1]).map_err(|e| Error::io(path, e))? != 0 {
+            return Err(bad("unexpected bytes after the last part".into()));
+        }
+        Ok(Self {
+            path: path.to_path_buf(),
+            header,
+            parts,
+        })
+    }
+
+    fn part(&self, name: &str) -> Option<&[u8]> {
+        self.header
+            .parts
+            .iter()
+            .position(|p| p.name == name)
+            .map(|i| self.parts[i].as_slice())
+    }
+
+    /// Loads part `name` into `module`.
+    fn load<M: Module>(&self, module: M, name: &str) -> Result<M> {
+        let bytes = self
+            .part(name)
+            .ok_or_else(|| Error::invalid_file(&self.path, format!("{name} is missing")))?;
+        let record = burn::store::ModuleRecord::from_bytes(burn::tensor::Bytes::from_bytes_vec(
+            bytes.to_vec(),
+        ))
+        .and_then(|record| module.try_load_record(record));
+        record.map_err(|e| Error::invalid_file(&self.path, format!("{name}: {e}")))
+    }
+
+    /// The student, decoder and weighting, in inference mode.
+    pub fn model(&self, device: &Device) -> Result<MtadModel> {
+        let c = &self.header.config;
+        let model =
+            MtadModelConfig::new(c.student, c.image_size, c.teacher_names.len()).init(device)?;
+        let model = MtadModel {
+            student: self.load(model.student, STUDENT)?,
+            decoder: self.load(model.decoder, DECODER)?,
+            weighting: match model.weighting {
+                Some(w) => Some(self.load(w, WEIGHTING)?),
+                None => None,
+            },
+        };
+        Ok(model.valid())
+    }
+
+    /// The teacher statistics, after checking that `runner`'s teachers are the ones the class
+    /// was trained with (`None` for a run without teachers).
+    pub fn statistics(&self, runner: Option<&TeacherRunner>) -> Result<Option<TeacherStatistics>> {
+        let c = &self.header.config;
+        let have: Vec<String> = runner.map_or(Vec::new(), |r| {
+            r.ensemble.sha256s().iter().map(|s| s.to_string()).collect()
+        });
+        if have != c.teacher_sha256 {
+            let names: Vec<String> = runner.map_or(Vec::new(), |r| {
+                r.ensemble.names().iter().map(|s| s.to_string()).collect()
+            });
+            return Err(Error::Teacher {
+                name: c.teacher_names.join(", "),
+                message: format!(
+                    "{} was trained with the teachers {:?} (sha256 {:?}); the teachers loaded \
+                     now are {:?} (sha256 {:?}). Its scores are only valid with the teachers it \
+                     was trained with: load those (--teacher-weights, or a build with the same \
+                     ONNX exports)",
+                    self.path.display(),
+                    c.teacher_names,
+                    c.teacher_sha256,
+                    names,
+                    have
+                ),
+            });
+        }
+        match self.part(STATISTICS) {
+            Some(bytes) => {
+                let stats = TeacherStatistics::from_bytes(bytes)
+                    .map_err(|m| Error::invalid_file(&self.path, format!("{STATISTICS}: {m}")))?;
+                if stats.teacher_sha256 != c.teacher_sha256 {
+                    return Err(Error::invalid_file(
+                        &self.path,
+                        "its teacher statistics are of other teachers than its config's",
+                    ));
+                }
+                Ok(Some(stats))
+            }
+            None if runner.is_some() => Err(Error::invalid_file(
+                &self.path,
+                format!("{STATISTICS} is missing"),
+            )),
+            None => Ok(None),
+        }
+    }
+}
