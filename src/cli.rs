@@ -39,6 +39,10 @@ pub enum Command {
     /// nor), a decision against a threshold calibrated on normal training images only, the raw
     /// scores, and a heatmap PNG of the patch scores over the image.
     Detect(DetectArgs),
+    /// Summarise a trained run: per-class ROC curves (PNG) and a Markdown report with the
+    /// oracle and leakage-free AUCs side by side, the pixel AUROC where masks exist, and the
+    /// reference's published numbers next to ours.
+    Report(ReportArgs),
     /// The CPU demo: write the procedural dataset, train all three students for a few epochs
     /// with the tiny teachers at 32x32, print the AUC table (also what `mtad` with no arguments
     /// runs).
@@ -219,6 +223,16 @@ pub struct EnsembleArgs {
     /// Folder to write `eval_<dataset>.csv` into.
     #[arg(long, value_name = "DIR", default_value = "models/ensemble")]
     pub out: PathBuf,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ReportArgs {
+    /// The run directory `mtad train` wrote.
+    #[arg(long, value_name = "DIR")]
+    pub run: PathBuf,
+    /// Folder for report.md and the roc_<class>.png curves (default: <run>/report).
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -9,6 +9,7 @@ pub mod detect;
 pub mod device;
 pub mod error;
 pub mod output;
+pub mod report;
 pub mod scoring;
 pub mod students;
 pub mod teachers;

@@ -10,7 +10,7 @@ use clap::Parser;
 use multi_teacher_ad::{
     cli::{
         Cli, Command, DatasetKind, DemoArgs, DemoDataArgs, DetectArgs, DeviceArgs, EnsembleArgs,
-        InferArgs, InspectArgs, TeacherArgs, TeachersArgs, TrainArgs,
+        InferArgs, InspectArgs, ReportArgs, TeacherArgs, TeachersArgs, TrainArgs,
     },
     data::{
         demo::{DEMO_CATEGORIES, DemoSpec, write_demo_dataset},
@@ -59,6 +59,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Some(Command::Infer(args)) => infer(&args),
         Some(Command::Ensemble(args)) => ensemble(&args),
         Some(Command::Detect(args)) => detect(&args),
+        Some(Command::Report(args)) => report(&args),
         Some(Command::Inspect(args)) => inspect(&args),
         Some(Command::Teachers(args)) => teachers(&args),
         Some(Command::DemoData(args)) => demo_data(&args),
@@ -244,6 +245,30 @@ fn print_teacher_counts(summaries: &[RunSummary]) {
     }
 }
 
+fn report(args: &ReportArgs) -> Result<ExitCode> {
+    let out = args.out.clone().unwrap_or_else(|| args.run.join("report"));
+    let (path, classes) = multi_teacher_ad::report::write_report(&args.run, &out)
+        .with_context(|| format!("reporting on {}", args.run.display()))?;
+    let missing: Vec<&str> = classes
+        .iter()
+        .filter(|c| c.header.is_none())
+        .map(|c| c.name.as_str())
+        .collect();
+    if !missing.is_empty() {
+        println!(
+            "note: no evaluation yet for {} (left out of the means)",
+            missing.join(", ")
+        );
+    }
+    println!(
+        "wrote {} and {} ROC curve(s) in {}",
+        path.display(),
+        classes.iter().filter(|c| c.roc.is_some()).count(),
+        out.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 fn demo(args: &DemoArgs) -> Result<ExitCode> {
     let started = Instant::now();
     let device = select_device(args.device.device)?;
@@ -327,7 +352,14 @@ fn demo(args: &DemoArgs) -> Result<ExitCode> {
         println!();
     }
     for s in &summaries {
-        println!("{} run: {}", s.config.student, s.out.display());
+        let (report, _) = multi_teacher_ad::report::write_report(&s.out, &s.out.join("report"))
+            .with_context(|| format!("reporting on {}", s.out.display()))?;
+        println!(
+            "{} run: {} (report: {})",
+            s.config.student,
+            s.out.display(),
+            report.display()
+        );
     }
     print_teacher_counts(&summaries);
     println!(

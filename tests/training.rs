@@ -632,6 +632,77 @@ fn detect_scores_new_images_like_the_evaluation() {
         err.contains("not trained") && err.contains("weave"),
         "{err}"
     );
+
+    // mtad report: the table, the published-numbers section and a ROC curve per class.
+    let run_arg = out.to_str().unwrap();
+    let done = mtad(&["report", "--run", run_arg], None);
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    let report = read(&out.join("report/report.md"));
+    let e = &artifact.header.best.evaluation;
+    let row = format!(
+        "| weave | {} | {:.4} | {} | {:.4} | {:.4} | [roc](roc_weave.png) |",
+        artifact.header.best.epoch,
+        e.oracle().0,
+        multi_teacher_ad::scoring::evaluation::column_names()[e.oracle().1],
+        e.nor,
+        e.pixel_nor.unwrap()
+    );
+    assert!(report.contains(&row), "{row}\n{report}");
+    assert!(report.contains("TINY RANDOM TEACHERS"), "{report}");
+    assert!(
+        report.contains("no published numbers for a folder dataset"),
+        "{report}"
+    );
+    let roc = image::open(out.join("report/roc_weave.png")).unwrap();
+    assert_eq!((roc.width(), roc.height()), (440, 440));
+
+    // A missing or incomplete run directory is a clear error for every command.
+    let incomplete = tmp.path().join("incomplete");
+    std::fs::create_dir_all(&incomplete).unwrap();
+    let inc = incomplete.to_str().unwrap();
+    let image = data.join("weave/test/good");
+    let image = std::fs::read_dir(&image)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let image = image.to_str().unwrap();
+    for args in [
+        vec!["report", "--run", inc],
+        vec!["infer", "--run", inc],
+        vec!["detect", "--run", inc, "--class", "weave", image],
+    ] {
+        let failed = mtad(&args, None);
+        let err = String::from_utf8_lossy(&failed.stderr);
+        assert!(
+            !failed.status.success() && err.contains("not a run directory"),
+            "{args:?}: {err}"
+        );
+    }
+    std::fs::copy(out.join("config.json"), incomplete.join("config.json")).unwrap();
+    for (args, says) in [
+        (
+            vec!["report", "--run", inc],
+            "no class has a trained model yet",
+        ),
+        (vec!["infer", "--run", inc], "model.mtad does not exist"),
+        (
+            vec!["detect", "--run", inc, "--class", "weave", image],
+            "model.mtad does not exist",
+        ),
+    ] {
+        let failed = mtad(&args, None);
+        let err = String::from_utf8_lossy(&failed.stderr);
+        assert!(
+            !failed.status.success() && err.contains(says),
+            "{args:?}: {err}"
+        );
+    }
 }
 
 /// The class artifact of the tiny run: its parts, calibration, pixel AUROC, and its checks.

@@ -4,7 +4,7 @@ pub mod evaluation;
 pub mod pixel;
 pub mod roc_auc;
 
-pub use roc_auc::roc_auc;
+pub use roc_auc::{roc_auc, roc_curve};
 
 /// One weighting of the three raw scores: `r1 * AS_z + r2 * AS_cossim + r3 * AS_rec`.
 #[derive(Debug, Clone, Copy, PartialEq)]

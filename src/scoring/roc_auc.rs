@@ -54,9 +54,55 @@ pub fn roc_auc(scores: &[f64], labels: &[u8]) -> Result<f64> {
     Ok((rank_sum - p * (p + 1.0) / 2.0) / (p * negatives as f64))
 }
 
+/// The ROC curve: `(false positive rate, true positive rate)` points from `(0, 0)` to `(1, 1)`,
+/// one per distinct score (tied scores move both rates at once, a diagonal step). The area under
+/// it (trapezoids) is [`roc_auc`].
+pub fn roc_curve(scores: &[f64], labels: &[u8]) -> Result<Vec<(f64, f64)>> {
+    roc_auc(scores, labels)?;
+    let positives = labels.iter().filter(|&&l| l == 1).count() as f64;
+    let negatives = labels.len() as f64 - positives;
+    let mut order: Vec<usize> = (0..scores.len()).collect();
+    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
+    let mut points = vec![(0.0, 0.0)];
+    let (mut tp, mut fp) = (0.0, 0.0);
+    let mut start = 0;
+    while start < order.len() {
+        let mut end = start;
+        while end < order.len() && scores[order[end]] == scores[order[start]] {
+            if labels[order[end]] == 1 {
+                tp += 1.0;
+            } else {
+                fp += 1.0;
+            }
+            end += 1;
+        }
+        points.push((fp / negatives, tp / positives));
+        start = end;
+    }
+    Ok(points)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_area_under_the_curve_is_the_auc() {
+        let scores = [0.9, 0.7, 0.5, 0.3, 0.3, 0.1, 0.5];
+        let labels = [1, 0, 1, 1, 0, 0, 0];
+        let curve = roc_curve(&scores, &labels).unwrap();
+        assert_eq!(curve[0], (0.0, 0.0));
+        assert_eq!(*curve.last().unwrap(), (1.0, 1.0));
+        // One point per distinct score.
+        assert_eq!(curve.len(), 1 + 5);
+        let area: f64 = curve
+            .windows(2)
+            .map(|w| (w[1].0 - w[0].0) * (w[1].1 + w[0].1) / 2.0)
+            .sum();
+        let auc = roc_auc(&scores, &labels).unwrap();
+        assert!((area - auc).abs() < 1e-12, "{area} vs {auc}");
+        assert!(roc_curve(&[0.1, 0.2], &[1, 1]).is_err());
+    }
 
     #[test]
     fn hand_worked_cases() {

@@ -153,6 +153,15 @@ impl Artifact {
 
     /// Reads an artifact and checks every part against its sha256.
     pub fn read(path: &Path) -> Result<Self> {
+        Self::read_parts(path, true)
+    }
+
+    /// Reads only an artifact's header (without loading or checking its parts).
+    pub fn read_header(path: &Path) -> Result<Header> {
+        Self::read_parts(path, false).map(|a| a.header)
+    }
+
+    fn read_parts(path: &Path, with_parts: bool) -> Result<Self> {
         let mut file = std::fs::File::open(path).map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
                 Error::InvalidArgument(format!(
@@ -197,6 +206,20 @@ impl Artifact {
         let header: Header =
             serde_json::from_slice(&json).map_err(|e| bad(format!("header: {e}")))?;
         let mut parts = Vec::with_capacity(header.parts.len());
+        let stored: u64 = header.parts.iter().map(|p| p.bytes).sum();
+        if MAGIC.len() as u64 + 12 + length + stored != size {
+            return Err(bad(format!(
+                "truncated or corrupt: {size} bytes, its header describes {}",
+                MAGIC.len() as u64 + 12 + length + stored
+            )));
+        }
+        if !with_parts {
+            return Ok(Self {
+                path: path.to_path_buf(),
+                header,
+                parts,
+            });
+        }
         for part in &header.parts {
             let mut bytes = vec![0u8; part.bytes as usize];
             file.read_exact(&mut bytes).map_err(truncated)?;
@@ -207,9 +230,6 @@ impl Artifact {
                 )));
             }
             parts.push(bytes);
-        }
-        if file.read(&mut [0u8; 1]).map_err(|e| Error::io(path, e))? != 0 {
-            return Err(bad("unexpected bytes after the last part".into()));
         }
         Ok(Self {
             path: path.to_path_buf(),
