@@ -808,3 +808,76 @@ fn check_artifact(path: &Path, summary: &RunSummary) {
         .to_string();
     assert!(err.contains("does not exist"), "{err}");
 }
+
+#[test]
+fn every_command_works_on_the_demo_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, models) = (tmp.path().join("data"), tmp.path().join("models"));
+    let (data_arg, models_arg) = (data.to_str().unwrap(), models.to_str().unwrap());
+    let demo = mtad(
+        &[
+            "demo", "--epochs", "1", "--data", data_arg, "--out", models_arg, "--device", "cpu",
+        ],
+        None,
+    );
+    let stdout = String::from_utf8_lossy(&demo.stdout);
+    assert!(
+        demo.status.success(),
+        "{}",
+        String::from_utf8_lossy(&demo.stderr)
+    );
+    assert!(stdout.contains("Demo results"), "{stdout}");
+    let runs: Vec<PathBuf> = ["resnet", "vgg", "densenet"]
+        .iter()
+        .map(|s| models.join(s))
+        .collect();
+    for run in &runs {
+        assert!(run.join("report/report.md").is_file());
+        for class in ["weave", "grain", "disc", "washer"] {
+            assert!(run.join(class).join("model.mtad").is_file(), "{class}");
+        }
+    }
+    let ok = |args: &[&str]| {
+        let out = mtad(args, None);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let vgg = runs[1].to_str().unwrap();
+    ok(&["infer", "--run", vgg, "--device", "cpu"]);
+    assert_eq!(
+        read(&runs[1].join("infer/Eval_vgg.csv")),
+        read(&runs[1].join("Eval_vgg.csv"))
+    );
+    let ens = tmp.path().join("ens");
+    let run_args: Vec<&str> = runs.iter().map(|r| r.to_str().unwrap()).collect();
+    let mut args = vec!["ensemble", "--out", ens.to_str().unwrap(), "--runs"];
+    args.extend(&run_args);
+    ok(&args);
+    assert_eq!(rows(&read(&ens.join("eval_folder.csv"))).len(), 4 + 1);
+    let test = data.join("disc/test");
+    ok(&[
+        "detect",
+        "--run",
+        run_args[2],
+        "--class",
+        "disc",
+        test.to_str().unwrap(),
+    ]);
+    let detections = read(&runs[2].join("detect/disc/detections.csv"));
+    let images = std::fs::read_dir(&test)
+        .unwrap()
+        .map(|d| std::fs::read_dir(d.unwrap().path()).unwrap().count())
+        .sum::<usize>();
+    assert_eq!(rows(&detections).len(), images);
+    ok(&[
+        "report",
+        "--run",
+        run_args[0],
+        "--out",
+        tmp.path().join("r").to_str().unwrap(),
+    ]);
+    assert!(tmp.path().join("r/roc_washer.png").is_file());
+}
