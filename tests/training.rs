@@ -429,7 +429,7 @@ fn bad_input_is_reported_before_training() {
 }
 
 #[test]
-fn cifar_runs_the_teachers_once_for_every_class() {
+fn cifar_runs_the_teachers_once_per_image_of_the_trained_classes() {
     let tmp = tempfile::tempdir().unwrap();
     let cifar = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/cifar");
     let cache = tmp.path().join("cache");
@@ -439,8 +439,9 @@ fn cifar_runs_the_teachers_once_for_every_class() {
     r.batch_size = 2;
     r.epochs = 2;
     let first = run(r.clone());
-    // The fixture's 15 training and 10 test images, once for both classes; none per epoch.
-    assert_eq!(first.teacher_inputs, 15 + 10);
+    // Each class's 2 training images and the 10 test images (shared), once; none per epoch.
+    // (The fixture has 15 training images: the other classes' are not forwarded.)
+    assert_eq!(first.teacher_inputs, 2 + 2 + 10);
     assert_eq!(first.classes.len(), 2);
     assert_eq!(first.classes[1].name, "automobile");
     let scores = read(&tmp.path().join("cifar/airplane/scores_test.csv"));

@@ -606,7 +606,7 @@ impl Prepared {
         let mut results = Vec::new();
         let mut reference_inputs = 0u64;
         let cifar_caches = match (&self.data, &self.runner) {
-            (DataSet::Cifar(cifar), Some(runner)) => Some(self.cifar_caches(cifar, runner)?),
+            (DataSet::Cifar(cifar), Some(runner)) => Some(self.cifar_test_cache(cifar, runner)?),
             _ => None,
         };
         for (position, &class) in self.config.classes.iter().enumerate() {
@@ -695,65 +695,82 @@ impl Prepared {
         Ok(Arc::new(cache))
     }
 
-    fn cifar_caches(
+    /// The cache of the CIFAR-10 test set's teacher outputs, shared by every class.
+    fn cifar_test_cache(
         &self,
         cifar: &Cifar10,
         runner: &TeacherRunner,
-    ) -> Result<(Arc<EmbeddingCache>, Arc<EmbeddingCache>)> {
-        let mut out = Vec::new();
-        for (split, name) in [(&cifar.train, "train"), (&cifar.test, "test")] {
-            let set = self.cifar_set(split);
-            let description = format!(
-                "cifar10 {name} sha256 {}; resize {} crop {}",
-                split_digest(split),
-                self.config.cifar_resize,
-                self.config.image_size
-            );
-            let file = format!(
-                "cifar10-{name}-{}-{}.emb",
-                self.config.image_size,
-                &hex(&cache_key(&description))[..12]
-            );
-            out.push(self.cached(runner, &set, &file, &description)?);
-        }
-        let test = out.pop().expect("two caches");
-        let train = out.pop().expect("two caches");
-        Ok((train, test))
+    ) -> Result<Arc<EmbeddingCache>> {
+        let set = self.cifar_set(&cifar.test, None);
+        let description = format!(
+            "cifar10 test sha256 {}; resize {} crop {}",
+            split_digest(&cifar.test),
+            self.config.cifar_resize,
+            self.config.image_size
+        );
+        let file = format!(
+            "cifar10-test-{}-{}.emb",
+            self.config.image_size,
+            &hex(&cache_key(&description))[..12]
+        );
+        self.cached(runner, &set, &file, &description)
     }
 
-    fn cifar_set(&self, split: &CifarSplit) -> InputSet {
+    /// The images of `split` (those listed in `only`, in its order, or all) as network inputs.
+    fn cifar_set(&self, split: &CifarSplit, only: Option<&[usize]>) -> InputSet {
         let source = Arc::new(ImageSource::Cifar {
             split: Arc::new(split.clone()),
             resize: self.config.cifar_resize,
             crop: self.config.image_size,
         });
-        InputSet::whole(source, self.config.image_size)
+        let mut set = InputSet::whole(source, self.config.image_size);
+        if let Some(only) = only {
+            set.inputs = only.iter().map(|&i| (i, None)).collect();
+        }
+        set
     }
 
+    /// A class's data: its training images (their teacher outputs cached once per class) and
+    /// the whole test set (`test_cache`, shared by the classes).
     fn cifar_class(
         &self,
         cifar: &Cifar10,
         class: usize,
-        caches: Option<&(Arc<EmbeddingCache>, Arc<EmbeddingCache>)>,
+        test_cache: Option<&Arc<EmbeddingCache>>,
     ) -> Result<ClassData> {
         let split = cifar.one_class(class)?;
-        let train_set = Arc::new(self.cifar_set(&cifar.train));
-        let test_set = Arc::new(self.cifar_set(&cifar.test));
-        let (train_cache, test_cache) = match caches {
-            Some((a, b)) => (Some(a.clone()), Some(b.clone())),
-            None => (None, None),
-        };
-        let stats = match &train_cache {
-            Some(cache) => Some(Arc::new(self.statistics(cache, &split.train)?)),
+        let train_set = Arc::new(self.cifar_set(&cifar.train, Some(&split.train)));
+        let test_set = Arc::new(self.cifar_set(&cifar.test, None));
+        let train_cache = match &self.runner {
+            Some(runner) => {
+                let description = format!(
+                    "cifar10 train class {class} sha256 {}; resize {} crop {}",
+                    split_digest(&cifar.train),
+                    self.config.cifar_resize,
+                    self.config.image_size
+                );
+                let file = format!(
+                    "cifar10-train{class}-{}-{}.emb",
+                    self.config.image_size,
+                    &hex(&cache_key(&description))[..12]
+                );
+                Some(self.cached(runner, &train_set, &file, &description)?)
+            }
             None => None,
         };
+        let items: Vec<usize> = (0..split.train.len()).collect();
+        let stats = match &train_cache {
+            Some(cache) => Some(Arc::new(self.statistics(cache, &items)?)),
+            None => None,
+        };
+        let test_cache = test_cache.cloned();
         let n_train = split.train.len() as u64;
         let n_test = split.test.len() as u64;
         Ok(ClassData {
-            train_items: split.train.clone(),
+            train_items: items.clone(),
             train: TrainKind::Cached(train_set.clone()),
             norm_set: train_set,
-            norm_items: split.train,
+            norm_items: items,
             norm_cache: train_cache,
             test_groups: (0..split.test.len()).collect(),
             test_labels: split.test_labels,
@@ -1634,7 +1651,7 @@ impl Prepared {
     /// normalises with its normal training inputs, and writes `infer/Eval_<student>.csv`.
     pub fn infer(&self) -> Result<Vec<EvalRow>> {
         let cifar_caches = match (&self.data, &self.runner) {
-            (DataSet::Cifar(cifar), Some(runner)) => Some(self.cifar_caches(cifar, runner)?),
+            (DataSet::Cifar(cifar), Some(runner)) => Some(self.cifar_test_cache(cifar, runner)?),
             _ => None,
         };
         let mut rows = Vec::new();
