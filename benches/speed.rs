@@ -1,0 +1,525 @@
+//! Speed of this implementation against a PyTorch reference of the same computations
+//! (`benches/reference/`), timed the same way on the same machine in the same run.
+//!
+//! ```text
+//! cargo bench --bench speed                                   # every case at 224, with PyTorch
+//! cargo bench --bench speed -- --image-size 64 --only train/  # a subset, reduced size
+//! cargo bench --bench speed -- --end-to-end                   # also a whole CIFAR-sized class
+//! cargo bench --bench speed -- --help
+//! ```
+//!
+//! Every case runs `--warmup` untimed iterations, then `--iters` timed ones, and reports
+//! images/s = batch x iters / seconds. Cases: each teacher's forward pass (batch 8), each
+//! student's full training step (forward, both losses, backward, Adam, the loss read back;
+//! batch 8 and 32, from cached teacher z-scores as our runs train), evaluation scoring (batch 32),
+//! one epoch of the CPU demo per student (ours only), and with `--end-to-end` one CIFAR-sized
+//! class trained our way against the reference's way (teachers at every epoch) in PyTorch.
+//! Peak resident memory is printed for this process and for each end-to-end run.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use burn::optim::AdamConfig;
+use burn::prelude::*;
+use burn::tensor::Distribution;
+use burn::train::TrainStep;
+use clap::Parser;
+use multi_teacher_ad::data::demo::{DemoSpec, write_demo_dataset};
+use multi_teacher_ad::device::{DeviceChoice, select_device};
+use multi_teacher_ad::students::StudentKind;
+use multi_teacher_ad::teachers::{Teacher, TeacherFamily, TeacherId, TeacherSize, WeightsLocation};
+use multi_teacher_ad::training::model::{InputBatch, MtadModelConfig};
+use multi_teacher_ad::training::run::{TrainRequest, prepare};
+
+#[derive(Parser, Debug)]
+#[command(about = "Images per second of mtad and of a PyTorch reference, side by side")]
+struct Args {
+    /// Side of the network inputs (224 in the method; a multiple of 32).
+    #[arg(long, default_value_t = 224)]
+    image_size: usize,
+    /// Timed iterations per case.
+    #[arg(long, default_value_t = 3)]
+    iters: usize,
+    /// Untimed iterations before them.
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// Only the cases whose names start with one of these prefixes (comma-separated), e.g.
+    /// `teacher/,train/resnet18` (cases: teacher/<net>/b8, train/<student>/b8|b32,
+    /// score/<student>/b32, demo-epoch/<student>).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Backend for our side.
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Cpu)]
+    device: DeviceChoice,
+    /// Python interpreter with torch and torchvision (default: $MTAD_PYTHON, else python3).
+    /// Without torch the reference columns are left empty.
+    #[arg(long)]
+    python: Option<String>,
+    /// Torch device for the reference (cpu, cuda).
+    #[arg(long, default_value = "cpu")]
+    torch_device: String,
+    /// Do not run the PyTorch reference.
+    #[arg(long)]
+    no_reference: bool,
+    /// Also time one CIFAR-sized class end to end, ours against the reference's way.
+    #[arg(long)]
+    end_to_end: bool,
+    /// End to end: training images of the normal class (CIFAR-10: 5000).
+    #[arg(long, default_value_t = 5000)]
+    e2e_train: usize,
+    /// End to end: test images, all classes (CIFAR-10: 10000).
+    #[arg(long, default_value_t = 10000)]
+    e2e_test: usize,
+    /// End to end: epochs (one evaluation, after the last).
+    #[arg(long, default_value_t = 1)]
+    e2e_epochs: usize,
+    /// End to end: side of the network inputs.
+    #[arg(long, default_value_t = 32)]
+    e2e_image_size: usize,
+    /// End to end: the student.
+    #[arg(long, value_enum, default_value_t = StudentKind::Resnet)]
+    e2e_student: StudentKind,
+    /// (Passed by `cargo bench`; ignored.)
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+/// torchvision's name of a student, as the reference script names its cases.
+fn torch_name(kind: StudentKind) -> &'static str {
+    match kind {
+        StudentKind::Resnet => "resnet18",
+        StudentKind::Vgg => "vgg11",
+        StudentKind::Densenet => "densenet121",
+    }
+}
+
+struct Timing {
+    case: String,
+    images_per_s: f64,
+}
+
+/// Runs `step` warmup + iters times and returns images/s over the timed iterations.
+fn time(batch: usize, warmup: usize, iters: usize, mut step: impl FnMut()) -> f64 {
+    for _ in 0..warmup {
+        step();
+    }
+    let started = Instant::now();
+    for _ in 0..iters {
+        step();
+    }
+    (batch * iters) as f64 / started.elapsed().as_secs_f64()
+}
+
+fn selected(args: &Args, case: &str) -> bool {
+    args.only.is_empty() || args.only.iter().any(|p| case.starts_with(p.as_str()))
+}
+
+fn teacher_cases(args: &Args, device: &Device, out: &mut Vec<Timing>) {
+    let s = args.image_size;
+    for family in TeacherFamily::ALL {
+        let id = TeacherId::new(family, TeacherSize::Full);
+        let case = format!("teacher/{}/b8", id.name());
+        if !selected(args, &case) {
+            continue;
+        }
+        let teacher = match Teacher::load(id, &WeightsLocation::Build, device) {
+            Ok(t) => t,
+            Err(e) => {
+                println!("{case:<26} skipped: {e}");
+                continue;
+            }
+        };
+        device.seed(1);
+        let x: Tensor<4> = Tensor::random([8, 3, s, s], Distribution::Uniform(-1.0, 1.0), device);
+        let ips = time(8, args.warmup, args.iters, || {
+            let _ = teacher.forward(x.clone()).into_data();
+        });
+        report(&case, ips);
+        out.push(Timing {
+            case,
+            images_per_s: ips,
+        });
+    }
+}
+
+fn student_cases(args: &Args, device: &Device, out: &mut Vec<Timing>) {
+    let s = args.image_size;
+    for kind in StudentKind::ALL {
+        for batch in [8, 32] {
+            let case = format!("train/{}/b{batch}", torch_name(kind));
+            if !selected(args, &case) {
+                continue;
+            }
+            let ad = device.clone().autodiff();
+            ad.seed(1);
+            let mut model = Some(MtadModelConfig::new(kind, s, 3).init(&ad).unwrap());
+            let mut optim = AdamConfig::new().init();
+            let images = Tensor::random([batch, 3, s, s], Distribution::Uniform(-1.0, 1.0), &ad);
+            let teachers = Tensor::random([batch, 3, 1000], Distribution::Default, &ad);
+            let ips = time(batch, args.warmup, args.iters, || {
+                let m = model.take().unwrap();
+                let output = TrainStep::step(
+                    &m,
+                    InputBatch {
+                        images: images.clone(),
+                        teachers: Some(teachers.clone()),
+                    },
+                );
+                // As the training loop: the loss and its two parts read back every step.
+                let _ = output.item.loss.into_scalar::<f64>();
+                let _ = output.item.reconstruction.into_scalar::<f64>();
+                if let Some(kd) = output.item.distillation {
+                    let _ = kd.into_scalar::<f64>();
+                }
+                model = Some(optim.step(1e-3, m, output.grads));
+            });
+            report(&case, ips);
+            out.push(Timing {
+                case,
+                images_per_s: ips,
+            });
+        }
+        let case = format!("score/{}/b32", torch_name(kind));
+        if !selected(args, &case) {
+            continue;
+        }
+        device.seed(1);
+        let model = MtadModelConfig::new(kind, s, 3).init(device).unwrap();
+        let images = Tensor::random([32, 3, s, s], Distribution::Uniform(-1.0, 1.0), device);
+        let teachers = Tensor::random([32, 3, 1000], Distribution::Default, device);
+        let ips = time(32, args.warmup, args.iters, || {
+            let _ = model
+                .scores(InputBatch {
+                    images: images.clone(),
+                    teachers: Some(teachers.clone()),
+                })
+                .to_host()
+                .unwrap();
+        });
+        report(&case, ips);
+        out.push(Timing {
+            case,
+            images_per_s: ips,
+        });
+    }
+}
+
+/// One epoch of the CPU demo (its data, tiny teachers, 32x32) per student, evaluation included.
+fn demo_cases(args: &Args, device: &Device, out: &mut Vec<Timing>) {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let spec = DemoSpec {
+        train: 4,
+        test_good: 2,
+        test_defect: 1,
+        ..DemoSpec::default()
+    };
+    write_demo_dataset(&data, &spec).unwrap();
+    let cache = dir.path().join("cache");
+    for kind in StudentKind::ALL {
+        let case = format!("demo-epoch/{}", torch_name(kind));
+        if !selected(args, &case) {
+            continue;
+        }
+        let request = |out: &str| TrainRequest {
+            student: kind,
+            epochs: 1,
+            eval_every: 1,
+            cover: true,
+            ..TrainRequest::tiny_folder(&data, &dir.path().join(out), &cache, device.clone())
+        };
+        // The first run fills the teacher cache; the second is a demo epoch as it is run again.
+        let started = Instant::now();
+        let summary = prepare(request("first")).unwrap().run().unwrap();
+        let first = started.elapsed().as_secs_f64();
+        let started = Instant::now();
+        prepare(request("second")).unwrap().run().unwrap();
+        let second = started.elapsed().as_secs_f64();
+        // Images through the student per epoch: 4 categories x 4 training images x 4 crops.
+        let images = summary.classes.len() * spec.train * 4;
+        let ips = images as f64 / second;
+        println!(
+            "{case:<26} {ips:>10.2} img/s   one epoch + evaluation of 4 categories: {second:.1} s \
+             ({first:.1} s with the teacher cache built)"
+        );
+        out.push(Timing {
+            case,
+            images_per_s: ips,
+        });
+    }
+}
+
+fn report(case: &str, ips: f64) {
+    println!("{case:<26} {ips:>10.2} img/s");
+}
+
+fn python(args: &Args) -> String {
+    args.python
+        .clone()
+        .or_else(|| std::env::var("MTAD_PYTHON").ok())
+        .unwrap_or_else(|| "python3".into())
+}
+
+fn reference_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("benches/reference")
+}
+
+/// Whether `python` can import torch and torchvision.
+fn has_torch(python: &str) -> bool {
+    Command::new(python)
+        .args(["-c", "import torch, torchvision"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// The reference's images/s per case, from `bench.py --json`.
+fn reference_cases(args: &Args, cases: &[String]) -> Vec<(String, f64)> {
+    let py = python(args);
+    let mut cmd = Command::new(&py);
+    cmd.arg(reference_dir().join("bench.py"))
+        .args(["--json", "--image-size", &args.image_size.to_string()])
+        .args(["--iters", &args.iters.to_string()])
+        .args(["--warmup", &args.warmup.to_string()])
+        .args(["--device", &args.torch_device])
+        .args(["--only", &cases.join(",")])
+        .stderr(Stdio::inherit());
+    let output = match cmd.output() {
+        Ok(o) if o.status.success() => o,
+        Ok(o) => {
+            println!("the PyTorch reference failed ({})", o.status);
+            return Vec::new();
+        }
+        Err(e) => {
+            println!("the PyTorch reference did not start: {e}");
+            return Vec::new();
+        }
+    };
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| Some((v["case"].as_str()?.to_string(), v["images_per_s"].as_f64()?)))
+        .collect()
+}
+
+/// VmHWM (peak resident set) of a process, in MiB.
+fn peak_rss_mib(pid: &str) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+/// Runs `cmd` to the end; returns its wall time, its peak RSS (polled), its stdout.
+fn run_measured(mut cmd: Command) -> std::io::Result<(f64, Option<f64>, String, bool)> {
+    let started = Instant::now();
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()?;
+    let pid = child.id().to_string();
+    let stdout = child.stdout.take().expect("piped");
+    let reader = std::thread::spawn(move || std::io::read_to_string(stdout).unwrap_or_default());
+    let mut peak: Option<f64> = None;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if let Some(p) = peak_rss_mib(&pid) {
+            peak = Some(peak.map_or(p, |q: f64| q.max(p)));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let seconds = started.elapsed().as_secs_f64();
+    Ok((
+        seconds,
+        peak,
+        reader.join().unwrap_or_default(),
+        status.success(),
+    ))
+}
+
+/// Writes a CIFAR-10-shaped dataset (binary layout): `train` images per class in the five
+/// training batches, `test` images of all classes in the test batch. Each class has its own
+/// tint over seeded noise, so that a class is distinguishable.
+fn write_cifar(dir: &Path, train_per_class: usize, test: usize) {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut state = 0x1234_5678_u64;
+    let mut next = move || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (state >> 33) as u32
+    };
+    let mut record = |label: u8, out: &mut Vec<u8>| {
+        out.push(label);
+        for c in 0..3 {
+            let tint = (label as u32 * 25 + c as u32 * 60) % 200;
+            for _ in 0..1024 {
+                out.push((tint + next() % 56) as u8);
+            }
+        }
+    };
+    let total = train_per_class * 10;
+    let per_batch = total.div_ceil(5);
+    let mut written = 0;
+    for b in 1..=5 {
+        let mut bytes = Vec::new();
+        while written < total && written < b * per_batch {
+            record((written % 10) as u8, &mut bytes);
+            written += 1;
+        }
+        std::fs::write(dir.join(format!("data_batch_{b}.bin")), bytes).unwrap();
+    }
+    let mut bytes = Vec::new();
+    for i in 0..test {
+        record((i % 10) as u8, &mut bytes);
+    }
+    std::fs::write(dir.join("test_batch.bin"), bytes).unwrap();
+    let names = "airplane\nautomobile\nbird\ncat\ndeer\ndog\nfrog\nhorse\nship\ntruck\n";
+    std::fs::write(dir.join("batches.meta.txt"), names).unwrap();
+}
+
+fn end_to_end(args: &Args, reference: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("cifar-10-batches-bin");
+    write_cifar(&data, args.e2e_train, args.e2e_test);
+    let (epochs, s) = (args.e2e_epochs.to_string(), args.e2e_image_size.to_string());
+    println!(
+        "\nEnd to end: one CIFAR-sized class (normal class 0: {} training images, {} test \
+         images), student {}, {} epoch(s), evaluation after the last, batch 32, {s}x{s} inputs, \
+         the full-size teacher architectures",
+        args.e2e_train, args.e2e_test, args.e2e_student, args.e2e_epochs
+    );
+    let mut ours = Command::new(env!("CARGO_BIN_EXE_mtad"));
+    ours.args(["train", "--dataset", "cifar10", "--classes", "0"])
+        .arg("--data-root")
+        .arg(&data)
+        .args(["--student", args.e2e_student.name()])
+        .args(["--epochs", &epochs, "--eval-every", &epochs])
+        .args(["--image-size", &s, "--batch-size", "32", "--device", "cpu"])
+        .arg("--out")
+        .arg(dir.path().join("run"))
+        .arg("--cache-dir")
+        .arg(dir.path().join("cache"));
+    let ours = match run_measured(ours) {
+        Ok((seconds, peak, stdout, true)) => {
+            let inputs = stdout
+                .lines()
+                .find(|l| l.starts_with("teacher forwards"))
+                .unwrap_or("")
+                .trim()
+                .to_string();
+            println!(
+                "ours:      {seconds:>8.1} s wall, peak RSS {}; {inputs}",
+                peak.map_or("?".into(), |p| format!("{p:.0} MiB"))
+            );
+            Some(seconds)
+        }
+        Ok((_, _, stdout, false)) => {
+            println!(
+                "ours: failed (are the full-size teachers built in? onnx/refresh_teachers.py):\n{}",
+                stdout.lines().rev().take(5).collect::<Vec<_>>().join("\n")
+            );
+            None
+        }
+        Err(e) => {
+            println!("ours: did not start: {e}");
+            None
+        }
+    };
+    if !reference {
+        return;
+    }
+    let mut theirs = Command::new(python(args));
+    theirs
+        .arg(reference_dir().join("end_to_end.py"))
+        .arg("--cifar")
+        .arg(&data)
+        .args(["--student", torch_name(args.e2e_student)])
+        .args(["--epochs", &epochs, "--eval-every", &epochs])
+        .args(["--image-size", &s, "--batch-size", "32", "--json"])
+        .args(["--train", &args.e2e_train.to_string()])
+        .args(["--test", &args.e2e_test.to_string()])
+        .args(["--device", &args.torch_device]);
+    match run_measured(theirs) {
+        Ok((seconds, peak, stdout, true)) => {
+            let inputs = stdout
+                .lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .find_map(|v| v["teacher_inputs"].as_u64())
+                .map_or(String::new(), |n| format!("{n} teacher inputs"));
+            println!(
+                "reference: {seconds:>8.1} s wall, peak RSS {}; {inputs}",
+                peak.map_or("?".into(), |p| format!("{p:.0} MiB"))
+            );
+            if let Some(ours) = ours {
+                println!(
+                    "ours / reference wall time: {:.2} (speed-up {:.2}x)",
+                    ours / seconds,
+                    seconds / ours
+                );
+            }
+        }
+        Ok((_, _, _, false)) => println!("reference: failed"),
+        Err(e) => println!("reference: did not start: {e}"),
+    }
+}
+
+fn main() {
+    let args = Args::parse();
+    let device = select_device(args.device).unwrap_or_else(|e| {
+        eprintln!("{e}");
+        std::process::exit(2)
+    });
+    println!(
+        "mtad speed: {} (rayon threads {}), inputs {s}x{s}, {} warm-up + {} timed iterations",
+        device,
+        rayon::current_num_threads(),
+        args.warmup,
+        args.iters,
+        s = args.image_size
+    );
+    let mut ours = Vec::new();
+    teacher_cases(&args, &device.device, &mut ours);
+    student_cases(&args, &device.device, &mut ours);
+    demo_cases(&args, &device.device, &mut ours);
+    println!(
+        "peak RSS of this process so far: {:.0} MiB",
+        peak_rss_mib("self").unwrap_or(f64::NAN)
+    );
+
+    let py = python(&args);
+    let reference = !args.no_reference && has_torch(&py);
+    if !args.no_reference && !reference {
+        println!("\n{py} cannot import torch and torchvision: no PyTorch reference (--python)");
+    }
+    let comparable: Vec<String> = ours
+        .iter()
+        .map(|t| t.case.clone())
+        .filter(|c| !c.starts_with("demo-epoch"))
+        .collect();
+    if reference && !comparable.is_empty() {
+        println!("\nPyTorch reference ({py}, benches/reference/bench.py), same cases:");
+        let theirs = reference_cases(&args, &comparable);
+        println!(
+            "\n{:<26} {:>12} {:>12} {:>14}",
+            "case", "ours img/s", "torch img/s", "ours/torch"
+        );
+        for t in &ours {
+            let r = theirs.iter().find(|(c, _)| *c == t.case).map(|(_, v)| *v);
+            println!(
+                "{:<26} {:>12.2} {:>12} {:>14}",
+                t.case,
+                t.images_per_s,
+                r.map_or("-".into(), |v| format!("{v:.2}")),
+                r.map_or("-".into(), |v| format!("{:.2}x", t.images_per_s / v))
+            );
+        }
+    }
+    if args.end_to_end {
+        end_to_end(&args, reference);
+    }
+}
