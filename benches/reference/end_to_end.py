@@ -151,7 +151,8 @@ def run(args, train_data, train_labels, test_data, test_labels, device):
 
     started = time.perf_counter()
     torch.manual_seed(args.seed)
-    teachers = [nets.build_teacher(name).to(device) for name in nets.TEACHERS]
+    names = nets.TINY_TEACHERS if args.tiny_teachers else nets.TEACHERS
+    teachers = [nets.build_teacher(name).to(device) for name in names]
     net_sen = nets.build_student(args.student).to(device)
     net_sde = nets.Decoder(args.image_size).to(device)
     net_weight = nets.Weight(len(teachers)).to(device)
@@ -296,6 +297,9 @@ def main():
                         help="a cifar-10-batches-py or cifar-10-batches-bin folder: use its "
                              "images (first --train of the normal class, first --test of the "
                              "test set)")
+    parser.add_argument("--tiny-teachers", action="store_true",
+                        help="the tiny fixture teachers of onnx/refresh_teachers.py instead of "
+                             "resnet152, vgg19 and densenet201 (as `mtad train --tiny-teachers`)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads(N) (default: torch's own default)")
     parser.add_argument("--device", type=str, default="cpu",

@@ -106,8 +106,21 @@ def build_student(name: str) -> nn.Module:
     return model
 
 
+TINY_TEACHERS = ("tiny_resnet", "tiny_vgg", "tiny_densenet")
+
+
 def build_teacher(name: str) -> nn.Module:
-    """A torchvision teacher, random weights (no internet here), in eval mode like the reference's."""
+    """A torchvision teacher, random weights (no internet here), in eval mode like the reference's.
+    `tiny_*`: the tiny fixture teachers of onnx/refresh_teachers.py (the ones our tests and CPU
+    demo use, same architectures as their committed ONNX exports; random weights)."""
+    if name in TINY_TEACHERS:
+        import importlib.util
+        import os
+        path = os.path.join(os.path.dirname(__file__), "..", "..", "onnx", "refresh_teachers.py")
+        spec = importlib.util.spec_from_file_location("refresh_teachers", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.tiny_networks(nn, torch)[name]().eval()
     if name not in TEACHERS:
         raise ValueError(f"unknown teacher {name!r}; one of {', '.join(TEACHERS)}")
     return getattr(torchvision.models, name)(weights=None).eval()
