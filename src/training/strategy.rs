@@ -259,7 +259,21 @@ impl SupervisedLearningStrategy<MtadModel> for EvalEveryStrategy {
                     self.fail(&interrupter, e);
                     break 'epochs;
                 }
-                let loss = output.item.loss.clone().into_scalar::<f64>();
+                // One read back per step: the loss and its parts together.
+                let mut parts = vec![output.item.loss.clone(), output.item.reconstruction.clone()];
+                parts.extend(output.item.distillation.clone());
+                let values = match Tensor::cat(parts, 0)
+                    .into_data()
+                    .convert::<f64>()
+                    .try_into_vec::<f64>()
+                {
+                    Ok(v) => v,
+                    Err(e) => {
+                        self.fail(&interrupter, Error::Training(format!("the loss: {e:?}")));
+                        break 'epochs;
+                    }
+                };
+                let loss = values[0];
                 if !loss.is_finite() {
                     self.fail(
                         &interrupter,
@@ -272,9 +286,9 @@ impl SupervisedLearningStrategy<MtadModel> for EvalEveryStrategy {
                     break 'epochs;
                 }
                 sums.total += loss;
-                sums.reconstruction += output.item.reconstruction.clone().into_scalar::<f64>();
-                if let Some(kd) = &output.item.distillation {
-                    *sums.distillation.get_or_insert(0.0) += kd.clone().into_scalar::<f64>();
+                sums.reconstruction += values[1];
+                if let Some(&kd) = values.get(2) {
+                    *sums.distillation.get_or_insert(0.0) += kd;
                 }
                 sums.steps += 1;
                 learner.lr_step();

@@ -1,0 +1,82 @@
+"""PyTorch side of benches/burn_gap.rs: the single operations where Burn's CPU backend loses
+time against PyTorch, timed the same way (warm-up, then timed iterations, wall clock).
+
+One JSON line per case with --json: {"case", "ms"} (milliseconds per iteration)."""
+
+import argparse
+import json
+import time
+
+import torch
+import torch.nn as nn
+
+
+def timed(step, warmup, iters):
+    for _ in range(warmup):
+        step()
+    start = time.perf_counter()
+    for _ in range(iters):
+        step()
+    return (time.perf_counter() - start) * 1e3 / iters
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--iters", type=int, default=5, help="timed iterations (default 5)")
+    parser.add_argument("--warmup", type=int, default=1, help="warm-up iterations (default 1)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads(N) (default: torch's own default)")
+    parser.add_argument("--json", action="store_true", help="one JSON line per case")
+    args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    results = []
+
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    results.append(("matmul/1024", timed(lambda: a @ b, args.warmup, args.iters)))
+
+    # (name, batch, channels in, channels out, side): a resnet18 layer-1 convolution and the
+    # decoder's last block (few channels at full resolution).
+    for name, n, cin, cout, side in [("conv3x3/64ch-56px", 8, 64, 64, 56),
+                                     ("conv3x3/8ch-224px", 8, 8, 8, 224)]:
+        conv = nn.Conv2d(cin, cout, 3, padding=1)
+        x = torch.randn(n, cin, side, side)
+        with torch.no_grad():
+            results.append((f"{name}/forward", timed(lambda: conv(x), args.warmup, args.iters)))
+        xg = x.clone().requires_grad_(True)
+
+        def step():
+            conv.zero_grad(set_to_none=True)
+            xg.grad = None
+            conv(xg).sum().backward()
+        results.append((f"{name}/forward+backward", timed(step, args.warmup, args.iters)))
+
+    bn = nn.BatchNorm2d(8).train()
+    x = torch.randn(8, 8, 224, 224, requires_grad=True)
+
+    def bn_step():
+        x.grad = None
+        nn.functional.leaky_relu(bn(x), 0.2).sum().backward()
+    results.append(("batchnorm+leakyrelu/8ch-224px/forward+backward",
+                    timed(bn_step, args.warmup, args.iters)))
+
+    def relu_step():
+        x.grad = None
+        nn.functional.leaky_relu(x, 0.2).sum().backward()
+    results.append(("leakyrelu/8ch-224px/forward+backward", timed(relu_step, args.warmup, args.iters)))
+
+    def sum_only():
+        x.grad = None
+        x.sum().backward()
+    results.append(("sum/8ch-224px/forward+backward", timed(sum_only, args.warmup, args.iters)))
+
+    for case, ms in results:
+        if args.json:
+            print(json.dumps({"case": case, "ms": ms}))
+        else:
+            print(f"{case:<50} {ms:10.2f} ms")
+
+
+if __name__ == "__main__":
+    main()
