@@ -7,6 +7,7 @@
 //! label 1 (anomalous) when the class is not k.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use rayon::prelude::*;
 
@@ -86,10 +87,11 @@ pub struct Cifar10 {
     pub layout: CifarLayout,
     /// The names in `batches.meta` (`batches.meta.txt`), in label order.
     pub class_names: Vec<String>,
-    /// `data_batch_1` to `data_batch_5`, in that order.
-    pub train: CifarSplit,
+    /// `data_batch_1` to `data_batch_5`, in that order (shared, not copied, by the inputs that
+    /// read it).
+    pub train: Arc<CifarSplit>,
     /// `test_batch`.
-    pub test: CifarSplit,
+    pub test: Arc<CifarSplit>,
 }
 
 /// The one-class split of METHOD.md for a normal class.
@@ -144,8 +146,8 @@ impl Cifar10 {
             root: dir,
             layout,
             class_names,
-            train,
-            test,
+            train: Arc::new(train),
+            test: Arc::new(test),
         })
     }
 
@@ -420,14 +422,14 @@ mod tests {
             root: PathBuf::from("x"),
             layout: CifarLayout::Binary,
             class_names: CLASSES.iter().map(|s| s.to_string()).collect(),
-            train: CifarSplit {
+            train: Arc::new(CifarSplit {
                 images: vec![0; 4 * IMAGE_BYTES],
                 labels: vec![1, 0, 1, 2],
-            },
-            test: CifarSplit {
+            }),
+            test: Arc::new(CifarSplit {
                 images: vec![0; 3 * IMAGE_BYTES],
                 labels: vec![1, 5, 1],
-            },
+            }),
         };
         let split = data.one_class(1).unwrap();
         assert_eq!(split.train, vec![0, 2]);

@@ -717,9 +717,9 @@ impl Prepared {
     }
 
     /// The images of `split` (those listed in `only`, in its order, or all) as network inputs.
-    fn cifar_set(&self, split: &CifarSplit, only: Option<&[usize]>) -> InputSet {
+    fn cifar_set(&self, split: &Arc<CifarSplit>, only: Option<&[usize]>) -> InputSet {
         let source = Arc::new(ImageSource::Cifar {
-            split: Arc::new(split.clone()),
+            split: split.clone(),
             resize: self.config.cifar_resize,
             crop: self.config.image_size,
         });
