@@ -278,13 +278,9 @@ impl Artifact {
     /// was trained with (`None` for a run without teachers).
     pub fn statistics(&self, runner: Option<&TeacherRunner>) -> Result<Option<TeacherStatistics>> {
         let c = &self.header.config;
-        let have: Vec<String> = runner.map_or(Vec::new(), |r| {
-            r.ensemble.sha256s().iter().map(|s| s.to_string()).collect()
-        });
+        let have: Vec<String> = runner.map_or(Vec::new(), |r| r.sha256s().to_vec());
         if have != c.teacher_sha256 {
-            let names: Vec<String> = runner.map_or(Vec::new(), |r| {
-                r.ensemble.names().iter().map(|s| s.to_string()).collect()
-            });
+            let names: Vec<String> = runner.map_or(Vec::new(), |r| r.names().to_vec());
             return Err(Error::Teacher {
                 name: c.teacher_names.join(", "),
                 message: format!(

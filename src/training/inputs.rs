@@ -185,7 +185,10 @@ pub fn images_tensor(images: &[FloatImage], device: &Device) -> Tensor<4> {
 
 /// The frozen teachers with a count of the inputs they ran on.
 pub struct TeacherRunner {
-    pub ensemble: TeacherEnsemble,
+    /// `None` once [`release`](Self::release)d.
+    ensemble: std::sync::RwLock<Option<TeacherEnsemble>>,
+    names: Vec<String>,
+    sha256s: Vec<String>,
     pub device: Device,
     /// Network inputs passed through the teachers (each through every teacher).
     pub inputs_forwarded: AtomicU64,
@@ -194,28 +197,59 @@ pub struct TeacherRunner {
 impl TeacherRunner {
     pub fn new(ensemble: TeacherEnsemble, device: Device) -> Self {
         Self {
-            ensemble,
+            names: ensemble.names().iter().map(|s| s.to_string()).collect(),
+            sha256s: ensemble.sha256s().iter().map(|s| s.to_string()).collect(),
+            ensemble: std::sync::RwLock::new(Some(ensemble)),
             device,
             inputs_forwarded: AtomicU64::new(0),
         }
     }
 
     pub fn len(&self) -> usize {
-        self.ensemble.len()
+        self.names.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.ensemble.is_empty()
+        self.names.is_empty()
+    }
+
+    /// The teachers' names, in order.
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
+
+    /// The teachers' ONNX sha256s, in order.
+    pub fn sha256s(&self) -> &[String] {
+        &self.sha256s
+    }
+
+    /// Frees the teachers' weights (about 0.9 GB for the ImageNet ones) once every output a run
+    /// needs is cached; [`raw`](Self::raw) is an error afterwards.
+    pub fn release(&self) {
+        if let Ok(mut ensemble) = self.ensemble.write() {
+            *ensemble = None;
+        }
     }
 
     /// Every teacher's raw output for `images`, item-major: `[item][teacher][1000]`.
     pub fn raw(&self, images: &[FloatImage]) -> Result<Vec<f32>> {
         let n = images.len();
-        let k = self.ensemble.len();
+        let k = self.len();
         if n == 0 {
             return Ok(Vec::new());
         }
-        let outputs = self.ensemble.forward(images_tensor(images, &self.device));
+        let guard = self
+            .ensemble
+            .read()
+            .map_err(|_| Error::Training("the teachers' lock is poisoned".into()))?;
+        let ensemble = guard.as_ref().ok_or_else(|| {
+            Error::Training(
+                "the teachers were released after the caches were built, but an output is \
+                 missing from them (was a cache file deleted during the run?): run again"
+                    .into(),
+            )
+        })?;
+        let outputs = ensemble.forward(images_tensor(images, &self.device));
         self.inputs_forwarded.fetch_add(n as u64, Ordering::Relaxed);
         let per_teacher = outputs
             .into_iter()

@@ -445,20 +445,7 @@ pub(crate) fn load_teachers(
 /// The teachers' names and sha256s, in order.
 fn teacher_identity(runner: Option<&TeacherRunner>) -> (Vec<String>, Vec<String>) {
     match runner {
-        Some(runner) => (
-            runner
-                .ensemble
-                .names()
-                .iter()
-                .map(|s| s.to_string())
-                .collect(),
-            runner
-                .ensemble
-                .sha256s()
-                .iter()
-                .map(|s| s.to_string())
-                .collect(),
-        ),
+        Some(runner) => (runner.names().to_vec(), runner.sha256s().to_vec()),
         None => (Vec::new(), Vec::new()),
     }
 }
@@ -606,7 +593,7 @@ impl Prepared {
         let mut results = Vec::new();
         let mut reference_inputs = 0u64;
         let cifar_caches = match (&self.data, &self.runner) {
-            (DataSet::Cifar(cifar), Some(runner)) => Some(self.cifar_test_cache(cifar, runner)?),
+            (DataSet::Cifar(cifar), Some(runner)) => Some(self.cifar_caches(cifar, runner)?),
             _ => None,
         };
         for (position, &class) in self.config.classes.iter().enumerate() {
@@ -695,6 +682,41 @@ impl Prepared {
         Ok(Arc::new(cache))
     }
 
+    /// Builds (or checks) every teacher-output cache of the run's CIFAR-10 classes, then frees
+    /// the teachers' weights: nothing else needs them. Returns the test set's cache.
+    fn cifar_caches(&self, cifar: &Cifar10, runner: &TeacherRunner) -> Result<Arc<EmbeddingCache>> {
+        let test = self.cifar_test_cache(cifar, runner)?;
+        for &class in &self.config.classes {
+            let split = cifar.one_class(class)?;
+            self.cifar_train_cache(cifar, class, &split.train, runner)?;
+        }
+        runner.release();
+        Ok(test)
+    }
+
+    /// The cache of a class's training images' teacher outputs.
+    fn cifar_train_cache(
+        &self,
+        cifar: &Cifar10,
+        class: usize,
+        images: &[usize],
+        runner: &TeacherRunner,
+    ) -> Result<Arc<EmbeddingCache>> {
+        let set = self.cifar_set(&cifar.train, Some(images));
+        let description = format!(
+            "cifar10 train class {class} sha256 {}; resize {} crop {}",
+            split_digest(&cifar.train),
+            self.config.cifar_resize,
+            self.config.image_size
+        );
+        let file = format!(
+            "cifar10-train{class}-{}-{}.emb",
+            self.config.image_size,
+            &hex(&cache_key(&description))[..12]
+        );
+        self.cached(runner, &set, &file, &description)
+    }
+
     /// The cache of the CIFAR-10 test set's teacher outputs, shared by every class.
     fn cifar_test_cache(
         &self,
@@ -742,20 +764,7 @@ impl Prepared {
         let train_set = Arc::new(self.cifar_set(&cifar.train, Some(&split.train)));
         let test_set = Arc::new(self.cifar_set(&cifar.test, None));
         let train_cache = match &self.runner {
-            Some(runner) => {
-                let description = format!(
-                    "cifar10 train class {class} sha256 {}; resize {} crop {}",
-                    split_digest(&cifar.train),
-                    self.config.cifar_resize,
-                    self.config.image_size
-                );
-                let file = format!(
-                    "cifar10-train{class}-{}-{}.emb",
-                    self.config.image_size,
-                    &hex(&cache_key(&description))[..12]
-                );
-                Some(self.cached(runner, &train_set, &file, &description)?)
-            }
+            Some(runner) => Some(self.cifar_train_cache(cifar, class, &split.train, runner)?),
             None => None,
         };
         let items: Vec<usize> = (0..split.train.len()).collect();
@@ -1651,7 +1660,7 @@ impl Prepared {
     /// normalises with its normal training inputs, and writes `infer/Eval_<student>.csv`.
     pub fn infer(&self) -> Result<Vec<EvalRow>> {
         let cifar_caches = match (&self.data, &self.runner) {
-            (DataSet::Cifar(cifar), Some(runner)) => Some(self.cifar_test_cache(cifar, runner)?),
+            (DataSet::Cifar(cifar), Some(runner)) => Some(self.cifar_caches(cifar, runner)?),
             _ => None,
         };
         let mut rows = Vec::new();
