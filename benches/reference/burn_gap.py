@@ -71,6 +71,17 @@ def main():
         x.sum().backward()
     results.append(("sum/8ch-224px/forward+backward", timed(sum_only, args.warmup, args.iters)))
 
+    linear = nn.Linear(3500, 3500, bias=False)
+    adam = torch.optim.Adam(linear.parameters(), lr=1e-3)
+    row = torch.randn(1, 3500)
+
+    def adam_step():
+        linear(row).sum().backward()
+        adam.step()
+        adam.zero_grad(set_to_none=True)
+    results.append(("adam/12.25M-params/forward+backward+step",
+                    timed(adam_step, args.warmup, args.iters)))
+
     for case, ms in results:
         if args.json:
             print(json.dumps({"case": case, "ms": ms}))
