@@ -185,14 +185,8 @@ fn a_run_writes_its_directory_and_reuses_the_teacher_cache() {
     assert_eq!(scores.lines().count(), 1 + 4 * 25);
     let stats = TeacherStatistics::load(&class_dir.join("teacher_stats.bin")).unwrap();
     assert_eq!(stats.count, 8 * 25);
-    // Only the latest checkpoint is kept.
-    let checkpoints: Vec<String> = std::fs::read_dir(class_dir.join("checkpoint"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    let mut sorted = checkpoints.clone();
-    sorted.sort();
-    assert_eq!(sorted, ["model-2.bpk", "optim-2.bpk", "scheduler-2.bpk"]);
+    // A finished class keeps no checkpoint (model.mtad holds its best evaluation).
+    assert!(!class_dir.join("checkpoint").exists());
 
     // Inference with the saved best models reproduces the training-time table exactly.
     let prepared = Prepared::for_run(&out, None, &WeightsLocation::Build, Device::flex()).unwrap();
@@ -293,7 +287,7 @@ fn train_args<'a>(data: &'a str, out: &'a str, cache: &'a str) -> Vec<&'a str> {
         "--epochs",
         "4",
         "--eval-every",
-        "2",
+        "1",
         "--image-size",
         "32",
         "--tiny-teachers",
@@ -334,6 +328,16 @@ fn a_killed_run_resumes_to_the_same_results() {
     let progress = read(&killed.join("grain/progress.json"));
     assert!(progress.contains("\"checkpoint_epoch\": 2"), "{progress}");
     assert!(!progress.contains("\"complete\": true"));
+    // Checkpoints at every evaluation (each epoch here); only the latest is kept.
+    let mut checkpoints: Vec<String> = std::fs::read_dir(killed.join("grain/checkpoint"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    checkpoints.sort();
+    assert_eq!(
+        checkpoints,
+        ["model-2.bpk", "optim-2.bpk", "scheduler-2.bpk"]
+    );
 
     let mut resume = args.clone();
     resume.push("--resume");
@@ -355,6 +359,7 @@ fn a_killed_run_resumes_to_the_same_results() {
             "{table} differs after resuming"
         );
     }
+    assert!(!killed.join("grain/checkpoint").exists());
 
     // Resuming with other settings is refused.
     let mut other = resume.clone();

@@ -11,7 +11,8 @@
 //! <out>/<class>/scores_test.csv     per test input: path, patch, label, AS_z, AS_cossim, AS_rec
 //! <out>/<class>/scores_train.csv    the same for the normal training inputs (for nor)
 //! <out>/<class>/progress.json       evaluations so far and the latest checkpoint
-//! <out>/<class>/checkpoint/         model/optim/scheduler-<epoch>.bpk (no teacher weights)
+//! <out>/<class>/checkpoint/         model/optim/scheduler-<epoch>.bpk (no teacher weights),
+//!                                   removed when the class is finished
 //! <out>/<class>/burn/               Burn's training logs
 //! ```
 //!
@@ -1476,8 +1477,15 @@ impl ClassSession for Session {
 impl Session {
     fn finish_class(&mut self) -> Result<ClassProgress> {
         self.progress.complete = true;
+        self.progress.checkpoint_epoch = None;
         write_json(&self.dir.join("progress.json"), &self.progress)?;
         write_tables(&self.out, &self.config, Some(&self.progress))?;
+        // A finished class is never resumed: its checkpoint (for vgg11 about 2 GB of weights
+        // and Adam state) has served its purpose; model.mtad holds the best evaluation.
+        if self.checkpoint_dir.exists() {
+            std::fs::remove_dir_all(&self.checkpoint_dir)
+                .map_err(|e| Error::io(&self.checkpoint_dir, e))?;
+        }
         Ok(self.progress.clone())
     }
 }
