@@ -22,59 +22,33 @@ TEACHERS = ("resnet152", "vgg19", "densenet201")
 
 
 # ---- The reference's decoder and weighting (finTS.py), output size configurable ----
-# (copied from tests/fixtures/networks/make_fixtures.py; keep the two in step)
+# The definitions our Rust decoder and weighting are tested against (their PyTorch fixtures):
+# tests/fixtures/networks/make_fixtures.py, loaded from there rather than copied.
 
 
-class Upsample(nn.Module):
-    def __init__(self, in_c, out_c):
-        super().__init__()
-        act = nn.LeakyReLU(0.2)
-        self.up = nn.Sequential(
-            nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True),
-            nn.Conv2d(in_c, in_c, kernel_size=3, padding="same"),
-            nn.BatchNorm2d(in_c),
-            act,
-        )
-        self.conv1 = nn.Conv2d(in_c, in_c, kernel_size=3, padding="same")
-        self.bn1 = nn.BatchNorm2d(in_c)
-        self.act1 = act
-        self.conv2 = nn.Conv2d(in_c, out_c, kernel_size=3, padding="same")
-        self.bn2 = nn.BatchNorm2d(out_c)
-        self.act2 = act
-
-    def forward(self, x):
-        x = self.up(x)
-        x = self.conv1(x)
-        x = self.conv1(x)  # the reference calls conv1 twice
-        x = self.act1(self.bn1(x))
-        return self.act2(self.bn2(self.conv2(x)))
+def _load_fixture_networks():
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "tests",
+                        "fixtures", "networks", "make_fixtures.py")
+    spec = importlib.util.spec_from_file_location("make_fixtures", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-class Decoder(nn.Module):
+_fixtures = _load_fixture_networks()
+Upsample = _fixtures.Upsample
+Weight = _fixtures.Weight
+
+
+class Decoder(_fixtures.Decoder):
+    """The fixture decoder, refusing an output size that is not a positive multiple of 32."""
+
     def __init__(self, output_size=224, embedding_dim=1000):
-        super().__init__()
         if output_size <= 0 or output_size % 32 != 0:
             raise ValueError(f"decoder output size {output_size} is not a positive multiple of 32")
-        self.grid = output_size // 32
-        self.linear1 = nn.Linear(embedding_dim, 128 * self.grid * self.grid)
-        self.up1 = Upsample(128, 64)
-        self.up2 = Upsample(64, 32)
-        self.up3 = Upsample(32, 16)
-        self.up4 = Upsample(16, 8)
-        self.up5 = Upsample(8, 3)
-
-    def forward(self, z):
-        x = torch.reshape(self.linear1(z), [-1, 128, self.grid, self.grid])
-        return self.up5(self.up4(self.up3(self.up2(self.up1(x)))))
-
-
-class Weight(nn.Module):
-    def __init__(self, n):
-        super().__init__()
-        self.w = nn.Parameter(torch.zeros([n, 1]))
-
-    def forward(self, x):  # x: [N, n, D]
-        return torch.sum(x * nn.functional.softmax(self.w, dim=0), dim=1)
+        super().__init__(output_size, embedding_dim)
 
 
 # ---- Builders ----

@@ -703,19 +703,8 @@ impl Prepared {
         images: &[usize],
         runner: &TeacherRunner,
     ) -> Result<Arc<EmbeddingCache>> {
-        let set = self.cifar_set(&cifar.train, Some(images));
-        let description = format!(
-            "cifar10 train class {class} sha256 {}; resize {} crop {}",
-            split_digest(&cifar.train),
-            self.config.cifar_resize,
-            self.config.image_size
-        );
-        let file = format!(
-            "cifar10-train{class}-{}-{}.emb",
-            self.config.image_size,
-            &hex(&cache_key(&description))[..12]
-        );
-        self.cached(runner, &set, &file, &description)
+        let what = (format!("train class {class}"), format!("train{class}"));
+        self.cifar_cache(&cifar.train, Some(images), what, runner)
     }
 
     /// The cache of the CIFAR-10 test set's teacher outputs, shared by every class.
@@ -724,15 +713,28 @@ impl Prepared {
         cifar: &Cifar10,
         runner: &TeacherRunner,
     ) -> Result<Arc<EmbeddingCache>> {
-        let set = self.cifar_set(&cifar.test, None);
+        let what = ("test".to_string(), "test".to_string());
+        self.cifar_cache(&cifar.test, None, what, runner)
+    }
+
+    /// The teacher-output cache of `split`'s images (`only` those, or all); `what`: how the
+    /// description and the file name call them.
+    fn cifar_cache(
+        &self,
+        split: &Arc<CifarSplit>,
+        only: Option<&[usize]>,
+        (described, tag): (String, String),
+        runner: &TeacherRunner,
+    ) -> Result<Arc<EmbeddingCache>> {
+        let set = self.cifar_set(split, only);
         let description = format!(
-            "cifar10 test sha256 {}; resize {} crop {}",
-            split_digest(&cifar.test),
+            "cifar10 {described} sha256 {}; resize {} crop {}",
+            split_digest(split),
             self.config.cifar_resize,
             self.config.image_size
         );
         let file = format!(
-            "cifar10-test-{}-{}.emb",
+            "cifar10-{tag}-{}-{}.emb",
             self.config.image_size,
             &hex(&cache_key(&description))[..12]
         );
