@@ -15,6 +15,7 @@
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, Linear, LinearConfig, PaddingConfig2d};
 use burn::prelude::*;
+use burn::tensor::Int;
 use burn::tensor::activation::leaky_relu;
 use burn::tensor::module::interpolate;
 use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
@@ -106,6 +107,57 @@ pub struct Decoder {
     pub grid: usize,
 }
 
+/// Bilinear x2 upsampling with `align_corners=True` (torch's `nn.Upsample(scale_factor=2,
+/// mode='bilinear', align_corners=True)`), written as a gather of the two neighbours and a
+/// linear blend along each axis: output `i` reads the input at `i * (n - 1) / (2n - 1)`.
+/// Burn's `interpolate` computes the same values, but its backward pass is missing on the GPU
+/// backends (wgpu and CUDA panic: "Bilinear interpolation backward is not supported by JIT
+/// backend"); gathers and blends differentiate on every backend.
+/// On the CPU backend, where it differentiates and is faster, Burn's `interpolate` is used.
+pub fn upsample2x(x: Tensor<4>) -> Tensor<4> {
+    let [_, _, height, width] = x.dims();
+    if x.device().inner() == Device::flex() {
+        let options = InterpolateOptions::new(InterpolateMode::Bilinear)
+            .with_align_corners(true)
+            .with_output_size([2 * height, 2 * width]);
+        return interpolate(x, options);
+    }
+    upsample2x_blend(x)
+}
+
+/// [`upsample2x`] by gathers and blends, on any backend.
+fn upsample2x_blend(x: Tensor<4>) -> Tensor<4> {
+    let [_, _, height, width] = x.dims();
+    let x = blend_axis(x, 3, width);
+    blend_axis(x, 2, height)
+}
+
+/// Doubles axis `dim` (of length `n`) by linear interpolation with aligned corners.
+fn blend_axis(x: Tensor<4>, dim: usize, n: usize) -> Tensor<4> {
+    let device = x.device();
+    let out = 2 * n;
+    let scale = if n > 1 {
+        (n - 1) as f32 / (out - 1) as f32
+    } else {
+        0.0
+    };
+    let (mut low, mut high, mut weight) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..out {
+        let source = scale * i as f32;
+        let i0 = (source.floor() as usize).min(n - 1);
+        low.push(i0 as i64);
+        high.push((i0 + 1).min(n - 1) as i64);
+        weight.push(source - i0 as f32);
+    }
+    let index = |v: Vec<i64>| Tensor::<1, Int>::from_data(TensorData::new(v, [out]), &device);
+    let mut shape = [1usize; 4];
+    shape[dim] = out;
+    let weight = Tensor::<1>::from_data(TensorData::new(weight, [out]), &device).reshape(shape);
+    let a = x.clone().select(dim, index(low));
+    let b = x.select(dim, index(high));
+    a.clone() + (b - a) * weight
+}
+
 /// The reference's `upsample` block. `up_conv` and `up_bn` are its `up.1` and `up.2`.
 #[derive(Module, Debug)]
 pub struct UpBlock {
@@ -139,11 +191,7 @@ impl UpBlock {
 
     /// `[N, C_in, H, W]` -> `[N, C_out, 2H, 2W]`.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let [_, _, height, width] = x.dims();
-        let options = InterpolateOptions::new(InterpolateMode::Bilinear)
-            .with_align_corners(true)
-            .with_output_size([2 * height, 2 * width]);
-        let x = interpolate(x, options); // [N, C_in, 2H, 2W]
+        let x = upsample2x(x); // [N, C_in, 2H, 2W]
         let x = leaky_relu(
             batch_norm(&self.up_bn, self.up_conv.forward(x)),
             NEGATIVE_SLOPE,
@@ -176,6 +224,25 @@ impl Decoder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_blended_upsampling_equals_burns_bilinear_interpolation() {
+        let device = Device::flex();
+        device.seed(5);
+        for (h, w) in [(1, 1), (2, 3), (7, 7), (5, 12)] {
+            let x: Tensor<4> =
+                Tensor::random([2, 3, h, w], burn::tensor::Distribution::Default, &device);
+            let want = upsample2x(x.clone()).into_data().to_vec::<f32>().unwrap();
+            let got = upsample2x_blend(x).into_data().to_vec::<f32>().unwrap();
+            assert_eq!(want.len(), 2 * 3 * 4 * h * w);
+            let worst = want
+                .iter()
+                .zip(&got)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
+            assert!(worst < 1e-5, "{h}x{w}: max difference {worst}");
+        }
+    }
 
     #[test]
     fn default_is_the_reference_decoder() {
