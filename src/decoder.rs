@@ -232,8 +232,11 @@ mod tests {
         for (h, w) in [(1, 1), (2, 3), (7, 7), (5, 12)] {
             let x: Tensor<4> =
                 Tensor::random([2, 3, h, w], burn::tensor::Distribution::Default, &device);
-            let want = upsample2x(x.clone()).into_data().to_vec::<f32>().unwrap();
-            let got = upsample2x_blend(x).into_data().to_vec::<f32>().unwrap();
+            let want = upsample2x(x.clone())
+                .into_data()
+                .try_to_vec::<f32>()
+                .unwrap();
+            let got = upsample2x_blend(x).into_data().try_to_vec::<f32>().unwrap();
             assert_eq!(want.len(), 2 * 3 * 4 * h * w);
             let worst = want
                 .iter()
