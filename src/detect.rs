@@ -17,7 +17,7 @@ use crate::data::FloatImage;
 use crate::data::crops::FullCut;
 use crate::data::folder::{decode_rgb8, is_image, list_images, sorted_subfolders};
 use crate::data::transform::{center_crop, crop, normalize_rgb8, resize_bilinear};
-use crate::output::write_atomic;
+use crate::output::{png_bytes, write_atomic};
 use crate::scoring::Mix;
 use crate::scoring::evaluation::{Normaliser, RawScores, column_mixes, column_names, group_max};
 use crate::teachers::{TeacherStatistics, WeightsLocation};
@@ -476,10 +476,7 @@ fn overlay_png(image: &FloatImage, map: &[f64], low: f64, high: f64) -> Result<V
             rgb.put_pixel(x as u32, y as u32, image::Rgb([px[0], px[1], px[2]]));
         }
     }
-    let mut bytes = std::io::Cursor::new(Vec::new());
-    rgb.write_to(&mut bytes, image::ImageFormat::Png)
-        .map_err(|e| Error::Training(format!("encoding a heatmap: {e}")))?;
-    Ok(bytes.into_inner())
+    png_bytes(&rgb, "a heatmap")
 }
 
 #[cfg(test)]

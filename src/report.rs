@@ -11,7 +11,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use crate::cli::DatasetKind;
-use crate::output::write_atomic;
+use crate::output::{png_bytes, write_atomic};
 use crate::scoring::evaluation::{column_mixes, column_names, group_max};
 use crate::scoring::roc_curve;
 use crate::students::StudentKind;
@@ -353,10 +353,7 @@ fn plot(curves: &[(Vec<(f64, f64)>, [u8; 3])]) -> Result<Vec<u8>> {
             line(&mut img, w[0], w[1], *rgb, 3.0);
         }
     }
-    let mut bytes = std::io::Cursor::new(Vec::new());
-    img.write_to(&mut bytes, image::ImageFormat::Png)
-        .map_err(|e| Error::Training(format!("encoding a ROC curve: {e}")))?;
-    Ok(bytes.into_inner())
+    png_bytes(&img, "a ROC curve")
 }
 
 #[cfg(test)]

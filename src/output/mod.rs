@@ -46,6 +46,15 @@ pub fn write_atomic_parts(path: &Path, parts: &[&[u8]]) -> Result<()> {
     })
 }
 
+/// The PNG encoding of an image (`what` names it in the error).
+pub fn png_bytes(image: &image::RgbImage, what: &str) -> Result<Vec<u8>> {
+    let mut bytes = std::io::Cursor::new(Vec::new());
+    image
+        .write_to(&mut bytes, image::ImageFormat::Png)
+        .map_err(|e| Error::Training(format!("encoding {what}: {e}")))?;
+    Ok(bytes.into_inner())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
