@@ -4,19 +4,29 @@
 //! 56x56) and one of the decoder's last block (8 channels at 224x224), forward and
 //! forward+backward, and the decoder's batch norm + leaky ReLU (Burn's layer, and ours).
 //!
+//! With `--layers`, a per-layer profile of the resnet18 training step at 224x224, batch 8: every
+//! distinct layer of the student and the decoder (convolution, batch norm + activation, pooling,
+//! upsampling, linear), forward+backward, weighted by how often one step runs it, in both
+//! frameworks, sorted by the time each layer kind loses against PyTorch.
+//!
 //! ```text
 //! cargo bench --bench burn_gap
+//! cargo bench --bench burn_gap -- --layers
 //! ```
 
 use std::process::Command;
 use std::time::Instant;
 
 use burn::nn::conv::Conv2dConfig;
+use burn::nn::pool::MaxPool2dConfig;
 use burn::nn::{BatchNormConfig, LinearConfig, PaddingConfig2d};
 use burn::optim::{AdamConfig, GradientsParams};
 use burn::prelude::*;
 use burn::tensor::Distribution;
-use burn::tensor::activation::leaky_relu;
+use burn::tensor::activation::{leaky_relu, relu};
+use multi_teacher_ad::decoder::upsample2x;
+use multi_teacher_ad::students::batch_norm;
+use serde_json::json;
 
 const WARMUP: usize = 1;
 const ITERS: usize = 5;
@@ -33,6 +43,9 @@ fn timed(mut step: impl FnMut()) -> f64 {
 }
 
 fn main() {
+    if std::env::args().any(|a| a == "--layers") {
+        return layers();
+    }
     let device = Device::flex();
     let ad = device.clone().autodiff();
     device.seed(0);
@@ -117,25 +130,7 @@ fn main() {
         }),
     ));
 
-    let python = std::env::var("MTAD_PYTHON").unwrap_or_else(|_| "python3".into());
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/reference/burn_gap.py");
-    let theirs: Vec<(String, f64)> = Command::new(&python)
-        .args([script, "--json", "--iters", &ITERS.to_string()])
-        .args(["--warmup", &WARMUP.to_string()])
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-                .filter_map(|v| Some((v["case"].as_str()?.to_string(), v["ms"].as_f64()?)))
-                .collect()
-        })
-        .unwrap_or_default();
-    if theirs.is_empty() {
-        println!("({python} with torch not found: set MTAD_PYTHON; Burn's side only)");
-    }
+    let theirs = torch_side(&[]);
     println!(
         "Burn flex ({} rayon threads) against PyTorch, {WARMUP} warm-up + {ITERS} timed iterations",
         rayon::current_num_threads()
@@ -150,6 +145,307 @@ fn main() {
             "{case:<50} {ms:>10.2} {:>10} {:>12}",
             t.map_or("-".into(), |v| format!("{v:.2}")),
             t.map_or("-".into(), |v| format!("{:.2}x slower", ms / v))
+        );
+    }
+}
+
+/// PyTorch's timings of the same cases (`benches/reference/burn_gap.py`), empty without torch.
+/// `extra` are more arguments for the script.
+fn torch_side(extra: &[String]) -> Vec<(String, f64)> {
+    let python = std::env::var("MTAD_PYTHON").unwrap_or_else(|_| "python3".into());
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/reference/burn_gap.py");
+    let theirs: Vec<(String, f64)> = Command::new(&python)
+        .args([script, "--json", "--iters", &ITERS.to_string()])
+        .args(["--warmup", &WARMUP.to_string()])
+        .args(extra)
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .filter_map(|v| Some((v["case"].as_str()?.to_string(), v["ms"].as_f64()?)))
+                .collect()
+        })
+        .unwrap_or_default();
+    if theirs.is_empty() {
+        println!("({python} with torch not found: set MTAD_PYTHON; Burn's side only)");
+    }
+    theirs
+}
+
+/// One layer of the training step, as both sides build it.
+#[derive(Clone, Copy)]
+enum Op {
+    /// Convolution without bias (the students') or with (the decoder's), padding k/2.
+    Conv {
+        cin: usize,
+        cout: usize,
+        k: usize,
+        stride: usize,
+        bias: bool,
+    },
+    /// Training-mode batch norm, then ReLU (students) or leaky ReLU 0.2 (decoder).
+    BnAct {
+        c: usize,
+        leaky: bool,
+    },
+    /// resnet18's 3x3 stride-2 max pooling.
+    MaxPool {
+        c: usize,
+    },
+    /// The decoder's bilinear x2 upsampling (align_corners).
+    Upsample {
+        c: usize,
+    },
+    Linear {
+        inputs: usize,
+        outputs: usize,
+    },
+}
+
+/// The distinct layers of one resnet18 training step (student + decoder, batch 8, 224x224) as
+/// (op, input side, how many times a step runs it). The decoder runs once per step, on the
+/// teachers' embedding; its `conv1` twice. The students' residual additions, global pooling and
+/// losses are left out (elementwise, small).
+fn step_layers() -> Vec<(Op, usize, usize)> {
+    let conv = |cin, cout, k, stride, bias| Op::Conv {
+        cin,
+        cout,
+        k,
+        stride,
+        bias,
+    };
+    let bn = |c| Op::BnAct { c, leaky: false };
+    let mut layers = vec![
+        (conv(3, 64, 7, 2, false), 224, 1),
+        (bn(64), 112, 1),
+        (Op::MaxPool { c: 64 }, 112, 1),
+        (conv(64, 64, 3, 1, false), 56, 4),
+        (bn(64), 56, 4),
+    ];
+    for (cin, cout, side) in [(64, 128, 56), (128, 256, 28), (256, 512, 14)] {
+        let out = side / 2;
+        layers.extend([
+            (conv(cin, cout, 3, 2, false), side, 1),
+            (conv(cin, cout, 1, 2, false), side, 1),
+            (conv(cout, cout, 3, 1, false), out, 3),
+            // Two per block, one after the downsampling convolution.
+            (bn(cout), out, 5),
+        ]);
+    }
+    layers.push((
+        Op::Linear {
+            inputs: 512,
+            outputs: 1000,
+        },
+        1,
+        1,
+    ));
+    layers.push((
+        Op::Linear {
+            inputs: 1000,
+            outputs: 6272,
+        },
+        1,
+        1,
+    ));
+    let leaky = |c| Op::BnAct { c, leaky: true };
+    for (cin, cout, side) in [
+        (128, 64, 7),
+        (64, 32, 14),
+        (32, 16, 28),
+        (16, 8, 56),
+        (8, 3, 112),
+    ] {
+        let up = side * 2;
+        layers.extend([
+            (Op::Upsample { c: cin }, side, 1),
+            // up_conv, then conv1 twice.
+            (conv(cin, cin, 3, 1, true), up, 3),
+            (leaky(cin), up, 2),
+            (conv(cin, cout, 3, 1, true), up, 1),
+            (leaky(cout), up, 1),
+        ]);
+    }
+    layers
+}
+
+fn case_name(op: Op, side: usize) -> String {
+    match op {
+        Op::Conv {
+            cin,
+            cout,
+            k,
+            stride,
+            ..
+        } => format!("conv{k}x{k}s{stride}/{cin}-{cout}ch-{side}px"),
+        Op::BnAct { c, leaky } => {
+            let act = if leaky { "leakyrelu" } else { "relu" };
+            format!("bn+{act}/{c}ch-{side}px")
+        }
+        Op::MaxPool { c } => format!("maxpool3x3s2/{c}ch-{side}px"),
+        Op::Upsample { c } => format!("upsample2x/{c}ch-{side}px"),
+        Op::Linear { inputs, outputs } => format!("linear/{inputs}-{outputs}"),
+    }
+}
+
+/// The JSON description `burn_gap.py --layers` builds the same layers from.
+fn op_json(op: Op, side: usize, case: &str) -> serde_json::Value {
+    let mut v = match op {
+        Op::Conv {
+            cin,
+            cout,
+            k,
+            stride,
+            bias,
+        } => {
+            json!({"op": "conv", "cin": cin, "cout": cout, "k": k, "stride": stride, "bias": bias})
+        }
+        Op::BnAct { c, leaky } => json!({"op": "bn_act", "c": c, "leaky": leaky}),
+        Op::MaxPool { c } => json!({"op": "maxpool", "c": c}),
+        Op::Upsample { c } => json!({"op": "upsample", "c": c}),
+        Op::Linear { inputs, outputs } => {
+            json!({"op": "linear", "inputs": inputs, "outputs": outputs})
+        }
+    };
+    v["case"] = json!(case);
+    v["side"] = json!(side);
+    v["batch"] = json!(LAYER_BATCH);
+    v
+}
+
+const LAYER_BATCH: usize = 8;
+
+/// Forward + backward of one layer on `ad` (input gradient included), in milliseconds.
+fn time_layer(op: Op, side: usize, ad: &Device) -> f64 {
+    let n = LAYER_BATCH;
+    let input =
+        |dims: Vec<usize>| Tensor::<4>::random(dims, Distribution::Default, ad).require_grad();
+    let backward = |y: Tensor<4>, x: &Tensor<4>| {
+        let grads = y.sum().backward();
+        let _ = x.grad(&grads).map(|g| g.into_data());
+    };
+    match op {
+        Op::Conv {
+            cin,
+            cout,
+            k,
+            stride,
+            bias,
+        } => {
+            let p = k / 2;
+            let conv = Conv2dConfig::new([cin, cout], [k, k])
+                .with_stride([stride, stride])
+                .with_padding(PaddingConfig2d::Explicit(p, p, p, p))
+                .with_bias(bias)
+                .init(ad);
+            let x = input(vec![n, cin, side, side]);
+            timed(|| backward(conv.forward(x.clone()), &x))
+        }
+        Op::BnAct { c, leaky } => {
+            let norm = BatchNormConfig::new(c).init(ad);
+            let x = input(vec![n, c, side, side]);
+            timed(|| {
+                let y = batch_norm(&norm, x.clone());
+                let y = if leaky { leaky_relu(y, 0.2) } else { relu(y) };
+                backward(y, &x)
+            })
+        }
+        Op::MaxPool { c } => {
+            let pool = MaxPool2dConfig::new([3, 3])
+                .with_strides([2, 2])
+                .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+                .init();
+            let x = input(vec![n, c, side, side]);
+            timed(|| backward(pool.forward(x.clone()), &x))
+        }
+        Op::Upsample { c } => {
+            let x = input(vec![n, c, side, side]);
+            timed(|| backward(upsample2x(x.clone()), &x))
+        }
+        Op::Linear { inputs, outputs } => {
+            let linear = LinearConfig::new(inputs, outputs).init(ad);
+            let x: Tensor<2> =
+                Tensor::random([n, inputs], Distribution::Default, ad).require_grad();
+            timed(|| {
+                let grads = linear.forward(x.clone()).sum().backward();
+                let _ = x.grad(&grads).map(|g| g.into_data());
+            })
+        }
+    }
+}
+
+/// `--layers`: the per-layer profile of one resnet18 training step.
+fn layers() {
+    let ad = Device::flex().autodiff();
+    ad.seed(0);
+    let layers = step_layers();
+    let names: Vec<String> = layers
+        .iter()
+        .map(|&(op, side, _)| case_name(op, side))
+        .collect();
+    let specs: Vec<serde_json::Value> = layers
+        .iter()
+        .zip(&names)
+        .map(|(&(op, side, _), case)| op_json(op, side, case))
+        .collect();
+    let theirs = torch_side(&["--layers".into(), serde_json::to_string(&specs).unwrap()]);
+    println!(
+        "Per-layer forward+backward of a resnet18 training step (batch {LAYER_BATCH}, 224x224), \
+         Burn flex ({} rayon threads) against PyTorch; ms per call, x calls per step",
+        rayon::current_num_threads()
+    );
+    println!(
+        "{:<34} {:>5} {:>10} {:>10} {:>12} {:>12} {:>9}",
+        "layer", "calls", "burn ms", "torch ms", "burn/step", "torch/step", "ratio"
+    );
+    // (kind, burn ms per step, torch ms per step) summed over the layers of each kind.
+    let mut kinds: Vec<(String, f64, f64)> = Vec::new();
+    let (mut burn_total, mut torch_total) = (0.0, 0.0);
+    for (&(op, side, calls), case) in layers.iter().zip(&names) {
+        let ms = time_layer(op, side, &ad);
+        let t = theirs.iter().find(|(c, _)| c == case).map(|(_, v)| *v);
+        let per_step = ms * calls as f64;
+        let torch_step = t.map(|v| v * calls as f64);
+        println!(
+            "{case:<34} {calls:>5} {ms:>10.2} {:>10} {per_step:>12.1} {:>12} {:>9}",
+            t.map_or("-".into(), |v| format!("{v:.2}")),
+            torch_step.map_or("-".into(), |v| format!("{v:.1}")),
+            t.map_or("-".into(), |v| format!("{:.2}x", ms / v)),
+        );
+        burn_total += per_step;
+        torch_total += torch_step.unwrap_or(0.0);
+        let kind = case.split('/').next().unwrap().to_string();
+        match kinds.iter_mut().find(|(k, _, _)| *k == kind) {
+            Some(entry) => {
+                entry.1 += per_step;
+                entry.2 += torch_step.unwrap_or(0.0);
+            }
+            None => kinds.push((kind, per_step, torch_step.unwrap_or(0.0))),
+        }
+    }
+    println!(
+        "{:<34} {:>5} {:>10} {:>10} {burn_total:>12.1} {torch_total:>12.1} {:>9}",
+        "one step (sum of the layers)",
+        "",
+        "",
+        "",
+        format!("{:.2}x", burn_total / torch_total)
+    );
+    kinds.sort_by(|a, b| (b.1 - b.2).total_cmp(&(a.1 - a.2)));
+    println!("\nBy layer kind, most time lost first (ms per step):");
+    println!(
+        "{:<16} {:>10} {:>10} {:>10} {:>13}",
+        "kind", "burn", "torch", "lost", "share of loss"
+    );
+    let lost_total = burn_total - torch_total;
+    for (kind, b, t) in kinds {
+        println!(
+            "{kind:<16} {b:>10.1} {t:>10.1} {:>10.1} {:>12.0}%",
+            b - t,
+            100.0 * (b - t) / lost_total
         );
     }
 }

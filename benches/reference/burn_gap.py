@@ -1,7 +1,9 @@
 """PyTorch side of benches/burn_gap.rs: the single operations where Burn's CPU backend loses
 time against PyTorch, timed the same way (warm-up, then timed iterations, wall clock).
 
-One JSON line per case with --json: {"case", "ms"} (milliseconds per iteration)."""
+One JSON line per case with --json: {"case", "ms"} (milliseconds per iteration).
+With --layers JSON (written by burn_gap.rs --layers), the listed layers' forward+backward
+instead."""
 
 import argparse
 import json
@@ -27,10 +29,57 @@ def main():
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads(N) (default: torch's own default)")
     parser.add_argument("--json", action="store_true", help="one JSON line per case")
+    parser.add_argument("--layers", default=None,
+                        help="JSON list of layers to time forward+backward (from burn_gap.rs)")
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    results = layer_cases(json.loads(args.layers), args) if args.layers else op_cases(args)
+    for case, ms in results:
+        if args.json:
+            print(json.dumps({"case": case, "ms": ms}))
+        else:
+            print(f"{case:<50} {ms:10.2f} ms")
+
+
+def layer_cases(layers, args):
+    """Forward+backward (input gradient included) of each layer, as burn_gap.rs builds it."""
+    results = []
+    for spec in layers:
+        n, side, op = spec["batch"], spec["side"], spec["op"]
+        if op == "conv":
+            k = spec["k"]
+            module = nn.Conv2d(spec["cin"], spec["cout"], k, stride=spec["stride"],
+                               padding=k // 2, bias=spec["bias"])
+            shape = (n, spec["cin"], side, side)
+        elif op == "bn_act":
+            act = nn.LeakyReLU(0.2) if spec["leaky"] else nn.ReLU()
+            module = nn.Sequential(nn.BatchNorm2d(spec["c"]).train(), act)
+            shape = (n, spec["c"], side, side)
+        elif op == "maxpool":
+            module = nn.MaxPool2d(3, stride=2, padding=1)
+            shape = (n, spec["c"], side, side)
+        elif op == "upsample":
+            module = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True)
+            shape = (n, spec["c"], side, side)
+        elif op == "linear":
+            module = nn.Linear(spec["inputs"], spec["outputs"])
+            shape = (n, spec["inputs"])
+        else:
+            raise SystemExit(f"unknown layer op {op!r}")
+        x = torch.randn(*shape, requires_grad=True)
+
+        def step():
+            module.zero_grad(set_to_none=True)
+            x.grad = None
+            module(x).sum().backward()
+        results.append((spec["case"], timed(step, args.warmup, args.iters)))
+    return results
+
+
+def op_cases(args):
+    """The single operations of the default run."""
     results = []
 
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
@@ -81,12 +130,7 @@ def main():
         adam.zero_grad(set_to_none=True)
     results.append(("adam/12.25M-params/forward+backward+step",
                     timed(adam_step, args.warmup, args.iters)))
-
-    for case, ms in results:
-        if args.json:
-            print(json.dumps({"case": case, "ms": ms}))
-        else:
-            print(f"{case:<50} {ms:10.2f} ms")
+    return results
 
 
 if __name__ == "__main__":
