@@ -175,8 +175,10 @@ fn torch_side(extra: &[String]) -> Vec<(String, f64)> {
     theirs
 }
 
-/// One layer of the training step, as both sides build it.
-#[derive(Clone, Copy)]
+/// One layer of the training step, as both sides build it (serialised for the Python side as
+/// `{"op": "conv", "cin": ..}`).
+#[derive(Clone, Copy, serde::Serialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
 enum Op {
     /// Convolution without bias (the students') or with (the decoder's), padding k/2.
     Conv {
@@ -293,23 +295,7 @@ fn case_name(op: Op, side: usize) -> String {
 
 /// The JSON description `burn_gap.py --layers` builds the same layers from.
 fn op_json(op: Op, side: usize, case: &str) -> serde_json::Value {
-    let mut v = match op {
-        Op::Conv {
-            cin,
-            cout,
-            k,
-            stride,
-            bias,
-        } => {
-            json!({"op": "conv", "cin": cin, "cout": cout, "k": k, "stride": stride, "bias": bias})
-        }
-        Op::BnAct { c, leaky } => json!({"op": "bn_act", "c": c, "leaky": leaky}),
-        Op::MaxPool { c } => json!({"op": "maxpool", "c": c}),
-        Op::Upsample { c } => json!({"op": "upsample", "c": c}),
-        Op::Linear { inputs, outputs } => {
-            json!({"op": "linear", "inputs": inputs, "outputs": outputs})
-        }
-    };
+    let mut v = serde_json::to_value(op).unwrap();
     v["case"] = json!(case);
     v["side"] = json!(side);
     v["batch"] = json!(LAYER_BATCH);

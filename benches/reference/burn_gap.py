@@ -57,7 +57,7 @@ def layer_cases(layers, args):
             act = nn.LeakyReLU(0.2) if spec["leaky"] else nn.ReLU()
             module = nn.Sequential(nn.BatchNorm2d(spec["c"]).train(), act)
             shape = (n, spec["c"], side, side)
-        elif op == "maxpool":
+        elif op == "max_pool":
             module = nn.MaxPool2d(3, stride=2, padding=1)
             shape = (n, spec["c"], side, side)
         elif op == "upsample":
