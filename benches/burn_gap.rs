@@ -2,12 +2,13 @@
 //! in Burn's CPU backend (flex) and in PyTorch (`benches/reference/burn_gap.py`), timed the same
 //! way in the same run: a 1024x1024 matmul, a 3x3 convolution of a resnet18 layer (64 channels at
 //! 56x56) and one of the decoder's last block (8 channels at 224x224), forward and
-//! forward+backward, and the decoder's batch norm + leaky ReLU (Burn's layer, and ours).
+//! forward+backward, batch norm (Burn's layer) + leaky ReLU, leaky ReLU and a sum alone, and an
+//! Adam step.
 //!
 //! With `--layers`, a per-layer profile of the resnet18 training step at 224x224, batch 8: every
 //! distinct layer of the student and the decoder (convolution, batch norm + activation, pooling,
 //! upsampling, linear), forward+backward, weighted by how often one step runs it, in both
-//! frameworks, sorted by the time each layer kind loses against PyTorch.
+//! frameworks, then the layer kinds sorted by the time each loses against PyTorch.
 //!
 //! ```text
 //! cargo bench --bench burn_gap
