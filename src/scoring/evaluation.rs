@@ -254,6 +254,36 @@ pub fn ensemble_scores(students: &[RawScores]) -> Result<RawScores> {
 mod tests {
     use super::*;
 
+    /// The artifact stores the normaliser as JSON and `detect` recomputes scores and the
+    /// threshold with it: every f64 must come back bit for bit (serde_json's
+    /// `float_roundtrip`; its default parser can be one unit in the last place off).
+    #[test]
+    fn the_normaliser_survives_json_bit_for_bit() {
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        for _ in 0..2000 {
+            let mut next = || {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 11) as f64 / (1u64 << 53) as f64 * 10.0
+            };
+            let n = Normaliser {
+                min: [next(), next() * 1e-3, next() * 1e3],
+                max: [next(), next(), next()],
+            };
+            let back: Normaliser =
+                serde_json::from_str(&serde_json::to_string(&n).unwrap()).unwrap();
+            let bits = |n: &Normaliser| {
+                n.min
+                    .iter()
+                    .chain(&n.max)
+                    .map(|v| v.to_bits())
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(bits(&back), bits(&n), "{n:?}");
+        }
+    }
+
     fn scores(z: &[f64], c: &[f64], r: &[f64]) -> RawScores {
         RawScores {
             as_z: z.to_vec(),
