@@ -21,6 +21,7 @@ use burn::tensor::module::interpolate;
 use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
 
 use crate::Error;
+use crate::kernels::conv3x3::conv2d;
 use crate::students::batch_norm;
 
 /// Widths from the linear layer's reshape to the image: five up-blocks, each doubling H and W.
@@ -193,13 +194,16 @@ impl UpBlock {
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let x = upsample2x(x); // [N, C_in, 2H, 2W]
         let x = leaky_relu(
-            batch_norm(&self.up_bn, self.up_conv.forward(x)),
+            batch_norm(&self.up_bn, conv2d(&self.up_conv, x)),
             NEGATIVE_SLOPE,
         );
         // The reference applies conv1 twice (same weights); its BN and activation once.
-        let x = self.conv1.forward(self.conv1.forward(x));
+        let x = conv2d(&self.conv1, conv2d(&self.conv1, x));
         let x = leaky_relu(batch_norm(&self.bn1, x), NEGATIVE_SLOPE);
-        leaky_relu(batch_norm(&self.bn2, self.conv2.forward(x)), NEGATIVE_SLOPE)
+        leaky_relu(
+            batch_norm(&self.bn2, conv2d(&self.conv2, x)),
+            NEGATIVE_SLOPE,
+        )
     }
 }
 

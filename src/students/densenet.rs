@@ -10,6 +10,8 @@ use burn::nn::{BatchNorm, Initializer, Linear, LinearConfig, PaddingConfig2d};
 use burn::prelude::*;
 use burn::tensor::activation::relu;
 
+use crate::kernels::conv3x3::conv2d;
+
 use super::{batch_norm, norm};
 
 /// Channels each dense layer adds.
@@ -97,7 +99,7 @@ impl DenseLayer {
     /// `[N, C, H, W]` (all previous features, concatenated) -> `[N, GROWTH_RATE, H, W]`.
     pub fn forward(&self, features: Tensor<4>) -> Tensor<4> {
         let x = self.conv1.forward(relu(batch_norm(&self.norm1, features)));
-        self.conv2.forward(relu(batch_norm(&self.norm2, x)))
+        conv2d(&self.conv2, relu(batch_norm(&self.norm2, x)))
     }
 }
 

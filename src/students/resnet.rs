@@ -9,6 +9,8 @@ use burn::nn::{BatchNorm, Linear, LinearConfig, PaddingConfig2d};
 use burn::prelude::*;
 use burn::tensor::activation::relu;
 
+use crate::kernels::conv3x3::conv2d;
+
 use super::{batch_norm, norm};
 
 /// Configuration of [`ResNet18`].
@@ -84,8 +86,8 @@ impl BasicBlock {
             Some(down) => batch_norm(&down.bn, down.conv.forward(x.clone())),
             None => x.clone(),
         };
-        let out = relu(batch_norm(&self.bn1, self.conv1.forward(x)));
-        let out = batch_norm(&self.bn2, self.conv2.forward(out));
+        let out = relu(batch_norm(&self.bn1, conv2d(&self.conv1, x)));
+        let out = batch_norm(&self.bn2, conv2d(&self.conv2, out));
         relu(out + identity)
     }
 }

@@ -9,6 +9,8 @@ use burn::nn::{Dropout, DropoutConfig, Initializer, Linear, LinearConfig, Paddin
 use burn::prelude::*;
 use burn::tensor::activation::relu;
 
+use crate::kernels::conv3x3::conv2d;
+
 /// Output widths of the eight convolutions; a 2x2 max-pool follows those marked `true`.
 const FEATURES: [(usize, bool); 8] = [
     (64, true),
@@ -99,7 +101,7 @@ impl Vgg11 {
     pub fn forward(&self, images: Tensor<4>) -> Tensor<2> {
         let mut x = images;
         for (conv, (_, pool)) in self.features.iter().zip(FEATURES) {
-            x = relu(conv.forward(x));
+            x = relu(conv2d(conv, x));
             if pool {
                 x = self.maxpool.forward(x);
             }

@@ -1,0 +1,568 @@
+//! 3x3 "same" convolutions (stride 1, padding 1, no groups) on the CPU backend, forward and
+//! backward, as im2col + one matrix product per image in NCHW layout.
+//!
+//! These are most of the convolutions of the students and all of the decoder's, and most of a
+//! training step's time on the CPU. Burn's CPU backend (flex) computes the input gradient with a
+//! transposed convolution and the weight gradient as a convolution whose kernel is the output
+//! gradient, both several times slower than its forward pass (`cargo bench --bench burn_gap --
+//! --layers`). Here the input gradient is the forward kernel applied to the output gradient with
+//! the flipped, transposed weights (exact for stride 1 and padding 1), and the weight gradient is
+//! a well-shaped matrix product per image (per few images when they are small):
+//! `dW += dY_n [Cout, HW] x im2col(x_n)^T [HW, 9 Cin]`.
+//!
+//! [`conv2d`] is what the models call: it takes this path for flex tensors (with or without
+//! autodiff) and float32, and Burn's own `Conv2d::forward` for every other backend, shape and
+//! dtype, so wgpu and CUDA are untouched.
+
+use burn::backend::AutodiffBackend;
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::{Autodiff, NodeId};
+use burn::backend::ops::{ConvOptions, FloatTensorOps, ModuleOps};
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Backend, DType, Dispatch, Flex, backend_extension};
+use burn::nn::PaddingConfig2d;
+use burn::nn::conv::Conv2d;
+use burn::prelude::*;
+use burn_flex::FlexTensor;
+use rayon::prelude::*;
+
+use super::{contiguous_f32, dims4, flex_f32, is_flex};
+
+/// The two kernels, on the backends that have them: flex, and autodiff over flex.
+#[backend_extension(Autodiff, Flex)]
+pub trait Conv3x3Backend: Backend {
+    /// `x` [N, Cin, H, W], `weight` [Cout, Cin, 3, 3] -> [N, Cout, H, W], padding 1, no bias.
+    fn conv3x3(x: FloatTensor<Self>, weight: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// The gradient of [`Conv3x3Backend::conv3x3`] with respect to its weight, [Cout, Cin, 3, 3],
+    /// from the input `x` and the output gradient `grad` [N, Cout, H, W].
+    fn conv3x3_weight_grad(x: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// The gradient of [`Conv3x3Backend::conv3x3`] with respect to its input, [N, Cin, H, W],
+    /// from the output gradient `grad` and the weight: the same convolution of `grad` with the
+    /// weight flipped in space and with its channel axes swapped (exact for stride 1, padding 1).
+    fn conv3x3_input_grad(grad: FloatTensor<Self>, weight: FloatTensor<Self>) -> FloatTensor<Self>;
+}
+
+/// Burn's options for the same convolution, used where the tensors are not float32.
+fn same_options() -> ConvOptions<2> {
+    ConvOptions::new([1, 1], [1, 1], [1, 1], 1)
+}
+
+/// `cols[(c * 9 + ky * 3 + kx) * stride + oy * W + ox] = x[c, oy + ky - 1, ox + kx - 1]`, zero
+/// outside the image: the 3x3 patches of one [C, H, W] image as H W columns of a matrix with 9 C
+/// rows `stride` apart (the columns of several images side by side when `stride` > H W).
+fn im2col(x: &[f32], channels: usize, h: usize, w: usize, cols: &mut [f32], stride: usize) {
+    let hw = h * w;
+    for c in 0..channels {
+        let plane = &x[c * hw..(c + 1) * hw];
+        for ky in 0..3 {
+            for kx in 0..3 {
+                let row = &mut cols[(c * 9 + ky * 3 + kx) * stride..][..hw];
+                for oy in 0..h {
+                    let dst = &mut row[oy * w..(oy + 1) * w];
+                    let Some(iy) = (oy + ky).checked_sub(1).filter(|&iy| iy < h) else {
+                        dst.fill(0.0);
+                        continue;
+                    };
+                    let src = &plane[iy * w..(iy + 1) * w];
+                    match kx {
+                        0 => {
+                            dst[0] = 0.0;
+                            dst[1..].copy_from_slice(&src[..w - 1]);
+                        }
+                        1 => dst.copy_from_slice(src),
+                        _ => {
+                            dst[..w - 1].copy_from_slice(&src[1..]);
+                            dst[w - 1] = 0.0;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The batch in chunks of consecutive images whose patch matrices are built side by side, so
+/// that small images still give the matrix products about [`MIN_COLUMNS`] columns or more.
+fn chunks(batch: usize, hw: usize) -> Vec<std::ops::Range<usize>> {
+    let count = (batch * hw / MIN_COLUMNS).clamp(1, batch.max(1));
+    let per_chunk = batch.div_ceil(count).max(1);
+    (0..batch)
+        .step_by(per_chunk)
+        .map(|start| start..(start + per_chunk).min(batch))
+        .collect()
+}
+
+const MIN_COLUMNS: usize = 1024;
+
+/// The patch matrix [9 C, images x H W] of `images` of the batch `x` [N, C, H, W].
+fn chunk_cols(
+    x: &[f32],
+    [channels, h, w]: [usize; 3],
+    images: &std::ops::Range<usize>,
+    cols: &mut Vec<f32>,
+) {
+    let hw = h * w;
+    let stride = images.len() * hw;
+    cols.resize(channels * 9 * stride, 0.0);
+    for (i, b) in images.clone().enumerate() {
+        let image = &x[b * channels * hw..(b + 1) * channels * hw];
+        im2col(image, channels, h, w, &mut cols[i * hw..], stride);
+    }
+}
+
+/// Whether to run the chunks on rayon's threads (single-threaded products) rather than in turn
+/// with multi-threaded products.
+fn parallel_chunks(chunks: usize) -> bool {
+    chunks >= rayon::current_num_threads()
+}
+
+/// `dst (+)= lhs x rhs` for row-major `dst` [m, n]; `lhs` and `rhs` are given by their row and
+/// column strides.
+#[allow(clippy::too_many_arguments)]
+fn matmul(
+    [m, n, k]: [usize; 3],
+    dst: &mut [f32],
+    accumulate: bool,
+    lhs: &[f32],
+    [lhs_rs, lhs_cs]: [usize; 2],
+    rhs: &[f32],
+    [rhs_rs, rhs_cs]: [usize; 2],
+    parallel: bool,
+) {
+    assert!(dst.len() >= m * n);
+    assert!(m == 0 || k == 0 || (m - 1) * lhs_rs + (k - 1) * lhs_cs < lhs.len());
+    assert!(k == 0 || n == 0 || (k - 1) * rhs_rs + (n - 1) * rhs_cs < rhs.len());
+    let parallelism = if parallel {
+        gemm::Parallelism::Rayon(0)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the asserts above keep every element gemm reads or writes inside the slices.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.as_ptr(),
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
+impl Conv3x3Backend for Flex {
+    fn conv3x3(x: FlexTensor, weight: FlexTensor) -> FlexTensor {
+        if x.dtype() != DType::F32 || weight.dtype() != DType::F32 {
+            return Flex::conv2d(x, weight, None, same_options());
+        }
+        let (x, weight) = (contiguous_f32(&x), contiguous_f32(&weight));
+        let [n, cin, h, w] = dims4(&x);
+        let cout = dims4(&weight)[0];
+        let (hw, k) = (h * w, cin * 9);
+        let xs = x.as_slice::<f32>().unwrap();
+        let ws = weight.as_slice::<f32>().unwrap();
+        let mut out = vec![0.0f32; n * cout * hw];
+        if out.is_empty() {
+            return flex_f32(out, [n, cout, h, w]);
+        }
+        let chunks = chunks(n, hw);
+        let parallel = parallel_chunks(chunks.len());
+        // out [Cout, images x HW] = W [Cout, 9 Cin] x cols [9 Cin, images x HW], written
+        // straight into the output for one image, through `tmp` and reordered to
+        // [images, Cout, HW] for several.
+        let run = |(cols, tmp): &mut (Vec<f32>, Vec<f32>),
+                   images: &std::ops::Range<usize>,
+                   out: &mut [f32]| {
+            chunk_cols(xs, [cin, h, w], images, cols);
+            let columns = images.len() * hw;
+            if images.len() == 1 {
+                matmul(
+                    [cout, hw, k],
+                    out,
+                    false,
+                    ws,
+                    [k, 1],
+                    cols,
+                    [hw, 1],
+                    !parallel,
+                );
+                return;
+            }
+            tmp.resize(cout * columns, 0.0);
+            matmul(
+                [cout, columns, k],
+                tmp,
+                false,
+                ws,
+                [k, 1],
+                cols,
+                [columns, 1],
+                !parallel,
+            );
+            for (i, image) in out.chunks_mut(cout * hw).enumerate() {
+                for (co, plane) in image.chunks_mut(hw).enumerate() {
+                    plane.copy_from_slice(&tmp[co * columns + i * hw..][..hw]);
+                }
+            }
+        };
+        let mut jobs: Vec<(&std::ops::Range<usize>, &mut [f32])> = Vec::new();
+        let mut rest = out.as_mut_slice();
+        for images in &chunks {
+            let (head, tail) = rest.split_at_mut(images.len() * cout * hw);
+            jobs.push((images, head));
+            rest = tail;
+        }
+        if parallel {
+            jobs.into_par_iter().for_each_init(
+                || (Vec::new(), Vec::new()),
+                |buffers, (images, out)| run(buffers, images, out),
+            );
+        } else {
+            let mut buffers = (Vec::new(), Vec::new());
+            for (images, out) in jobs {
+                run(&mut buffers, images, out);
+            }
+        }
+        flex_f32(out, [n, cout, h, w])
+    }
+
+    fn conv3x3_weight_grad(x: FlexTensor, grad: FlexTensor) -> FlexTensor {
+        let [n, cin, h, w] = dims4(&x);
+        let cout = dims4(&grad)[1];
+        if x.dtype() != DType::F32 || grad.dtype() != DType::F32 {
+            let weight = FlexTensor::zeros(Shape::from(vec![cout, cin, 3, 3]), x.dtype());
+            return Flex::conv2d_weight_backward(x, weight, grad, same_options());
+        }
+        let (x, grad) = (contiguous_f32(&x), contiguous_f32(&grad));
+        let (hw, k) = (h * w, cin * 9);
+        let xs = x.as_slice::<f32>().unwrap();
+        let gs = grad.as_slice::<f32>().unwrap();
+        let chunks = chunks(n, hw);
+        let parallel = parallel_chunks(chunks.len());
+        // dW [Cout, 9 Cin] += dY [Cout, images x HW] x cols^T [images x HW, 9 Cin], per chunk.
+        let run = |(mut dw, mut cols, mut dy): (Vec<f32>, Vec<f32>, Vec<f32>),
+                   images: &std::ops::Range<usize>| {
+            if hw == 0 {
+                return (dw, cols, dy);
+            }
+            chunk_cols(xs, [cin, h, w], images, &mut cols);
+            let columns = images.len() * hw;
+            let g = &gs[images.start * cout * hw..images.end * cout * hw];
+            let lhs = if images.len() == 1 {
+                g
+            } else {
+                // [images, Cout, HW] -> [Cout, images x HW]
+                dy.resize(cout * columns, 0.0);
+                for (i, image) in g.chunks(cout * hw).enumerate() {
+                    for (co, plane) in image.chunks(hw).enumerate() {
+                        dy[co * columns + i * hw..][..hw].copy_from_slice(plane);
+                    }
+                }
+                &dy[..]
+            };
+            let shape = [cout, k, columns];
+            matmul(
+                shape,
+                &mut dw,
+                true,
+                lhs,
+                [columns, 1],
+                &cols,
+                [1, columns],
+                !parallel,
+            );
+            (dw, cols, dy)
+        };
+        let buffers = || (vec![0.0f32; cout * k], Vec::new(), Vec::new());
+        let dw = if parallel {
+            chunks
+                .par_iter()
+                .fold(buffers, run)
+                .map(|(dw, _, _)| dw)
+                .reduce(
+                    || vec![0.0f32; cout * k],
+                    |mut a, b| {
+                        a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+                        a
+                    },
+                )
+        } else {
+            chunks.iter().fold(buffers(), run).0
+        };
+        flex_f32(dw, [cout, cin, 3, 3])
+    }
+
+    fn conv3x3_input_grad(grad: FlexTensor, weight: FlexTensor) -> FlexTensor {
+        if weight.dtype() != DType::F32 {
+            let flipped = Flex::float_flip(Flex::float_swap_dims(weight, 0, 1), &[2, 3]);
+            return Self::conv3x3(grad, flipped);
+        }
+        let weight = contiguous_f32(&weight);
+        let [cout, cin, _, _] = dims4(&weight);
+        let ws = weight.as_slice::<f32>().unwrap();
+        // W'[ci, co, 8 - t] = W[co, ci, t] for the 9 taps t of a 3x3 kernel.
+        let mut flipped = vec![0.0f32; ws.len()];
+        for (co, kernels) in ws.chunks(cin * 9).enumerate() {
+            for (ci, taps) in kernels.chunks(9).enumerate() {
+                let dst = &mut flipped[(ci * cout + co) * 9..][..9];
+                dst.iter_mut()
+                    .zip(taps.iter().rev())
+                    .for_each(|(d, t)| *d = *t);
+            }
+        }
+        Self::conv3x3(grad, flex_f32(flipped, [cin, cout, 3, 3]))
+    }
+}
+
+#[derive(Debug)]
+struct Conv3x3Grad;
+
+impl<B: Conv3x3Backend> Backward<B, 2> for Conv3x3Grad {
+    /// The checkpointed input and weight.
+    type State = (NodeId, NodeId);
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 2>,
+        grads: &mut Gradients,
+        checkpointer: &mut Checkpointer,
+    ) {
+        let [node_x, node_weight] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (x_state, weight_state) = ops.state;
+        let x: FloatTensor<B> = checkpointer.retrieve_node_output(x_state);
+        let weight: FloatTensor<B> = checkpointer.retrieve_node_output(weight_state);
+        if let Some(node) = node_weight {
+            grads.register::<B>(node.id, B::conv3x3_weight_grad(x, grad.clone()));
+        }
+        if let Some(node) = node_x {
+            grads.register::<B>(node.id, B::conv3x3_input_grad(grad, weight));
+        }
+    }
+}
+
+impl<B: Conv3x3Backend, C: CheckpointStrategy> Conv3x3Backend for Autodiff<B, C> {
+    fn conv3x3(x: FloatTensor<Self>, weight: FloatTensor<Self>) -> FloatTensor<Self> {
+        match Conv3x3Grad
+            .prepare::<C>([x.node(), weight.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                let state = (prep.checkpoint(&x), prep.checkpoint(&weight));
+                let output = B::conv3x3(x.into_primitive(), weight.into_primitive());
+                prep.finish(state, output)
+            }
+            OpsKind::UnTracked(prep) => {
+                prep.finish(B::conv3x3(x.into_primitive(), weight.into_primitive()))
+            }
+        }
+    }
+
+    /// Not differentiable itself; the result is a constant.
+    fn conv3x3_weight_grad(x: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::from_inner(B::conv3x3_weight_grad(
+            x.into_primitive(),
+            grad.into_primitive(),
+        ))
+    }
+
+    /// Not differentiable itself; the result is a constant.
+    fn conv3x3_input_grad(grad: FloatTensor<Self>, weight: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::from_inner(B::conv3x3_input_grad(
+            grad.into_primitive(),
+            weight.into_primitive(),
+        ))
+    }
+}
+
+/// [`Conv3x3Backend::conv3x3`] on tensors: `x` [N, Cin, H, W], `weight` [Cout, Cin, 3, 3].
+/// Only for flex tensors; [`conv2d`] checks that.
+pub fn conv3x3(x: Tensor<4>, weight: Tensor<4>) -> Tensor<4> {
+    Tensor::from_dispatch(<Dispatch as Conv3x3Backend>::conv3x3(
+        x.into_dispatch(),
+        weight.into_dispatch(),
+    ))
+}
+
+/// Whether `conv` is a 3x3 convolution with stride 1, padding 1 on every side, no dilation and
+/// no groups.
+fn is_same_3x3(conv: &Conv2d) -> bool {
+    let padded = match &conv.padding {
+        PaddingConfig2d::Explicit(top, left, bottom, right) => {
+            [*top, *left, *bottom, *right] == [1, 1, 1, 1]
+        }
+        PaddingConfig2d::Same => true,
+        PaddingConfig2d::Valid => false,
+    };
+    conv.kernel_size == [3, 3]
+        && conv.stride == [1, 1]
+        && conv.dilation == [1, 1]
+        && conv.groups == 1
+        && padded
+}
+
+/// `conv.forward(x)`, through [`conv3x3`] where that applies (flex, 3x3 same convolution).
+pub fn conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
+    if !is_same_3x3(conv) || !is_flex(&x.device()) {
+        return conv.forward(x);
+    }
+    let y = conv3x3(x, conv.weight.val());
+    match &conv.bias {
+        Some(bias) => {
+            let channels = bias.dims()[0];
+            y + bias.val().reshape([1, channels, 1, 1])
+        }
+        None => y,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::nn::conv::Conv2dConfig;
+    use burn::tensor::Distribution;
+
+    fn values(t: Tensor<4>) -> Vec<f32> {
+        t.into_data().try_to_vec::<f32>().unwrap()
+    }
+
+    /// Largest difference relative to the largest magnitude of `want`.
+    fn relative_error(want: &[f32], got: &[f32]) -> f32 {
+        assert_eq!(want.len(), got.len());
+        let scale = want.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+        let worst = want
+            .iter()
+            .zip(got)
+            .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+        worst / scale
+    }
+
+    /// Output, input gradient, weight gradient and bias gradient of `conv` on `x` under a random
+    /// linear loss, through Burn's convolution or ours.
+    fn forward_backward(conv: &Conv2d, x: &Tensor<4>, ours: bool) -> [Vec<f32>; 4] {
+        let x = x.clone().require_grad();
+        let y = if ours {
+            conv2d(conv, x.clone())
+        } else {
+            conv.forward(x.clone())
+        };
+        let device = y.device();
+        device.seed(11);
+        let probe: Tensor<4> = Tensor::random(y.dims(), Distribution::Default, &device);
+        let grads = (y.clone() * probe).sum().backward();
+        let bias = conv.bias.as_ref().unwrap().grad(&grads).unwrap();
+        [
+            values(y),
+            values(x.grad(&grads).unwrap()),
+            values(conv.weight.grad(&grads).unwrap()),
+            bias.into_data().try_to_vec::<f32>().unwrap(),
+        ]
+    }
+
+    #[test]
+    fn matches_burns_convolution_forward_and_backward() {
+        let device = Device::flex().autodiff();
+        // (batch, in, out, height, width): single pixels and rows, one image, batches that the
+        // chunking splits unevenly, and channel counts of the students and the decoder.
+        for (n, cin, cout, h, w) in [
+            (1, 1, 1, 1, 1),
+            (2, 3, 5, 1, 7),
+            (3, 2, 4, 6, 1),
+            (1, 8, 3, 20, 20),
+            (5, 4, 6, 5, 7),
+            (8, 16, 8, 12, 12),
+            (3, 32, 32, 7, 7),
+        ] {
+            device.seed(n as u64 * 1000 + cin as u64);
+            let conv = Conv2dConfig::new([cin, cout], [3, 3])
+                .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+                .init(&device);
+            let x = Tensor::random([n, cin, h, w], Distribution::Default, &device);
+            let want = forward_backward(&conv, &x, false);
+            let got = forward_backward(&conv, &x, true);
+            for (what, (a, b)) in ["output", "input grad", "weight grad", "bias grad"]
+                .iter()
+                .zip(want.iter().zip(&got))
+            {
+                let err = relative_error(a, b);
+                assert!(err < 1e-5, "{n}x{cin}->{cout} {h}x{w} {what}: {err}");
+            }
+        }
+    }
+
+    #[test]
+    fn takes_non_contiguous_inputs_and_runs_without_autodiff() {
+        let device = Device::flex();
+        device.seed(3);
+        let conv = Conv2dConfig::new([4, 6], [3, 3])
+            .with_padding(PaddingConfig2d::Same)
+            .init(&device);
+        // [N, C, W, H] swapped into [N, C, H, W]: a strided view.
+        let x: Tensor<4> = Tensor::random([2, 4, 9, 5], Distribution::Default, &device);
+        let x = x.swap_dims(2, 3);
+        let err = relative_error(&values(conv.forward(x.clone())), &values(conv2d(&conv, x)));
+        assert!(err < 1e-5, "{err}");
+    }
+
+    #[test]
+    fn only_3x3_same_convolutions_take_the_fast_path() {
+        let device = Device::flex();
+        let with = |kernel: usize, stride: usize, padding: PaddingConfig2d| {
+            Conv2dConfig::new([2, 2], [kernel, kernel])
+                .with_stride([stride, stride])
+                .with_padding(padding)
+                .init(&device)
+        };
+        let explicit = PaddingConfig2d::Explicit(1, 1, 1, 1);
+        assert!(is_same_3x3(&with(3, 1, explicit.clone())));
+        assert!(is_same_3x3(&with(3, 1, PaddingConfig2d::Same)));
+        assert!(!is_same_3x3(&with(3, 2, explicit)));
+        assert!(!is_same_3x3(&with(3, 1, PaddingConfig2d::Valid)));
+        assert!(!is_same_3x3(&with(1, 1, PaddingConfig2d::Valid)));
+        assert!(!is_same_3x3(&with(
+            3,
+            1,
+            PaddingConfig2d::Explicit(1, 1, 1, 0)
+        )));
+        assert!(is_flex(&device) && is_flex(&device.clone().autodiff()));
+    }
+
+    #[test]
+    fn the_batch_is_chunked_into_contiguous_ranges_covering_it() {
+        for (batch, hw) in [
+            (1, 1),
+            (8, 49),
+            (8, 196),
+            (8, 3136),
+            (5, 300),
+            (32, 1),
+            (3, 5000),
+        ] {
+            let chunks = chunks(batch, hw);
+            assert_eq!(chunks.first().unwrap().start, 0);
+            assert_eq!(chunks.last().unwrap().end, batch);
+            assert!(chunks.windows(2).all(|w| w[0].end == w[1].start));
+            assert!(chunks.iter().all(|c| !c.is_empty()));
+            if hw >= MIN_COLUMNS {
+                assert_eq!(chunks.len(), batch, "{batch}x{hw}");
+            }
+        }
+    }
+}

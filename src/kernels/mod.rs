@@ -1,0 +1,43 @@
+//! Our own CPU kernels for the layers that dominate a training step, as Burn backend extensions
+//! on flex (and autodiff over flex) with hand-written backward passes. Every other backend, and
+//! flex with another dtype than float32, keeps Burn's own operations: the functions here check
+//! the device and fall back.
+//!
+//! Measured per layer by `cargo bench --bench burn_gap -- --layers`.
+
+pub mod conv3x3;
+
+use burn::backend::{DType, DispatchDevice};
+use burn::prelude::*;
+use burn_flex::{FlexTensor, Layout};
+
+/// Whether `device` is the CPU backend, with or without autodiff.
+pub fn is_flex(device: &Device) -> bool {
+    matches!(
+        device.as_dispatch().clone().inner(),
+        DispatchDevice::Flex(_)
+    )
+}
+
+fn dims4(tensor: &FlexTensor) -> [usize; 4] {
+    let shape = tensor.layout().shape();
+    [shape[0], shape[1], shape[2], shape[3]]
+}
+
+/// `tensor` in contiguous float32 storage (a copy if it is a strided view).
+fn contiguous_f32(tensor: &FlexTensor) -> FlexTensor {
+    let tensor = tensor.to_contiguous();
+    assert!(
+        tensor.as_slice::<f32>().is_some(),
+        "the CPU kernels take float32"
+    );
+    tensor
+}
+
+fn flex_f32(values: Vec<f32>, dims: [usize; 4]) -> FlexTensor {
+    FlexTensor::new(
+        burn::backend::Bytes::from_elems(values),
+        Layout::contiguous(Shape::from(dims.to_vec())),
+        DType::F32,
+    )
+}
