@@ -16,13 +16,12 @@ use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, Linear, LinearConfig, PaddingConfig2d};
 use burn::prelude::*;
 use burn::tensor::Int;
-use burn::tensor::activation::leaky_relu;
 use burn::tensor::module::interpolate;
 use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
 
 use crate::Error;
 use crate::kernels::conv3x3::conv2d;
-use crate::students::batch_norm;
+use crate::students::{Activation, batch_norm_act};
 
 /// Widths from the linear layer's reshape to the image: five up-blocks, each doubling H and W.
 pub const CHANNELS: [usize; 6] = [128, 64, 32, 16, 8, 3];
@@ -32,6 +31,8 @@ pub const UPSCALE: usize = 1 << (CHANNELS.len() - 1);
 
 /// Slope of the reference's `nn.LeakyReLU(0.2)`.
 const NEGATIVE_SLOPE: f64 = 0.2;
+/// Batch norm, then leaky ReLU with [`NEGATIVE_SLOPE`].
+const LEAKY: Activation = Activation::LeakyRelu(NEGATIVE_SLOPE);
 
 /// Configuration of the [`Decoder`]. The defaults are exactly the reference's.
 #[derive(Config, Debug)]
@@ -193,17 +194,11 @@ impl UpBlock {
     /// `[N, C_in, H, W]` -> `[N, C_out, 2H, 2W]`.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let x = upsample2x(x); // [N, C_in, 2H, 2W]
-        let x = leaky_relu(
-            batch_norm(&self.up_bn, conv2d(&self.up_conv, x)),
-            NEGATIVE_SLOPE,
-        );
+        let x = batch_norm_act(&self.up_bn, conv2d(&self.up_conv, x), LEAKY);
         // The reference applies conv1 twice (same weights); its BN and activation once.
         let x = conv2d(&self.conv1, conv2d(&self.conv1, x));
-        let x = leaky_relu(batch_norm(&self.bn1, x), NEGATIVE_SLOPE);
-        leaky_relu(
-            batch_norm(&self.bn2, conv2d(&self.conv2, x)),
-            NEGATIVE_SLOPE,
-        )
+        let x = batch_norm_act(&self.bn1, x, LEAKY);
+        batch_norm_act(&self.bn2, conv2d(&self.conv2, x), LEAKY)
     }
 }
 

@@ -5,6 +5,7 @@
 //!
 //! Measured per layer by `cargo bench --bench burn_gap -- --layers`.
 
+pub mod batch_norm;
 pub mod conv3x3;
 
 use burn::backend::{DType, DispatchDevice};

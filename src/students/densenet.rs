@@ -8,11 +8,11 @@ use burn::nn::conv::Conv2d;
 use burn::nn::pool::{AvgPool2d, AvgPool2dConfig, MaxPool2d, MaxPool2dConfig};
 use burn::nn::{BatchNorm, Initializer, Linear, LinearConfig, PaddingConfig2d};
 use burn::prelude::*;
-use burn::tensor::activation::relu;
 
 use crate::kernels::conv3x3::conv2d;
 
-use super::{batch_norm, norm};
+use super::Activation::Relu;
+use super::{batch_norm_act, norm};
 
 /// Channels each dense layer adds.
 const GROWTH_RATE: usize = 32;
@@ -98,8 +98,10 @@ impl DenseLayer {
 
     /// `[N, C, H, W]` (all previous features, concatenated) -> `[N, GROWTH_RATE, H, W]`.
     pub fn forward(&self, features: Tensor<4>) -> Tensor<4> {
-        let x = self.conv1.forward(relu(batch_norm(&self.norm1, features)));
-        conv2d(&self.conv2, relu(batch_norm(&self.norm2, x)))
+        let x = self
+            .conv1
+            .forward(batch_norm_act(&self.norm1, features, Relu));
+        conv2d(&self.conv2, batch_norm_act(&self.norm2, x, Relu))
     }
 }
 
@@ -133,7 +135,7 @@ impl Transition {
 
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         self.pool
-            .forward(self.conv.forward(relu(batch_norm(&self.norm, x))))
+            .forward(self.conv.forward(batch_norm_act(&self.norm, x, Relu)))
     }
 }
 
@@ -183,14 +185,14 @@ impl DenseNet121 {
     /// - `images`: `[N, 3, H, W]`
     /// - output: `[N, num_classes]`
     pub fn forward(&self, images: Tensor<4>) -> Tensor<2> {
-        let x = relu(batch_norm(&self.norm0, self.conv0.forward(images)));
+        let x = batch_norm_act(&self.norm0, self.conv0.forward(images), Relu);
         let x = self.pool0.forward(x); // [N, 64, H/4, W/4]
         let x = self.transition1.forward(self.denseblock1.forward(x)); // [N, 128, H/8, W/8]
         let x = self.transition2.forward(self.denseblock2.forward(x)); // [N, 256, H/16, W/16]
         let x = self.transition3.forward(self.denseblock3.forward(x)); // [N, 512, H/32, W/32]
-        let x = batch_norm(&self.norm5, self.denseblock4.forward(x)); // [N, 1024, H/32, W/32]
-        // F.relu, then F.adaptive_avg_pool2d(., (1, 1)), i.e. the spatial mean.
-        let x = relu(x).mean_dim(3).mean_dim(2); // [N, 1024, 1, 1]
+        // norm5, F.relu, then F.adaptive_avg_pool2d(., (1, 1)), i.e. the spatial mean.
+        let x = batch_norm_act(&self.norm5, self.denseblock4.forward(x), Relu); // [N, 1024, H/32, W/32]
+        let x = x.mean_dim(3).mean_dim(2); // [N, 1024, 1, 1]
         self.classifier.forward(x.flatten::<2>(1, 3)) // [N, num_classes]
     }
 }

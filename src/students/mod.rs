@@ -16,6 +16,7 @@ use std::fmt;
 use burn::module::{ModuleVisitor, Param};
 use burn::nn::BatchNorm;
 use burn::prelude::*;
+use burn::tensor::activation::{leaky_relu, relu};
 
 pub use densenet::{DenseNet121, DenseNet121Config};
 pub use resnet::{ResNet18, ResNet18Config};
@@ -155,36 +156,97 @@ impl Student {
 /// inference path. With one value per channel torch refuses to train; here the batch variance
 /// (0) is used as is.
 pub fn batch_norm<const D: usize>(norm: &BatchNorm, input: Tensor<D>) -> Tensor<D> {
-    if !(input.device().is_autodiff() && norm.training.is_enabled()) {
+    if !training(norm, &input) {
         return norm.forward(input);
     }
-    let channels = input.dims()[1];
-    let per_channel = input.shape().num_elements() / channels;
-    let unbiased = per_channel as f64 / per_channel.saturating_sub(1).max(1) as f64;
-
+    let per_channel = input.shape().num_elements() / input.dims()[1];
     let result = burn::tensor::module::batch_norm_train(
         input,
         norm.gamma.val(),
         norm.beta.val(),
         norm.epsilon,
     );
-    let device = result.output.device();
+    update_running_statistics(norm, result.mean, result.variance, per_channel);
+    result.output
+}
+
+fn training<const D: usize>(norm: &BatchNorm, input: &Tensor<D>) -> bool {
+    input.device().is_autodiff() && norm.training.is_enabled()
+}
+
+/// Torch's running-statistics update from a training batch's mean and biased variance over
+/// `per_channel` values (the variance made unbiased).
+fn update_running_statistics(
+    norm: &BatchNorm,
+    mean: Tensor<1>,
+    variance: Tensor<1>,
+    per_channel: usize,
+) {
+    let unbiased = per_channel as f64 / per_channel.saturating_sub(1).max(1) as f64;
+    let device = mean.device();
     let momentum = norm.momentum;
     let running_mean = norm
         .running_mean
         .value_sync()
         .to_device(&device)
         .mul_scalar(1.0 - momentum)
-        .add(result.mean.detach().mul_scalar(momentum));
+        .add(mean.detach().mul_scalar(momentum));
     let running_var = norm
         .running_var
         .value_sync()
         .to_device(&device)
         .mul_scalar(1.0 - momentum)
-        .add(result.variance.detach().mul_scalar(momentum * unbiased));
+        .add(variance.detach().mul_scalar(momentum * unbiased));
     norm.running_mean.update(running_mean.detach());
     norm.running_var.update(running_var.detach());
-    result.output
+}
+
+/// The activation after a batch norm.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Activation {
+    Identity,
+    Relu,
+    /// Leaky ReLU with this negative slope.
+    LeakyRelu(f64),
+}
+
+impl Activation {
+    /// `v` for `v > 0`, `slope * v` elsewhere.
+    fn slope(self) -> f64 {
+        match self {
+            Self::Identity => 1.0,
+            Self::Relu => 0.0,
+            Self::LeakyRelu(slope) => slope,
+        }
+    }
+
+    fn apply(self, x: Tensor<4>) -> Tensor<4> {
+        match self {
+            Self::Identity => x,
+            Self::Relu => relu(x),
+            Self::LeakyRelu(slope) => leaky_relu(x, slope),
+        }
+    }
+}
+
+/// `activation(batch_norm(norm, input))`, in training on the CPU backend through one fused
+/// kernel (`kernels::batch_norm`) with the same results and running-statistics update.
+pub fn batch_norm_act(norm: &BatchNorm, input: Tensor<4>, activation: Activation) -> Tensor<4> {
+    if training(norm, &input) {
+        let fused = crate::kernels::batch_norm::batch_norm_act(
+            &input,
+            norm.gamma.val(),
+            norm.beta.val(),
+            norm.epsilon,
+            activation.slope(),
+        );
+        if let Some((output, mean, variance)) = fused {
+            let per_channel = input.shape().num_elements() / input.dims()[1];
+            update_running_statistics(norm, mean, variance, per_channel);
+            return output;
+        }
+    }
+    activation.apply(batch_norm(norm, input))
 }
 
 /// A bias-free convolution with `kaiming_normal_` (gain sqrt 2) over fan-in or fan-out, as
@@ -300,6 +362,7 @@ pub fn reconstruction_score(reconstructions: Tensor<4>, images: Tensor<4>) -> Te
 mod tests {
     use super::*;
     use burn::nn::BatchNormConfig;
+    use burn::tensor::Distribution;
 
     fn values<const D: usize>(tensor: Tensor<D>) -> Vec<f32> {
         tensor.into_data().try_into_vec::<f32>().unwrap()
@@ -404,6 +467,37 @@ mod tests {
         assert!((mean[0] - 0.1).abs() < 1e-6, "{mean:?}");
         // 0.9 * 1 + 0.1 * 2
         assert!((var[0] - 1.1).abs() < 1e-6, "{var:?}");
+    }
+
+    #[test]
+    fn fused_batch_norm_act_equals_batch_norm_then_activation() {
+        let device = Device::flex().autodiff();
+        device.seed(9);
+        let x: Tensor<4> = Tensor::random([3, 4, 5, 6], Distribution::Normal(1.0, 2.0), &device);
+        for activation in [
+            Activation::Identity,
+            Activation::Relu,
+            Activation::LeakyRelu(0.2),
+        ] {
+            let (fused, plain) = (
+                BatchNormConfig::new(4).init(&device),
+                BatchNormConfig::new(4).init(&device),
+            );
+            let got = values(batch_norm_act(&fused, x.clone(), activation));
+            let want = values(activation.apply(batch_norm(&plain, x.clone())));
+            let close = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(a, b)| (a - b).abs() < 1e-5);
+            assert!(close(&got, &want), "{activation:?}");
+            for (a, b) in [
+                (&fused.running_mean, &plain.running_mean),
+                (&fused.running_var, &plain.running_var),
+            ] {
+                let (a, b) = (values(a.value_sync()), values(b.value_sync()));
+                assert!(
+                    close(&a, &b) && a != [0.0; 4] && a != [1.0; 4],
+                    "{a:?} {b:?}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -11,7 +11,8 @@ use burn::tensor::activation::relu;
 
 use crate::kernels::conv3x3::conv2d;
 
-use super::{batch_norm, norm};
+use super::Activation::{Identity, Relu};
+use super::{batch_norm_act, norm};
 
 /// Configuration of [`ResNet18`].
 #[derive(Config, Debug)]
@@ -83,11 +84,11 @@ impl BasicBlock {
 
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let identity = match &self.downsample {
-            Some(down) => batch_norm(&down.bn, down.conv.forward(x.clone())),
+            Some(down) => batch_norm_act(&down.bn, down.conv.forward(x.clone()), Identity),
             None => x.clone(),
         };
-        let out = relu(batch_norm(&self.bn1, conv2d(&self.conv1, x)));
-        let out = batch_norm(&self.bn2, conv2d(&self.conv2, out));
+        let out = batch_norm_act(&self.bn1, conv2d(&self.conv1, x), Relu);
+        let out = batch_norm_act(&self.bn2, conv2d(&self.conv2, out), Identity);
         relu(out + identity)
     }
 }
@@ -131,7 +132,7 @@ impl ResNet18 {
     /// - `images`: `[N, 3, H, W]`
     /// - output: `[N, num_classes]`
     pub fn forward(&self, images: Tensor<4>) -> Tensor<2> {
-        let x = relu(batch_norm(&self.bn1, self.conv1.forward(images))); // [N, 64, H/2, W/2]
+        let x = batch_norm_act(&self.bn1, self.conv1.forward(images), Relu); // [N, 64, H/2, W/2]
         let mut x = self.maxpool.forward(x); // [N, 64, H/4, W/4]
         for block in self
             .layer1

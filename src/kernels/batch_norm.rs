@@ -1,0 +1,473 @@
+//! Training-mode batch norm fused with the activation after it (identity, ReLU or leaky ReLU) on
+//! the CPU backend: one pass for the statistics and one for the output forward, two passes
+//! backward, per channel, in NCHW.
+//!
+//! Burn's `batch_norm_train` is a composition of tensor operations (means over swapped axes,
+//! broadcasts), and the activation a further pass with its own mask backward: several times the
+//! memory traffic of PyTorch's fused kernel (`cargo bench --bench burn_gap -- --layers`).
+//!
+//! With `x̂ = (x - mean) / sqrt(var + eps)` over the `M = N H W` values of a channel (biased
+//! variance, as torch normalises), `y = act(gamma x̂ + beta)` and `act(v) = v` for `v > 0`, else
+//! `slope v`:
+//!
+//! ```text
+//! g     = dy * (y > 0 ? 1 : slope)        (y > 0 exactly where gamma x̂ + beta > 0)
+//! dbeta = sum g,  dgamma = sum g x̂
+//! dx    = gamma / sqrt(var + eps) * (g - dbeta / M - x̂ dgamma / M)
+//! ```
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::{Autodiff, NodeId};
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{AutodiffBackend, Backend, DType, Dispatch, Flex, backend_extension};
+use burn::prelude::*;
+use burn_flex::FlexTensor;
+use rayon::prelude::*;
+
+use super::{contiguous_f32, dims4, flex_f32, is_flex};
+
+/// The fused batch norm, on flex and autodiff over flex (float32).
+#[backend_extension(Autodiff, Flex)]
+pub trait BatchNormBackend: Backend {
+    /// `x` [N, C, H, W], `gamma`, `beta` [C] -> (act(batch norm of x), batch mean [C], biased
+    /// batch variance [C]).
+    fn batch_norm_act(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        epsilon: f64,
+        slope: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+
+    /// The gradients (x, gamma, beta) of [`BatchNormBackend::batch_norm_act`] from its input,
+    /// its output, the output's gradient, `gamma` and the batch statistics it returned.
+    #[allow(clippy::too_many_arguments)]
+    fn batch_norm_act_backward(
+        x: FloatTensor<Self>,
+        output: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        mean: FloatTensor<Self>,
+        variance: FloatTensor<Self>,
+        epsilon: f64,
+        slope: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+}
+
+/// Values summed in float32 lanes within blocks of this many, the blocks in float64.
+const BLOCK: usize = 1024;
+
+/// `sum f(a_i, b_i)` over two equally long slices, vectorised, with float64 between blocks.
+fn sum_zip(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f64 {
+    let mut total = 0.0f64;
+    for (a, b) in a.chunks(BLOCK).zip(b.chunks(BLOCK)) {
+        let mut lanes = [0.0f32; 16];
+        let (a16, b16) = (a.chunks_exact(16), b.chunks_exact(16));
+        let (ra, rb) = (a16.remainder(), b16.remainder());
+        for (a, b) in a16.zip(b16) {
+            for i in 0..16 {
+                lanes[i] += f(a[i], b[i]);
+            }
+        }
+        let tail: f32 = ra.iter().zip(rb).map(|(&a, &b)| f(a, b)).sum();
+        total += lanes.iter().map(|&v| v as f64).sum::<f64>() + tail as f64;
+    }
+    total
+}
+
+fn plane(values: &[f32], [c, l]: [usize; 2], image: usize, channel: usize) -> &[f32] {
+    &values[(image * c + channel) * l..][..l]
+}
+
+fn flex_vec(tensor: &FlexTensor) -> Vec<f32> {
+    contiguous_f32(tensor).as_slice::<f32>().unwrap().to_vec()
+}
+
+fn vector(values: Vec<f32>) -> FlexTensor {
+    let len = values.len();
+    let tensor = flex_f32(values, [len, 1, 1, 1]);
+    tensor.reshape(Shape::from(vec![len]))
+}
+
+/// Planes per rayon job, so that small planes (7x7) are not one job each.
+fn min_planes(l: usize) -> usize {
+    (4096 / l.max(1)).max(1)
+}
+
+impl BatchNormBackend for Flex {
+    fn batch_norm_act(
+        x: FlexTensor,
+        gamma: FlexTensor,
+        beta: FlexTensor,
+        epsilon: f64,
+        slope: f64,
+    ) -> (FlexTensor, FlexTensor, FlexTensor) {
+        assert_eq!(x.dtype(), DType::F32, "the fused batch norm takes float32");
+        let x = contiguous_f32(&x);
+        let [n, c, h, w] = dims4(&x);
+        let l = h * w;
+        let m = (n * l).max(1) as f64;
+        let xs = x.as_slice::<f32>().unwrap();
+        let (gamma, beta) = (flex_vec(&gamma), flex_vec(&beta));
+        let stats: Vec<(f64, f64)> = (0..c)
+            .into_par_iter()
+            .map(|ch| {
+                let planes = || (0..n).map(|b| plane(xs, [c, l], b, ch));
+                let mean = planes().map(|p| sum_zip(p, p, |v, _| v)).sum::<f64>() / m;
+                let mu = mean as f32;
+                let var = planes()
+                    .map(|p| sum_zip(p, p, |v, _| (v - mu) * (v - mu)))
+                    .sum::<f64>()
+                    / m;
+                (mean, var)
+            })
+            .collect();
+        let affine: Vec<(f32, f32)> = stats
+            .iter()
+            .zip(gamma.iter().zip(&beta))
+            .map(|(&(mean, var), (&g, &b))| {
+                let scale = g as f64 / (var + epsilon).sqrt();
+                (scale as f32, (b as f64 - mean * scale) as f32)
+            })
+            .collect();
+        let slope = slope as f32;
+        let mut out = vec![0.0f32; xs.len()];
+        if l > 0 {
+            out.par_chunks_mut(l)
+                .zip(xs.par_chunks(l))
+                .enumerate()
+                .with_min_len(min_planes(l))
+                .for_each(|(i, (out, x))| {
+                    let (scale, shift) = affine[i % c];
+                    for (o, &v) in out.iter_mut().zip(x) {
+                        let y = v * scale + shift;
+                        *o = if y > 0.0 { y } else { y * slope };
+                    }
+                });
+        }
+        let (means, vars) = stats.iter().map(|&(m, v)| (m as f32, v as f32)).unzip();
+        (flex_f32(out, [n, c, h, w]), vector(means), vector(vars))
+    }
+
+    fn batch_norm_act_backward(
+        x: FlexTensor,
+        output: FlexTensor,
+        grad: FlexTensor,
+        gamma: FlexTensor,
+        mean: FlexTensor,
+        variance: FlexTensor,
+        epsilon: f64,
+        slope: f64,
+    ) -> (FlexTensor, FlexTensor, FlexTensor) {
+        let (x, output, grad) = (
+            contiguous_f32(&x),
+            contiguous_f32(&output),
+            contiguous_f32(&grad),
+        );
+        let [n, c, h, w] = dims4(&x);
+        let l = h * w;
+        let m = (n * l).max(1) as f64;
+        let (xs, ys, gs) = (
+            x.as_slice::<f32>().unwrap(),
+            output.as_slice::<f32>().unwrap(),
+            grad.as_slice::<f32>().unwrap(),
+        );
+        let (gamma, mean, variance) = (flex_vec(&gamma), flex_vec(&mean), flex_vec(&variance));
+        let slope = slope as f32;
+        let inv_std: Vec<f32> = variance
+            .iter()
+            .map(|&v| (1.0 / (v as f64 + epsilon).sqrt()) as f32)
+            .collect();
+        // g = dy where the output is positive, slope dy elsewhere.
+        let masked = |dy: f32, y: f32| if y > 0.0 { dy } else { dy * slope };
+        // Per channel: (sum g, sum g x̂).
+        let sums: Vec<(f64, f64)> = (0..c)
+            .into_par_iter()
+            .map(|ch| {
+                let (mu, inv) = (mean[ch], inv_std[ch]);
+                let mut sum_g = 0.0;
+                let mut sum_gx = 0.0;
+                for b in 0..n {
+                    let (x, y, g) = (
+                        plane(xs, [c, l], b, ch),
+                        plane(ys, [c, l], b, ch),
+                        plane(gs, [c, l], b, ch),
+                    );
+                    let gy: Vec<f32> = g.iter().zip(y).map(|(&g, &y)| masked(g, y)).collect();
+                    sum_g += sum_zip(&gy, &gy, |g, _| g);
+                    sum_gx += sum_zip(&gy, x, |g, x| g * (x - mu)) * inv as f64;
+                }
+                (sum_g, sum_gx)
+            })
+            .collect();
+        let mut dx = vec![0.0f32; xs.len()];
+        if l > 0 {
+            dx.par_chunks_mut(l)
+                .enumerate()
+                .with_min_len(min_planes(l))
+                .for_each(|(i, dx)| {
+                    let ch = i % c;
+                    let (sum_g, sum_gx) = sums[ch];
+                    let (mu, inv) = (mean[ch], inv_std[ch]);
+                    let k = gamma[ch] * inv;
+                    let mean_g = (sum_g / m) as f32;
+                    let mean_gx = (sum_gx / m) as f32;
+                    let range = i * l..(i + 1) * l;
+                    let (x, y, g) = (&xs[range.clone()], &ys[range.clone()], &gs[range]);
+                    for (((d, &x), &y), &g) in dx.iter_mut().zip(x).zip(y).zip(g) {
+                        let xhat = (x - mu) * inv;
+                        *d = k * (masked(g, y) - mean_g - xhat * mean_gx);
+                    }
+                });
+        }
+        let (dbeta, dgamma) = sums.iter().map(|&(g, gx)| (g as f32, gx as f32)).unzip();
+        (flex_f32(dx, [n, c, h, w]), vector(dgamma), vector(dbeta))
+    }
+}
+
+#[derive(Debug)]
+struct BatchNormGrad;
+
+impl<B: BatchNormBackend> Backward<B, 3> for BatchNormGrad {
+    /// Checkpointed x and gamma; the output, batch mean and variance; epsilon and slope.
+    type State = (
+        NodeId,
+        NodeId,
+        FloatTensor<B>,
+        FloatTensor<B>,
+        FloatTensor<B>,
+        f64,
+        f64,
+    );
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 3>,
+        grads: &mut Gradients,
+        checkpointer: &mut Checkpointer,
+    ) {
+        let [node_x, node_gamma, node_beta] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (x_state, gamma_state, output, mean, variance, epsilon, slope) = ops.state;
+        let x: FloatTensor<B> = checkpointer.retrieve_node_output(x_state);
+        let gamma: FloatTensor<B> = checkpointer.retrieve_node_output(gamma_state);
+        let (dx, dgamma, dbeta) =
+            B::batch_norm_act_backward(x, output, grad, gamma, mean, variance, epsilon, slope);
+        for (node, grad) in [(node_x, dx), (node_gamma, dgamma), (node_beta, dbeta)] {
+            if let Some(node) = node {
+                grads.register::<B>(node.id, grad);
+            }
+        }
+    }
+}
+
+impl<B: BatchNormBackend, C: CheckpointStrategy> BatchNormBackend for Autodiff<B, C> {
+    fn batch_norm_act(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        epsilon: f64,
+        slope: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let prep = BatchNormGrad
+            .prepare::<C>([x.node(), gamma.node(), beta.node()])
+            .compute_bound()
+            .stateful();
+        match prep {
+            OpsKind::Tracked(mut prep) => {
+                let (x_state, gamma_state) = (prep.checkpoint(&x), prep.checkpoint(&gamma));
+                let (output, mean, variance) = B::batch_norm_act(
+                    x.into_primitive(),
+                    gamma.into_primitive(),
+                    beta.into_primitive(),
+                    epsilon,
+                    slope,
+                );
+                let state = (
+                    x_state,
+                    gamma_state,
+                    output.clone(),
+                    mean.clone(),
+                    variance.clone(),
+                    epsilon,
+                    slope,
+                );
+                (
+                    prep.finish(state, output),
+                    Self::from_inner(mean),
+                    Self::from_inner(variance),
+                )
+            }
+            OpsKind::UnTracked(prep) => {
+                let (output, mean, variance) = B::batch_norm_act(
+                    x.into_primitive(),
+                    gamma.into_primitive(),
+                    beta.into_primitive(),
+                    epsilon,
+                    slope,
+                );
+                (
+                    prep.finish(output),
+                    Self::from_inner(mean),
+                    Self::from_inner(variance),
+                )
+            }
+        }
+    }
+
+    /// Not differentiable itself; the results are constants.
+    fn batch_norm_act_backward(
+        x: FloatTensor<Self>,
+        output: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        mean: FloatTensor<Self>,
+        variance: FloatTensor<Self>,
+        epsilon: f64,
+        slope: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let (dx, dgamma, dbeta) = B::batch_norm_act_backward(
+            x.into_primitive(),
+            output.into_primitive(),
+            grad.into_primitive(),
+            gamma.into_primitive(),
+            mean.into_primitive(),
+            variance.into_primitive(),
+            epsilon,
+            slope,
+        );
+        (
+            Self::from_inner(dx),
+            Self::from_inner(dgamma),
+            Self::from_inner(dbeta),
+        )
+    }
+}
+
+/// The fused batch norm's output with the batch mean and biased variance, where it applies: a
+/// flex float32 tensor [N, C, H, W]. `None` elsewhere (other backends and dtypes).
+pub fn batch_norm_act(
+    x: &Tensor<4>,
+    gamma: Tensor<1>,
+    beta: Tensor<1>,
+    epsilon: f64,
+    slope: f64,
+) -> Option<(Tensor<4>, Tensor<1>, Tensor<1>)> {
+    if !is_flex(&x.device()) || x.dtype() != DType::F32 {
+        return None;
+    }
+    let (output, mean, variance) = <Dispatch as BatchNormBackend>::batch_norm_act(
+        x.clone().into_dispatch(),
+        gamma.into_dispatch(),
+        beta.into_dispatch(),
+        epsilon,
+        slope,
+    );
+    Some((
+        Tensor::from_dispatch(output),
+        Tensor::from_dispatch(mean),
+        Tensor::from_dispatch(variance),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::Distribution;
+    use burn::tensor::activation::{leaky_relu, relu};
+
+    fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+        t.into_data().try_to_vec::<f32>().unwrap()
+    }
+
+    /// Largest difference relative to the largest magnitude of `want`, or to 1 where that is
+    /// smaller (the input gradient of two values per channel is a cancellation near 0).
+    fn relative_error(want: &[f32], got: &[f32]) -> f32 {
+        assert_eq!(want.len(), got.len());
+        let scale = want.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+        let worst = want
+            .iter()
+            .zip(got)
+            .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+        worst / scale
+    }
+
+    /// (output, mean, variance, dx, dgamma, dbeta) under a random linear loss, fused or through
+    /// Burn's `batch_norm_train` and activation.
+    fn run(x: &Tensor<4>, slope: f64, fused: bool) -> [Vec<f32>; 6] {
+        let device = x.device();
+        let c = x.dims()[1];
+        device.seed(7);
+        let gamma: Tensor<1> =
+            Tensor::random([c], Distribution::Uniform(0.5, 1.5), &device).require_grad();
+        let beta: Tensor<1> = Tensor::random([c], Distribution::Default, &device).require_grad();
+        let x = x.clone().require_grad();
+        let (y, mean, var) = if fused {
+            batch_norm_act(&x, gamma.clone(), beta.clone(), 1e-5, slope).unwrap()
+        } else {
+            let r = burn::tensor::module::batch_norm_train(
+                x.clone(),
+                gamma.clone(),
+                beta.clone(),
+                1e-5,
+            );
+            let y = match slope {
+                1.0 => r.output,
+                0.0 => relu(r.output),
+                s => leaky_relu(r.output, s),
+            };
+            (y, r.mean, r.variance)
+        };
+        let probe: Tensor<4> = Tensor::random(y.dims(), Distribution::Default, &device);
+        let grads = (y.clone() * probe).sum().backward();
+        [
+            values(y),
+            values(mean),
+            values(var),
+            values(x.grad(&grads).unwrap()),
+            values(gamma.grad(&grads).unwrap()),
+            values(beta.grad(&grads).unwrap()),
+        ]
+    }
+
+    #[test]
+    fn matches_burns_batch_norm_and_activation_forward_and_backward() {
+        let device = Device::flex().autodiff();
+        for (i, dims) in [
+            [2, 1, 1, 1],
+            [8, 3, 1, 1],
+            [4, 5, 7, 7],
+            [2, 16, 33, 17],
+            [3, 2, 64, 64],
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            device.seed(i as u64);
+            // Shifted and scaled away from N(0, 1), as real activations are.
+            let x: Tensor<4> =
+                Tensor::random(dims, Distribution::Normal(3.0, 2.0), &device).detach();
+            for slope in [1.0, 0.0, 0.2] {
+                let want = run(&x, slope, false);
+                let got = run(&x, slope, true);
+                let names = ["output", "mean", "variance", "dx", "dgamma", "dbeta"];
+                for (name, (a, b)) in names.iter().zip(want.iter().zip(&got)) {
+                    let err = relative_error(a, b);
+                    assert!(err < 2e-5, "{dims:?} slope {slope} {name}: {err}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn leaves_other_devices_to_burn() {
+        let x: Tensor<4> = Tensor::zeros([2, 3, 4, 4], &Device::flex());
+        let gamma = || Tensor::<1>::ones([3], &Device::flex());
+        assert!(batch_norm_act(&x, gamma(), gamma(), 1e-5, 0.0).is_some());
+        let half = x.cast(burn::tensor::FloatDType::F16);
+        assert!(batch_norm_act(&half, gamma(), gamma(), 1e-5, 0.0).is_none());
+    }
+}
