@@ -60,22 +60,40 @@ pub trait BatchNormBackend: Backend {
 /// Values summed in float32 lanes within blocks of this many, the blocks in float64.
 const BLOCK: usize = 1024;
 
-/// `sum f(a_i, b_i)` over two equally long slices, vectorised, with float64 between blocks.
-fn sum_zip(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f64 {
-    let mut total = 0.0f64;
-    for (a, b) in a.chunks(BLOCK).zip(b.chunks(BLOCK)) {
-        let mut lanes = [0.0f32; 16];
-        let (a16, b16) = (a.chunks_exact(16), b.chunks_exact(16));
-        let (ra, rb) = (a16.remainder(), b16.remainder());
-        for (a, b) in a16.zip(b16) {
-            for i in 0..16 {
-                lanes[i] += f(a[i], b[i]);
+/// `(sum f(a_i, b_i, c_i), sum h(a_i, b_i, c_i))` over three equally long slices, in float32
+/// lanes the compiler vectorises, with float64 between blocks.
+fn sums3(
+    [a, b, c]: [&[f32]; 3],
+    f: impl Fn(f32, f32, f32) -> f32,
+    h: impl Fn(f32, f32, f32) -> f32,
+) -> (f64, f64) {
+    let (mut total_f, mut total_h) = (0.0f64, 0.0f64);
+    for start in (0..a.len()).step_by(BLOCK) {
+        let end = (start + BLOCK).min(a.len());
+        let (a, b, c) = (&a[start..end], &b[start..end], &c[start..end]);
+        let (mut lanes_f, mut lanes_h) = ([0.0f32; 16], [0.0f32; 16]);
+        let whole = a.len() / 16 * 16;
+        for i in (0..whole).step_by(16) {
+            let (a, b, c) = (&a[i..i + 16], &b[i..i + 16], &c[i..i + 16]);
+            for j in 0..16 {
+                lanes_f[j] += f(a[j], b[j], c[j]);
+                lanes_h[j] += h(a[j], b[j], c[j]);
             }
         }
-        let tail: f32 = ra.iter().zip(rb).map(|(&a, &b)| f(a, b)).sum();
-        total += lanes.iter().map(|&v| v as f64).sum::<f64>() + tail as f64;
+        for i in whole..a.len() {
+            lanes_f[0] += f(a[i], b[i], c[i]);
+            lanes_h[0] += h(a[i], b[i], c[i]);
+        }
+        total_f += lanes_f.iter().map(|&v| v as f64).sum::<f64>();
+        total_h += lanes_h.iter().map(|&v| v as f64).sum::<f64>();
     }
-    total
+    (total_f, total_h)
+}
+
+/// `v` where `y > 0`, `slope v` elsewhere, without a branch.
+#[inline(always)]
+fn masked(v: f32, y: f32, slope: f32) -> f32 {
+    v * if y > 0.0 { 1.0 } else { slope }
 }
 
 fn plane(values: &[f32], [c, l]: [usize; 2], image: usize, channel: usize) -> &[f32] {
@@ -116,12 +134,14 @@ impl BatchNormBackend for Flex {
             .into_par_iter()
             .map(|ch| {
                 let planes = || (0..n).map(|b| plane(xs, [c, l], b, ch));
-                let mean = planes().map(|p| sum_zip(p, p, |v, _| v)).sum::<f64>() / m;
+                let sum = |f: &dyn Fn(f32) -> f32| {
+                    planes()
+                        .map(|p| sums3([p, p, p], |v, _, _| f(v), |_, _, _| 0.0).0)
+                        .sum::<f64>()
+                };
+                let mean = sum(&|v| v) / m;
                 let mu = mean as f32;
-                let var = planes()
-                    .map(|p| sum_zip(p, p, |v, _| (v - mu) * (v - mu)))
-                    .sum::<f64>()
-                    / m;
+                let var = sum(&|v| (v - mu) * (v - mu)) / m;
                 (mean, var)
             })
             .collect();
@@ -142,9 +162,10 @@ impl BatchNormBackend for Flex {
                 .with_min_len(min_planes(l))
                 .for_each(|(i, (out, x))| {
                     let (scale, shift) = affine[i % c];
-                    for (o, &v) in out.iter_mut().zip(x) {
-                        let y = v * scale + shift;
-                        *o = if y > 0.0 { y } else { y * slope };
+                    let x = &x[..out.len()];
+                    for i in 0..out.len() {
+                        let y = x[i] * scale + shift;
+                        out[i] = masked(y, y, slope);
                     }
                 });
         }
@@ -182,7 +203,6 @@ impl BatchNormBackend for Flex {
             .map(|&v| (1.0 / (v as f64 + epsilon).sqrt()) as f32)
             .collect();
         // g = dy where the output is positive, slope dy elsewhere.
-        let masked = |dy: f32, y: f32| if y > 0.0 { dy } else { dy * slope };
         // Per channel: (sum g, sum g x̂).
         let sums: Vec<(f64, f64)> = (0..c)
             .into_par_iter()
@@ -196,9 +216,13 @@ impl BatchNormBackend for Flex {
                         plane(ys, [c, l], b, ch),
                         plane(gs, [c, l], b, ch),
                     );
-                    let gy: Vec<f32> = g.iter().zip(y).map(|(&g, &y)| masked(g, y)).collect();
-                    sum_g += sum_zip(&gy, &gy, |g, _| g);
-                    sum_gx += sum_zip(&gy, x, |g, x| g * (x - mu)) * inv as f64;
+                    let (g, gx) = sums3(
+                        [g, y, x],
+                        |g, y, _| masked(g, y, slope),
+                        |g, y, x| masked(g, y, slope) * (x - mu),
+                    );
+                    sum_g += g;
+                    sum_gx += gx * inv as f64;
                 }
                 (sum_g, sum_gx)
             })
@@ -217,9 +241,10 @@ impl BatchNormBackend for Flex {
                     let mean_gx = (sum_gx / m) as f32;
                     let range = i * l..(i + 1) * l;
                     let (x, y, g) = (&xs[range.clone()], &ys[range.clone()], &gs[range]);
-                    for (((d, &x), &y), &g) in dx.iter_mut().zip(x).zip(y).zip(g) {
-                        let xhat = (x - mu) * inv;
-                        *d = k * (masked(g, y) - mean_g - xhat * mean_gx);
+                    let (x, y, g) = (&x[..dx.len()], &y[..dx.len()], &g[..dx.len()]);
+                    for i in 0..dx.len() {
+                        let xhat = (x[i] - mu) * inv;
+                        dx[i] = k * (masked(g[i], y[i], slope) - mean_g - xhat * mean_gx);
                     }
                 });
         }
