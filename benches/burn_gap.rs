@@ -8,11 +8,14 @@
 //! With `--layers`, a per-layer profile of the resnet18 training step at 224x224, batch 8: every
 //! distinct layer of the student and the decoder (convolution, batch norm + activation, pooling,
 //! upsampling, linear), forward+backward, weighted by how often one step runs it, in both
-//! frameworks, then the layer kinds sorted by the time each loses against PyTorch.
+//! frameworks, then the layer kinds sorted by the time each loses against PyTorch. Our side runs
+//! the layers as the models do, with our own CPU kernels where they apply (`src/kernels`: 3x3
+//! same convolutions, batch norm + activation); add `--burn` for Burn's own layers throughout.
 //!
 //! ```text
 //! cargo bench --bench burn_gap
 //! cargo bench --bench burn_gap -- --layers
+//! cargo bench --bench burn_gap -- --layers --burn
 //! ```
 
 use std::process::Command;
@@ -26,7 +29,8 @@ use burn::prelude::*;
 use burn::tensor::Distribution;
 use burn::tensor::activation::{leaky_relu, relu};
 use multi_teacher_ad::decoder::upsample2x;
-use multi_teacher_ad::students::batch_norm;
+use multi_teacher_ad::kernels::conv3x3::conv2d;
+use multi_teacher_ad::students::{Activation, batch_norm, batch_norm_act};
 use serde_json::json;
 
 const WARMUP: usize = 1;
@@ -306,7 +310,7 @@ fn op_json(op: Op, side: usize, case: &str) -> serde_json::Value {
 const LAYER_BATCH: usize = 8;
 
 /// Forward + backward of one layer on `ad` (input gradient included), in milliseconds.
-fn time_layer(op: Op, side: usize, ad: &Device) -> f64 {
+fn time_layer(op: Op, side: usize, ad: &Device, burn_only: bool) -> f64 {
     let n = LAYER_BATCH;
     let input =
         |dims: Vec<usize>| Tensor::<4>::random(dims, Distribution::Default, ad).require_grad();
@@ -329,14 +333,27 @@ fn time_layer(op: Op, side: usize, ad: &Device) -> f64 {
                 .with_bias(bias)
                 .init(ad);
             let x = input(vec![n, cin, side, side]);
-            timed(|| backward(conv.forward(x.clone()), &x))
+            if burn_only {
+                timed(|| backward(conv.forward(x.clone()), &x))
+            } else {
+                timed(|| backward(conv2d(&conv, x.clone()), &x))
+            }
         }
         Op::BnAct { c, leaky } => {
             let norm = BatchNormConfig::new(c).init(ad);
             let x = input(vec![n, c, side, side]);
+            let activation = if leaky {
+                Activation::LeakyRelu(0.2)
+            } else {
+                Activation::Relu
+            };
             timed(|| {
-                let y = batch_norm(&norm, x.clone());
-                let y = if leaky { leaky_relu(y, 0.2) } else { relu(y) };
+                let y = if burn_only {
+                    let y = batch_norm(&norm, x.clone());
+                    if leaky { leaky_relu(y, 0.2) } else { relu(y) }
+                } else {
+                    batch_norm_act(&norm, x.clone(), activation)
+                };
                 backward(y, &x)
             })
         }
@@ -366,6 +383,7 @@ fn time_layer(op: Op, side: usize, ad: &Device) -> f64 {
 
 /// `--layers`: the per-layer profile of one resnet18 training step.
 fn layers() {
+    let burn_only = std::env::args().any(|a| a == "--burn");
     let ad = Device::flex().autodiff();
     ad.seed(0);
     let layers = step_layers();
@@ -381,18 +399,23 @@ fn layers() {
     let theirs = torch_side(&["--layers".into(), serde_json::to_string(&specs).unwrap()]);
     println!(
         "Per-layer forward+backward of a resnet18 training step (batch {LAYER_BATCH}, 224x224), \
-         Burn flex ({} rayon threads) against PyTorch; ms per call, x calls per step",
+         {} on flex ({} rayon threads) against PyTorch; ms per call, x calls per step",
+        if burn_only {
+            "Burn's own layers"
+        } else {
+            "the models' layers (our CPU kernels where they apply)"
+        },
         rayon::current_num_threads()
     );
     println!(
         "{:<34} {:>5} {:>10} {:>10} {:>12} {:>12} {:>9}",
-        "layer", "calls", "burn ms", "torch ms", "burn/step", "torch/step", "ratio"
+        "layer", "calls", "ours ms", "torch ms", "ours/step", "torch/step", "ratio"
     );
     // (kind, burn ms per step, torch ms per step) summed over the layers of each kind.
     let mut kinds: Vec<(String, f64, f64)> = Vec::new();
     let (mut burn_total, mut torch_total) = (0.0, 0.0);
     for (&(op, side, calls), case) in layers.iter().zip(&names) {
-        let ms = time_layer(op, side, &ad);
+        let ms = time_layer(op, side, &ad, burn_only);
         let t = theirs.iter().find(|(c, _)| c == case).map(|(_, v)| *v);
         let per_step = ms * calls as f64;
         let torch_step = t.map(|v| v * calls as f64);
@@ -425,7 +448,7 @@ fn layers() {
     println!("\nBy layer kind, most time lost first (ms per step):");
     println!(
         "{:<16} {:>10} {:>10} {:>10} {:>13}",
-        "kind", "burn", "torch", "lost", "share of loss"
+        "kind", "ours", "torch", "lost", "share of loss"
     );
     let lost_total = burn_total - torch_total;
     for (kind, b, t) in kinds {

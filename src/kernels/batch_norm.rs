@@ -401,7 +401,25 @@ pub fn batch_norm_act(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::tensor::Distribution;
+
+    /// Deterministic values in [lo, hi) (the device's seeded generator is shared by the tests
+    /// running in parallel).
+    fn uniform<const D: usize>(
+        dims: [usize; D],
+        [lo, hi]: [f32; 2],
+        seed: u32,
+        device: &Device,
+    ) -> Tensor<D> {
+        let mut state = seed.wrapping_mul(2_654_435_761).wrapping_add(12_345);
+        let len = dims.iter().product();
+        let values: Vec<f32> = (0..len)
+            .map(|_| {
+                state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                lo + (hi - lo) * ((state >> 8) as f32 / (1u32 << 24) as f32)
+            })
+            .collect();
+        Tensor::from_data(TensorData::new(values, dims), device)
+    }
     use burn::tensor::activation::{leaky_relu, relu};
 
     fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
@@ -425,10 +443,8 @@ mod tests {
     fn run(x: &Tensor<4>, slope: f64, fused: bool) -> [Vec<f32>; 6] {
         let device = x.device();
         let c = x.dims()[1];
-        device.seed(7);
-        let gamma: Tensor<1> =
-            Tensor::random([c], Distribution::Uniform(0.5, 1.5), &device).require_grad();
-        let beta: Tensor<1> = Tensor::random([c], Distribution::Default, &device).require_grad();
+        let gamma = uniform([c], [0.5, 1.5], 1, &device).require_grad();
+        let beta = uniform([c], [-1.0, 1.0], 2, &device).require_grad();
         let x = x.clone().require_grad();
         let (y, mean, var) = if fused {
             batch_norm_act(&x, gamma.clone(), beta.clone(), 1e-5, slope).unwrap()
@@ -446,7 +462,7 @@ mod tests {
             };
             (y, r.mean, r.variance)
         };
-        let probe: Tensor<4> = Tensor::random(y.dims(), Distribution::Default, &device);
+        let probe = uniform(y.dims(), [-1.0, 1.0], 3, &device);
         let grads = (y.clone() * probe).sum().backward();
         [
             values(y),
@@ -471,10 +487,8 @@ mod tests {
         .into_iter()
         .enumerate()
         {
-            device.seed(i as u64);
-            // Shifted and scaled away from N(0, 1), as real activations are.
-            let x: Tensor<4> =
-                Tensor::random(dims, Distribution::Normal(3.0, 2.0), &device).detach();
+            // Shifted and scaled away from [0, 1), as real activations are.
+            let x = uniform(dims, [-1.0, 7.0], 10 + i as u32, &device);
             for slope in [1.0, 0.0, 0.2] {
                 let want = run(&x, slope, false);
                 let got = run(&x, slope, true);

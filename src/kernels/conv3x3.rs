@@ -29,7 +29,7 @@ use burn::prelude::*;
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
-use super::{contiguous_f32, dims4, flex_f32, is_flex};
+use super::{contiguous_f32, dims4, direct, flex_f32, is_flex};
 
 /// The two kernels, on the backends that have them: flex, and autodiff over flex.
 #[backend_extension(Autodiff, Flex)]
@@ -177,6 +177,10 @@ impl Conv3x3Backend for Flex {
         let (hw, k) = (h * w, cin * 9);
         let xs = x.as_slice::<f32>().unwrap();
         let ws = weight.as_slice::<f32>().unwrap();
+        if direct::applies(cin, cout, n) {
+            let out = direct::forward(xs, ws, [n, cin, cout, h, w]);
+            return flex_f32(out, [n, cout, h, w]);
+        }
         let mut out = vec![0.0f32; n * cout * hw];
         if out.is_empty() {
             return flex_f32(out, [n, cout, h, w]);
@@ -253,6 +257,10 @@ impl Conv3x3Backend for Flex {
         let (hw, k) = (h * w, cin * 9);
         let xs = x.as_slice::<f32>().unwrap();
         let gs = grad.as_slice::<f32>().unwrap();
+        if direct::applies(cin, cout, n) {
+            let dw = direct::weight_grad(xs, gs, [n, cin, cout, h, w]);
+            return flex_f32(dw, [cout, cin, 3, 3]);
+        }
         let chunks = chunks(n, hw);
         let parallel = parallel_chunks(chunks.len());
         // dW [Cout, 9 Cin] += dY [Cout, images x HW] x cols^T [images x HW, 9 Cin], per chunk.

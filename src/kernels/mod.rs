@@ -7,6 +7,7 @@
 
 pub mod batch_norm;
 pub mod conv3x3;
+mod direct;
 
 use burn::backend::{DType, DispatchDevice};
 use burn::prelude::*;
