@@ -67,47 +67,46 @@ fn row_dots(grad: &[f32], src: &[f32]) -> [f32; 3] {
     ]
 }
 
-/// One image: `x` [cin, h, w], `weight` [cout, cin, 3, 3] -> `out` [cout, h, w] (zeroed).
+/// Calls `f(oy, ci, ky, row)` for every output row `oy`, input channel `ci` and kernel row `ky`
+/// whose input row `oy + ky - 1` of `x` [cin, h, w] lies inside the image.
 #[inline(always)]
-fn forward_image(x: &[f32], weight: &[f32], out: &mut [f32], [cin, cout, h, w]: [usize; 4]) {
+fn input_rows(x: &[f32], [cin, h, w]: [usize; 3], mut f: impl FnMut(usize, usize, usize, &[f32])) {
     for oy in 0..h {
         for ci in 0..cin {
             for ky in 0..3 {
-                let Some(iy) = (oy + ky).checked_sub(1).filter(|&iy| iy < h) else {
-                    continue;
-                };
-                let src = &x[(ci * h + iy) * w..][..w];
-                for co in 0..cout {
-                    let row = &mut out[(co * h + oy) * w..][..w];
-                    let taps = &weight[((co * cin + ci) * 3 + ky) * 3..][..3];
-                    row_taps(row, src, [taps[0], taps[1], taps[2]]);
+                if let Some(iy) = (oy + ky).checked_sub(1).filter(|&iy| iy < h) {
+                    f(oy, ci, ky, &x[(ci * h + iy) * w..][..w]);
                 }
             }
         }
     }
 }
 
+/// One image: `x` [cin, h, w], `weight` [cout, cin, 3, 3] -> `out` [cout, h, w] (zeroed).
+#[inline(always)]
+fn forward_image(x: &[f32], weight: &[f32], out: &mut [f32], [cin, cout, h, w]: [usize; 4]) {
+    input_rows(x, [cin, h, w], |oy, ci, ky, src| {
+        for co in 0..cout {
+            let row = &mut out[(co * h + oy) * w..][..w];
+            let taps = &weight[((co * cin + ci) * 3 + ky) * 3..][..3];
+            row_taps(row, src, [taps[0], taps[1], taps[2]]);
+        }
+    });
+}
+
 /// One image's contribution to the weight gradient `dw` [cout, cin, 3, 3] (float64), from `x`
 /// [cin, h, w] and the output gradient `grad` [cout, h, w].
 #[inline(always)]
 fn weight_grad_image(x: &[f32], grad: &[f32], dw: &mut [f64], [cin, cout, h, w]: [usize; 4]) {
-    for oy in 0..h {
-        for ci in 0..cin {
-            for ky in 0..3 {
-                let Some(iy) = (oy + ky).checked_sub(1).filter(|&iy| iy < h) else {
-                    continue;
-                };
-                let src = &x[(ci * h + iy) * w..][..w];
-                for co in 0..cout {
-                    let row = &grad[(co * h + oy) * w..][..w];
-                    let taps = &mut dw[((co * cin + ci) * 3 + ky) * 3..][..3];
-                    for (tap, dot) in taps.iter_mut().zip(row_dots(row, src)) {
-                        *tap += dot as f64;
-                    }
-                }
+    input_rows(x, [cin, h, w], |oy, ci, ky, src| {
+        for co in 0..cout {
+            let row = &grad[(co * h + oy) * w..][..w];
+            let taps = &mut dw[((co * cin + ci) * 3 + ky) * 3..][..3];
+            for (tap, dot) in taps.iter_mut().zip(row_dots(row, src)) {
+                *tap += dot as f64;
             }
         }
-    }
+    });
 }
 
 /// The same functions compiled for AVX2 + FMA, picked at run time where the CPU has them (the
