@@ -400,6 +400,7 @@ pub fn batch_norm_act(
 
 #[cfg(test)]
 mod tests {
+    use super::super::relative_error;
     use super::*;
 
     /// Deterministic values in [lo, hi) (the device's seeded generator is shared by the tests
@@ -424,18 +425,6 @@ mod tests {
 
     fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
         t.into_data().try_to_vec::<f32>().unwrap()
-    }
-
-    /// Largest difference relative to the largest magnitude of `want`, or to 1 where that is
-    /// smaller (the input gradient of two values per channel is a cancellation near 0).
-    fn relative_error(want: &[f32], got: &[f32]) -> f32 {
-        assert_eq!(want.len(), got.len());
-        let scale = want.iter().fold(1.0f32, |m, v| m.max(v.abs()));
-        let worst = want
-            .iter()
-            .zip(got)
-            .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
-        worst / scale
     }
 
     /// (output, mean, variance, dx, dgamma, dbeta) under a random linear loss, fused or through
@@ -494,7 +483,7 @@ mod tests {
                 let got = run(&x, slope, true);
                 let names = ["output", "mean", "variance", "dx", "dgamma", "dbeta"];
                 for (name, (a, b)) in names.iter().zip(want.iter().zip(&got)) {
-                    let err = relative_error(a, b);
+                    let err = relative_error(a, b, 1.0);
                     assert!(err < 2e-5, "{dims:?} slope {slope} {name}: {err}");
                 }
             }

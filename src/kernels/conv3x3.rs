@@ -443,23 +443,13 @@ pub fn conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::relative_error;
     use super::*;
     use burn::nn::conv::Conv2dConfig;
     use burn::tensor::Distribution;
 
     fn values(t: Tensor<4>) -> Vec<f32> {
         t.into_data().try_to_vec::<f32>().unwrap()
-    }
-
-    /// Largest difference relative to the largest magnitude of `want`.
-    fn relative_error(want: &[f32], got: &[f32]) -> f32 {
-        assert_eq!(want.len(), got.len());
-        let scale = want.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
-        let worst = want
-            .iter()
-            .zip(got)
-            .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
-        worst / scale
     }
 
     /// Output, input gradient, weight gradient and bias gradient of `conv` on `x` under a random
@@ -509,7 +499,7 @@ mod tests {
                 .iter()
                 .zip(want.iter().zip(&got))
             {
-                let err = relative_error(a, b);
+                let err = relative_error(a, b, 1e-6);
                 assert!(err < 1e-5, "{n}x{cin}->{cout} {h}x{w} {what}: {err}");
             }
         }
@@ -525,7 +515,11 @@ mod tests {
         // [N, C, W, H] swapped into [N, C, H, W]: a strided view.
         let x: Tensor<4> = Tensor::random([2, 4, 9, 5], Distribution::Default, &device);
         let x = x.swap_dims(2, 3);
-        let err = relative_error(&values(conv.forward(x.clone())), &values(conv2d(&conv, x)));
+        let err = relative_error(
+            &values(conv.forward(x.clone())),
+            &values(conv2d(&conv, x)),
+            1e-6,
+        );
         assert!(err < 1e-5, "{err}");
     }
 

@@ -43,3 +43,16 @@ fn flex_f32(values: Vec<f32>, dims: [usize; 4]) -> FlexTensor {
         DType::F32,
     )
 }
+
+/// Largest difference between `want` and `got` relative to the largest magnitude of `want`, or
+/// to `floor` where that is larger (for results that are cancellations near 0).
+#[cfg(test)]
+fn relative_error(want: &[f32], got: &[f32], floor: f32) -> f32 {
+    assert_eq!(want.len(), got.len());
+    let scale = want.iter().fold(floor, |m, v| m.max(v.abs()));
+    let worst = want
+        .iter()
+        .zip(got)
+        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+    worst / scale
+}
