@@ -1,5 +1,6 @@
 //! 3x3 "same" convolutions (stride 1, padding 1, no groups) on the CPU backend, forward and
-//! backward, as im2col + one matrix product per image in NCHW layout.
+//! backward, as im2col + matrix products in NCHW layout, or for few channels the direct kernels
+//! of [`super::direct`].
 //!
 //! These are most of the convolutions of the students and all of the decoder's, and most of a
 //! training step's time on the CPU. Burn's CPU backend (flex) computes the input gradient with a
