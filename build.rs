@@ -89,6 +89,10 @@ fn import(name: &str, onnx: &Path, out: &Path, listed: Option<String>, manifest:
         fs::write(&stamp, &onnx_sha256)
             .unwrap_or_else(|e| panic!("cannot write {}: {e}", stamp.display()));
     }
+    let code = out.join(format!("{name}.rs"));
+    let generated = fs::read_to_string(&code)
+        .unwrap_or_else(|e| panic!("burn-onnx wrote no {}: {e}", code.display()));
+    write_if_changed(&code, &route_convolutions(&generated));
     let bpk_len = fs::metadata(&bpk)
         .unwrap_or_else(|e| panic!("burn-onnx wrote no {}: {e}", bpk.display()))
         .len();
@@ -114,6 +118,33 @@ fn import(name: &str, onnx: &Path, out: &Path, listed: Option<String>, manifest:
         bpk.display().to_string()
     )
     .expect("writing to a String");
+}
+
+/// The generated code with every `self.conv2dN.forward(x)` replaced by
+/// `crate::kernels::conv3x3::conv2d(&self.conv2dN, x)`: our CPU kernel for the 3x3 same
+/// convolutions (with their bias in the same pass), Burn's `Conv2d::forward` for every other
+/// convolution and backend. burn-onnx names its `Conv2d` fields `conv2d<N>`. Idempotent.
+fn route_convolutions(code: &str) -> String {
+    const FIELD: &str = "self.conv2d";
+    const CALL: &str = ".forward(";
+    let mut routed = String::with_capacity(code.len() + code.len() / 8);
+    let mut rest = code;
+    while let Some(at) = rest.find(FIELD) {
+        let after = &rest[at + FIELD.len()..];
+        let digits = after.bytes().take_while(u8::is_ascii_digit).count();
+        if digits > 0 && after[digits..].starts_with(CALL) {
+            routed.push_str(&rest[..at]);
+            routed.push_str("crate::kernels::conv3x3::conv2d(&self.conv2d");
+            routed.push_str(&after[..digits]);
+            routed.push_str(", ");
+            rest = &after[digits + CALL.len()..];
+        } else {
+            routed.push_str(&rest[..at + FIELD.len()]);
+            rest = after;
+        }
+    }
+    routed.push_str(rest);
+    routed
 }
 
 /// The sha256 that `teachers.json` lists for `name`, if the file and the entry exist.

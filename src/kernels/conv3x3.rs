@@ -30,13 +30,20 @@ use burn::prelude::*;
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
-use super::{contiguous_f32, dims4, direct, flex_f32, is_flex};
+use super::{contiguous_f32, dims4, direct, flex_f32, is_flex, padded};
 
 /// The two kernels, on the backends that have them: flex, and autodiff over flex.
 #[backend_extension(Autodiff, Flex)]
 pub trait Conv3x3Backend: Backend {
     /// `x` [N, Cin, H, W], `weight` [Cout, Cin, 3, 3] -> [N, Cout, H, W], padding 1, no bias.
     fn conv3x3(x: FloatTensor<Self>, weight: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// [`Conv3x3Backend::conv3x3`] plus `bias` [Cout] on every output channel, in the same pass
+    /// where the kernel allows.
+    fn conv3x3_bias(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
     /// The gradient of [`Conv3x3Backend::conv3x3`] with respect to its weight, [Cout, Cin, 3, 3],
     /// from the input `x` and the output gradient `grad` [N, Cout, H, W].
     fn conv3x3_weight_grad(x: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self>;
@@ -167,84 +174,113 @@ fn matmul(
     }
 }
 
-impl Conv3x3Backend for Flex {
-    fn conv3x3(x: FlexTensor, weight: FlexTensor) -> FlexTensor {
-        if x.dtype() != DType::F32 || weight.dtype() != DType::F32 {
-            return Flex::conv2d(x, weight, None, same_options());
-        }
-        let (x, weight) = (contiguous_f32(&x), contiguous_f32(&weight));
-        let [n, cin, h, w] = dims4(&x);
-        let cout = dims4(&weight)[0];
-        let (hw, k) = (h * w, cin * 9);
-        let xs = x.as_slice::<f32>().unwrap();
-        let ws = weight.as_slice::<f32>().unwrap();
-        if direct::applies(cin, cout, n) {
-            let out = direct::forward(xs, ws, [n, cin, cout, h, w]);
-            return flex_f32(out, [n, cout, h, w]);
-        }
-        let mut out = vec![0.0f32; n * cout * hw];
-        if out.is_empty() {
-            return flex_f32(out, [n, cout, h, w]);
-        }
-        let chunks = chunks(n, hw);
-        let parallel = parallel_chunks(chunks.len());
-        // out [Cout, images x HW] = W [Cout, 9 Cin] x cols [9 Cin, images x HW], written
-        // straight into the output for one image, through `tmp` and reordered to
-        // [images, Cout, HW] for several.
-        let run = |(cols, tmp): &mut (Vec<f32>, Vec<f32>),
-                   images: &std::ops::Range<usize>,
-                   out: &mut [f32]| {
-            chunk_cols(xs, [cin, h, w], images, cols);
-            let columns = images.len() * hw;
-            if images.len() == 1 {
-                matmul(
-                    [cout, hw, k],
-                    out,
-                    false,
-                    ws,
-                    [k, 1],
-                    cols,
-                    [hw, 1],
-                    !parallel,
-                );
-                return;
-            }
-            tmp.resize(cout * columns, 0.0);
+/// `conv3x3(x, weight) + bias` on flex tensors.
+fn flex_forward(x: FlexTensor, weight: FlexTensor, bias: Option<FlexTensor>) -> FlexTensor {
+    let f32_bias = bias.as_ref().is_none_or(|b| b.dtype() == DType::F32);
+    if x.dtype() != DType::F32 || weight.dtype() != DType::F32 || !f32_bias {
+        return Flex::conv2d(x, weight, bias, same_options());
+    }
+    let bias = bias.map(|b| contiguous_f32(&b));
+    let bias = bias.as_ref().map(|b| b.as_slice::<f32>().unwrap());
+    let (x, weight) = (contiguous_f32(&x), contiguous_f32(&weight));
+    let [n, cin, h, w] = dims4(&x);
+    let cout = dims4(&weight)[0];
+    let (hw, k) = (h * w, cin * 9);
+    let xs = x.as_slice::<f32>().unwrap();
+    let ws = weight.as_slice::<f32>().unwrap();
+    if padded::forward_applies(cout) {
+        let out = padded::forward(xs, ws, bias, false, [n, cin, cout, h, w]);
+        return flex_f32(out, [n, cout, h, w]);
+    }
+    if direct::applies(cin, cout, n) {
+        let mut out = direct::forward(xs, ws, [n, cin, cout, h, w]);
+        add_bias(&mut out, bias, hw);
+        return flex_f32(out, [n, cout, h, w]);
+    }
+    let mut out = vec![0.0f32; n * cout * hw];
+    if out.is_empty() {
+        return flex_f32(out, [n, cout, h, w]);
+    }
+    let chunks = chunks(n, hw);
+    let parallel = parallel_chunks(chunks.len());
+    // out [Cout, images x HW] = W [Cout, 9 Cin] x cols [9 Cin, images x HW], written
+    // straight into the output for one image, through `tmp` and reordered to
+    // [images, Cout, HW] for several.
+    let run = |(cols, tmp): &mut (Vec<f32>, Vec<f32>),
+               images: &std::ops::Range<usize>,
+               out: &mut [f32]| {
+        chunk_cols(xs, [cin, h, w], images, cols);
+        let columns = images.len() * hw;
+        if images.len() == 1 {
             matmul(
-                [cout, columns, k],
-                tmp,
+                [cout, hw, k],
+                out,
                 false,
                 ws,
                 [k, 1],
                 cols,
-                [columns, 1],
+                [hw, 1],
                 !parallel,
             );
-            for (i, image) in out.chunks_mut(cout * hw).enumerate() {
-                for (co, plane) in image.chunks_mut(hw).enumerate() {
-                    plane.copy_from_slice(&tmp[co * columns + i * hw..][..hw]);
-                }
-            }
-        };
-        let mut jobs: Vec<(&std::ops::Range<usize>, &mut [f32])> = Vec::new();
-        let mut rest = out.as_mut_slice();
-        for images in &chunks {
-            let (head, tail) = rest.split_at_mut(images.len() * cout * hw);
-            jobs.push((images, head));
-            rest = tail;
+            return;
         }
-        if parallel {
-            jobs.into_par_iter().for_each_init(
-                || (Vec::new(), Vec::new()),
-                |buffers, (images, out)| run(buffers, images, out),
-            );
-        } else {
-            let mut buffers = (Vec::new(), Vec::new());
-            for (images, out) in jobs {
-                run(&mut buffers, images, out);
+        tmp.resize(cout * columns, 0.0);
+        matmul(
+            [cout, columns, k],
+            tmp,
+            false,
+            ws,
+            [k, 1],
+            cols,
+            [columns, 1],
+            !parallel,
+        );
+        for (i, image) in out.chunks_mut(cout * hw).enumerate() {
+            for (co, plane) in image.chunks_mut(hw).enumerate() {
+                plane.copy_from_slice(&tmp[co * columns + i * hw..][..hw]);
             }
         }
-        flex_f32(out, [n, cout, h, w])
+    };
+    let mut jobs: Vec<(&std::ops::Range<usize>, &mut [f32])> = Vec::new();
+    let mut rest = out.as_mut_slice();
+    for images in &chunks {
+        let (head, tail) = rest.split_at_mut(images.len() * cout * hw);
+        jobs.push((images, head));
+        rest = tail;
+    }
+    if parallel {
+        jobs.into_par_iter().for_each_init(
+            || (Vec::new(), Vec::new()),
+            |buffers, (images, out)| run(buffers, images, out),
+        );
+    } else {
+        let mut buffers = (Vec::new(), Vec::new());
+        for (images, out) in jobs {
+            run(&mut buffers, images, out);
+        }
+    }
+    add_bias(&mut out, bias, hw);
+    flex_f32(out, [n, cout, h, w])
+}
+
+/// `out[n, c] += bias[c]` for the planes of `hw` values of `out` [N, C, H, W].
+fn add_bias(out: &mut [f32], bias: Option<&[f32]>, hw: usize) {
+    let Some(bias) = bias.filter(|b| !b.is_empty()) else {
+        return;
+    };
+    for (i, plane) in out.chunks_mut(hw.max(1)).enumerate() {
+        let b = bias[i % bias.len()];
+        plane.iter_mut().for_each(|v| *v += b);
+    }
+}
+
+impl Conv3x3Backend for Flex {
+    fn conv3x3(x: FlexTensor, weight: FlexTensor) -> FlexTensor {
+        flex_forward(x, weight, None)
+    }
+
+    fn conv3x3_bias(x: FlexTensor, weight: FlexTensor, bias: FlexTensor) -> FlexTensor {
+        flex_forward(x, weight, Some(bias))
     }
 
     fn conv3x3_weight_grad(x: FlexTensor, grad: FlexTensor) -> FlexTensor {
@@ -258,6 +294,10 @@ impl Conv3x3Backend for Flex {
         let (hw, k) = (h * w, cin * 9);
         let xs = x.as_slice::<f32>().unwrap();
         let gs = grad.as_slice::<f32>().unwrap();
+        if padded::weight_grad_applies(cout, h, w) {
+            let dw = padded::weight_grad(xs, gs, [n, cin, cout, h, w]);
+            return flex_f32(dw, [cout, cin, 3, 3]);
+        }
         if direct::applies(cin, cout, n) {
             let dw = direct::weight_grad(xs, gs, [n, cin, cout, h, w]);
             return flex_f32(dw, [cout, cin, 3, 3]);
@@ -325,6 +365,13 @@ impl Conv3x3Backend for Flex {
         let weight = contiguous_f32(&weight);
         let [cout, cin, _, _] = dims4(&weight);
         let ws = weight.as_slice::<f32>().unwrap();
+        if padded::forward_applies(cin) && grad.dtype() == DType::F32 {
+            let grad = contiguous_f32(&grad);
+            let [n, _, h, w] = dims4(&grad);
+            let gs = grad.as_slice::<f32>().unwrap();
+            let dx = padded::forward(gs, ws, None, true, [n, cout, cin, h, w]);
+            return flex_f32(dx, [n, cin, h, w]);
+        }
         // W'[ci, co, 8 - t] = W[co, ci, t] for the 9 taps t of a 3x3 kernel.
         let mut flipped = vec![0.0f32; ws.len()];
         for (co, kernels) in ws.chunks(cin * 9).enumerate() {
@@ -366,7 +413,68 @@ impl<B: Conv3x3Backend> Backward<B, 2> for Conv3x3Grad {
     }
 }
 
+#[derive(Debug)]
+struct Conv3x3BiasGrad;
+
+impl<B: Conv3x3Backend> Backward<B, 3> for Conv3x3BiasGrad {
+    /// The checkpointed input and weight, and the number of channels.
+    type State = (NodeId, NodeId, usize);
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 3>,
+        grads: &mut Gradients,
+        checkpointer: &mut Checkpointer,
+    ) {
+        let [node_x, node_weight, node_bias] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (x_state, weight_state, channels) = ops.state;
+        let x: FloatTensor<B> = checkpointer.retrieve_node_output(x_state);
+        let weight: FloatTensor<B> = checkpointer.retrieve_node_output(weight_state);
+        if let Some(node) = node_bias {
+            let summed = [0, 2, 3]
+                .into_iter()
+                .fold(grad.clone(), |g, dim| B::float_sum_dim(g, dim));
+            grads.register::<B>(node.id, B::float_reshape(summed, Shape::new([channels])));
+        }
+        if let Some(node) = node_weight {
+            grads.register::<B>(node.id, B::conv3x3_weight_grad(x, grad.clone()));
+        }
+        if let Some(node) = node_x {
+            grads.register::<B>(node.id, B::conv3x3_input_grad(grad, weight));
+        }
+    }
+}
+
 impl<B: Conv3x3Backend, C: CheckpointStrategy> Conv3x3Backend for Autodiff<B, C> {
+    fn conv3x3_bias(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let channels = burn::backend::TensorMetadata::shape(&bias)[0];
+        match Conv3x3BiasGrad
+            .prepare::<C>([x.node(), weight.node(), bias.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                let state = (prep.checkpoint(&x), prep.checkpoint(&weight), channels);
+                let output = B::conv3x3_bias(
+                    x.into_primitive(),
+                    weight.into_primitive(),
+                    bias.into_primitive(),
+                );
+                prep.finish(state, output)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::conv3x3_bias(
+                x.into_primitive(),
+                weight.into_primitive(),
+                bias.into_primitive(),
+            )),
+        }
+    }
+
     fn conv3x3(x: FloatTensor<Self>, weight: FloatTensor<Self>) -> FloatTensor<Self> {
         match Conv3x3Grad
             .prepare::<C>([x.node(), weight.node()])
@@ -432,13 +540,13 @@ pub fn conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
     if !is_same_3x3(conv) || !is_flex(&x.device()) {
         return conv.forward(x);
     }
-    let y = conv3x3(x, conv.weight.val());
     match &conv.bias {
-        Some(bias) => {
-            let channels = bias.dims()[0];
-            y + bias.val().reshape([1, channels, 1, 1])
-        }
-        None => y,
+        Some(bias) => Tensor::from_dispatch(<Dispatch as Conv3x3Backend>::conv3x3_bias(
+            x.into_dispatch(),
+            conv.weight.val().into_dispatch(),
+            bias.val().into_dispatch(),
+        )),
+        None => conv3x3(x, conv.weight.val()),
     }
 }
 
@@ -488,6 +596,7 @@ mod tests {
             (5, 4, 6, 5, 7),
             (8, 16, 8, 12, 12),
             (3, 32, 32, 7, 7),
+            (2, 4, 8, 56, 57),
         ] {
             device.seed(n as u64 * 1000 + cin as u64);
             let conv = Conv2dConfig::new([cin, cout], [3, 3])

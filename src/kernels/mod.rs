@@ -8,6 +8,7 @@
 pub mod batch_norm;
 pub mod conv3x3;
 mod direct;
+mod padded;
 
 use burn::backend::{DType, DispatchDevice};
 use burn::prelude::*;

@@ -47,3 +47,29 @@ pub const TINY_RESNET_BPK: &[u8] =
 pub const TINY_VGG_BPK: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/teachers/tiny_vgg.bpk"));
 pub const TINY_DENSENET_BPK: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/teachers/tiny_densenet.bpk"));
+
+#[cfg(test)]
+mod tests {
+    /// build.rs routes every generated convolution through our kernels' entry point.
+    #[test]
+    fn the_generated_convolutions_go_through_our_kernels() {
+        for code in [
+            include_str!(concat!(env!("OUT_DIR"), "/teachers/tiny_resnet.rs")),
+            include_str!(concat!(env!("OUT_DIR"), "/teachers/tiny_vgg.rs")),
+            include_str!(concat!(env!("OUT_DIR"), "/teachers/tiny_densenet.rs")),
+        ] {
+            let fields = code.matches(": Conv2d,").count();
+            let routed = code
+                .matches("crate::kernels::conv3x3::conv2d(&self.conv2d")
+                .count();
+            assert!(fields > 0);
+            assert_eq!(
+                routed, fields,
+                "every Conv2d field is called through conv2d"
+            );
+            for i in 1..=fields {
+                assert!(!code.contains(&format!("self.conv2d{i}.forward(")));
+            }
+        }
+    }
+}
