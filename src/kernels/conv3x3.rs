@@ -16,11 +16,8 @@
 //! dtype, so wgpu and CUDA are untouched.
 
 use burn::backend::AutodiffBackend;
-use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::Autodiff;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
-use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
-use burn::backend::autodiff::{Autodiff, NodeId};
 use burn::backend::ops::{ConvOptions, FloatTensorOps, ModuleOps};
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Backend, DType, Dispatch, Flex, backend_extension};
@@ -30,6 +27,7 @@ use burn::prelude::*;
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
+use super::autodiff::{self, ConvGradients};
 use super::{contiguous_f32, dims4, direct, flex_f32, is_flex, padded};
 
 /// The two kernels, on the backends that have them: flex, and autodiff over flex.
@@ -123,14 +121,14 @@ fn chunk_cols(
 
 /// Whether to run the chunks on rayon's threads (single-threaded products) rather than in turn
 /// with multi-threaded products.
-fn parallel_chunks(chunks: usize) -> bool {
+pub(super) fn parallel_chunks(chunks: usize) -> bool {
     chunks >= rayon::current_num_threads()
 }
 
 /// `dst (+)= lhs x rhs` for row-major `dst` [m, n]; `lhs` and `rhs` are given by their row and
 /// column strides.
 #[allow(clippy::too_many_arguments)]
-fn matmul(
+pub(super) fn matmul(
     [m, n, k]: [usize; 3],
     dst: &mut [f32],
     accumulate: bool,
@@ -264,7 +262,7 @@ fn flex_forward(x: FlexTensor, weight: FlexTensor, bias: Option<FlexTensor>) -> 
 }
 
 /// `out[n, c] += bias[c]` for the planes of `hw` values of `out` [N, C, H, W].
-fn add_bias(out: &mut [f32], bias: Option<&[f32]>, hw: usize) {
+pub(super) fn add_bias(out: &mut [f32], bias: Option<&[f32]>, hw: usize) {
     let Some(bias) = bias.filter(|b| !b.is_empty()) else {
         return;
     };
@@ -386,110 +384,33 @@ impl Conv3x3Backend for Flex {
     }
 }
 
+/// The gradients of the 3x3 same convolution, for [`autodiff::conv`].
 #[derive(Debug)]
-struct Conv3x3Grad;
+struct Same3x3;
 
-impl<B: Conv3x3Backend> Backward<B, 2> for Conv3x3Grad {
-    /// The checkpointed input and weight.
-    type State = (NodeId, NodeId);
-
-    fn backward(
-        self,
-        ops: Ops<Self::State, 2>,
-        grads: &mut Gradients,
-        checkpointer: &mut Checkpointer,
-    ) {
-        let [node_x, node_weight] = ops.parents;
-        let grad = grads.consume::<B>(&ops.node);
-        let (x_state, weight_state) = ops.state;
-        let x: FloatTensor<B> = checkpointer.retrieve_node_output(x_state);
-        let weight: FloatTensor<B> = checkpointer.retrieve_node_output(weight_state);
-        if let Some(node) = node_weight {
-            grads.register::<B>(node.id, B::conv3x3_weight_grad(x, grad.clone()));
-        }
-        if let Some(node) = node_x {
-            grads.register::<B>(node.id, B::conv3x3_input_grad(grad, weight));
-        }
+impl<B: Conv3x3Backend> ConvGradients<B> for Same3x3 {
+    fn weight_grad(x: FloatTensor<B>, grad: FloatTensor<B>) -> FloatTensor<B> {
+        B::conv3x3_weight_grad(x, grad)
     }
-}
 
-#[derive(Debug)]
-struct Conv3x3BiasGrad;
-
-impl<B: Conv3x3Backend> Backward<B, 3> for Conv3x3BiasGrad {
-    /// The checkpointed input and weight, and the number of channels.
-    type State = (NodeId, NodeId, usize);
-
-    fn backward(
-        self,
-        ops: Ops<Self::State, 3>,
-        grads: &mut Gradients,
-        checkpointer: &mut Checkpointer,
-    ) {
-        let [node_x, node_weight, node_bias] = ops.parents;
-        let grad = grads.consume::<B>(&ops.node);
-        let (x_state, weight_state, channels) = ops.state;
-        let x: FloatTensor<B> = checkpointer.retrieve_node_output(x_state);
-        let weight: FloatTensor<B> = checkpointer.retrieve_node_output(weight_state);
-        if let Some(node) = node_bias {
-            let summed = [0, 2, 3]
-                .into_iter()
-                .fold(grad.clone(), |g, dim| B::float_sum_dim(g, dim));
-            grads.register::<B>(node.id, B::float_reshape(summed, Shape::new([channels])));
-        }
-        if let Some(node) = node_weight {
-            grads.register::<B>(node.id, B::conv3x3_weight_grad(x, grad.clone()));
-        }
-        if let Some(node) = node_x {
-            grads.register::<B>(node.id, B::conv3x3_input_grad(grad, weight));
-        }
+    fn input_grad(grad: FloatTensor<B>, weight: FloatTensor<B>) -> FloatTensor<B> {
+        B::conv3x3_input_grad(grad, weight)
     }
 }
 
 impl<B: Conv3x3Backend, C: CheckpointStrategy> Conv3x3Backend for Autodiff<B, C> {
+    fn conv3x3(x: FloatTensor<Self>, weight: FloatTensor<Self>) -> FloatTensor<Self> {
+        autodiff::conv::<B, C, Same3x3>(x, weight, None, |x, w, _| B::conv3x3(x, w))
+    }
+
     fn conv3x3_bias(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
         bias: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
-        let channels = burn::backend::TensorMetadata::shape(&bias)[0];
-        match Conv3x3BiasGrad
-            .prepare::<C>([x.node(), weight.node(), bias.node()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(mut prep) => {
-                let state = (prep.checkpoint(&x), prep.checkpoint(&weight), channels);
-                let output = B::conv3x3_bias(
-                    x.into_primitive(),
-                    weight.into_primitive(),
-                    bias.into_primitive(),
-                );
-                prep.finish(state, output)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(B::conv3x3_bias(
-                x.into_primitive(),
-                weight.into_primitive(),
-                bias.into_primitive(),
-            )),
-        }
-    }
-
-    fn conv3x3(x: FloatTensor<Self>, weight: FloatTensor<Self>) -> FloatTensor<Self> {
-        match Conv3x3Grad
-            .prepare::<C>([x.node(), weight.node()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(mut prep) => {
-                let state = (prep.checkpoint(&x), prep.checkpoint(&weight));
-                let output = B::conv3x3(x.into_primitive(), weight.into_primitive());
-                prep.finish(state, output)
-            }
-            OpsKind::UnTracked(prep) => {
-                prep.finish(B::conv3x3(x.into_primitive(), weight.into_primitive()))
-            }
-        }
+        autodiff::conv::<B, C, Same3x3>(x, weight, Some(bias), |x, w, b| {
+            B::conv3x3_bias(x, w, b.expect("a bias"))
+        })
     }
 
     /// Not differentiable itself; the result is a constant.
@@ -535,9 +456,27 @@ fn is_same_3x3(conv: &Conv2d) -> bool {
         && padded
 }
 
-/// `conv.forward(x)`, through [`conv3x3`] where that applies (flex, 3x3 same convolution).
+/// Whether `conv` is a 1x1 convolution with stride 1, no padding and no groups.
+fn is_pointwise(conv: &Conv2d) -> bool {
+    let unpadded = match &conv.padding {
+        PaddingConfig2d::Explicit(top, left, bottom, right) => {
+            [*top, *left, *bottom, *right] == [0, 0, 0, 0]
+        }
+        PaddingConfig2d::Same | PaddingConfig2d::Valid => true,
+    };
+    conv.kernel_size == [1, 1] && conv.stride == [1, 1] && conv.groups == 1 && unpadded
+}
+
+/// `conv.forward(x)`, through our kernels where they apply (flex, and a 3x3 same convolution,
+/// [`conv3x3`], or a 1x1 stride-1 convolution, [`super::conv1x1::conv1x1`]).
 pub fn conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
-    if !is_same_3x3(conv) || !is_flex(&x.device()) {
+    if !is_flex(&x.device()) {
+        return conv.forward(x);
+    }
+    if is_pointwise(conv) {
+        return super::conv1x1::conv1x1(x, conv.weight.val(), conv.bias.as_ref().map(|b| b.val()));
+    }
+    if !is_same_3x3(conv) {
         return conv.forward(x);
     }
     match &conv.bias {
@@ -574,12 +513,18 @@ mod tests {
         device.seed(11);
         let probe: Tensor<4> = Tensor::random(y.dims(), Distribution::Default, &device);
         let grads = (y.clone() * probe).sum().backward();
-        let bias = conv.bias.as_ref().unwrap().grad(&grads).unwrap();
+        let bias = conv.bias.as_ref().map_or(Vec::new(), |b| {
+            b.grad(&grads)
+                .unwrap()
+                .into_data()
+                .try_to_vec::<f32>()
+                .unwrap()
+        });
         [
             values(y),
             values(x.grad(&grads).unwrap()),
             values(conv.weight.grad(&grads).unwrap()),
-            bias.into_data().try_to_vec::<f32>().unwrap(),
+            bias,
         ]
     }
 
@@ -598,19 +543,32 @@ mod tests {
             (3, 32, 32, 7, 7),
             (2, 4, 8, 56, 57),
         ] {
-            device.seed(n as u64 * 1000 + cin as u64);
-            let conv = Conv2dConfig::new([cin, cout], [3, 3])
-                .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
-                .init(&device);
-            let x = Tensor::random([n, cin, h, w], Distribution::Default, &device);
-            let want = forward_backward(&conv, &x, false);
-            let got = forward_backward(&conv, &x, true);
-            for (what, (a, b)) in ["output", "input grad", "weight grad", "bias grad"]
-                .iter()
-                .zip(want.iter().zip(&got))
-            {
-                let err = relative_error(a, b, 1e-6);
-                assert!(err < 1e-5, "{n}x{cin}->{cout} {h}x{w} {what}: {err}");
+            // 3x3 same and 1x1 convolutions, with and without a bias.
+            for (k, padding, bias) in [
+                (3, PaddingConfig2d::Explicit(1, 1, 1, 1), true),
+                (3, PaddingConfig2d::Same, false),
+                (1, PaddingConfig2d::Valid, true),
+                (1, PaddingConfig2d::Valid, false),
+            ] {
+                device.seed(n as u64 * 1000 + cin as u64);
+                let conv = Conv2dConfig::new([cin, cout], [k, k])
+                    .with_padding(padding)
+                    .with_bias(bias)
+                    .init(&device);
+                let x = Tensor::random([n, cin, h, w], Distribution::Default, &device);
+                let want = forward_backward(&conv, &x, false);
+                let got = forward_backward(&conv, &x, true);
+                assert_eq!(got[3].len(), if bias { cout } else { 0 });
+                for (what, (a, b)) in ["output", "input grad", "weight grad", "bias grad"]
+                    .iter()
+                    .zip(want.iter().zip(&got))
+                {
+                    let err = relative_error(a, b, 1e-6);
+                    assert!(
+                        err < 1e-5,
+                        "{k}x{k} {n}x{cin}->{cout} {h}x{w} {what}: {err}"
+                    );
+                }
             }
         }
     }
@@ -634,7 +592,7 @@ mod tests {
     }
 
     #[test]
-    fn only_3x3_same_convolutions_take_the_fast_path() {
+    fn only_3x3_same_and_1x1_stride_1_convolutions_take_the_fast_paths() {
         let device = Device::flex();
         let with = |kernel: usize, stride: usize, padding: PaddingConfig2d| {
             Conv2dConfig::new([2, 2], [kernel, kernel])
@@ -653,6 +611,19 @@ mod tests {
             1,
             PaddingConfig2d::Explicit(1, 1, 1, 0)
         )));
+        assert!(is_pointwise(&with(1, 1, PaddingConfig2d::Valid)));
+        assert!(is_pointwise(&with(
+            1,
+            1,
+            PaddingConfig2d::Explicit(0, 0, 0, 0)
+        )));
+        assert!(!is_pointwise(&with(1, 2, PaddingConfig2d::Valid)));
+        assert!(!is_pointwise(&with(
+            1,
+            1,
+            PaddingConfig2d::Explicit(1, 1, 1, 1)
+        )));
+        assert!(!is_pointwise(&with(3, 1, PaddingConfig2d::Valid)));
         assert!(is_flex(&device) && is_flex(&device.clone().autodiff()));
     }
 

@@ -5,7 +5,9 @@
 //!
 //! Measured per layer by `cargo bench --bench burn_gap -- --layers`.
 
+mod autodiff;
 pub mod batch_norm;
+pub mod conv1x1;
 pub mod conv3x3;
 mod direct;
 mod padded;
