@@ -4,9 +4,10 @@
 //!
 //! These are the bottlenecks of the densenets (student and teacher) and of resnet152. Burn's CPU
 //! backend computes their input gradient as a transposed convolution and their weight gradient
-//! as a convolution with the output gradient as its kernel, 3-5x slower than PyTorch
-//! (`examples` in the closing note of the speed issue). [`conv2d`](super::conv3x3::conv2d)
-//! routes 1x1 stride-1 convolutions here on flex and leaves every other case to Burn.
+//! as a convolution with the output gradient as its kernel, 3-5x slower than PyTorch (256 to
+//! 128 channels at 56x56, batch 8, forward and backward: 298 ms in flex, 108 ms here, about 90
+//! ms in PyTorch on the 2-core development machine). [`conv2d`](super::conv3x3::conv2d) routes
+//! 1x1 stride-1 convolutions here on flex and leaves every other case to Burn.
 
 use burn::backend::autodiff::Autodiff;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;

@@ -1,19 +1,22 @@
 //! 3x3 "same" convolutions (stride 1, padding 1, no groups) on the CPU backend, forward and
-//! backward, as im2col + matrix products in NCHW layout, or for few channels the direct kernels
+//! backward: with AVX-512, the direct kernels of [`super::padded`] where the channel counts
+//! allow; else im2col + matrix products in NCHW layout, or for few channels the direct kernels
 //! of [`super::direct`].
 //!
-//! These are most of the convolutions of the students and all of the decoder's, and most of a
-//! training step's time on the CPU. Burn's CPU backend (flex) computes the input gradient with a
-//! transposed convolution and the weight gradient as a convolution whose kernel is the output
-//! gradient, both several times slower than its forward pass (`cargo bench --bench burn_gap --
-//! --layers`). Here the input gradient is the forward kernel applied to the output gradient with
-//! the flipped, transposed weights (exact for stride 1 and padding 1), and the weight gradient is
-//! a well-shaped matrix product per image (per few images when they are small):
+//! These are most of the convolutions of the students and teachers and all of the decoder's,
+//! and most of a training step's time on the CPU. Burn's CPU backend (flex) computes the input
+//! gradient with a transposed convolution and the weight gradient as a convolution whose kernel
+//! is the output gradient, both several times slower than its forward pass (`cargo bench --bench
+//! burn_gap -- --layers`). Here the input gradient is the forward kernel applied to the output
+//! gradient with the flipped, transposed weights (exact for stride 1 and padding 1), and the
+//! weight gradient is a sum over the pixels of each image (in [`super::padded`]) or a
+//! well-shaped matrix product per image (per few images when they are small):
 //! `dW += dY_n [Cout, HW] x im2col(x_n)^T [HW, 9 Cin]`.
 //!
-//! [`conv2d`] is what the models call: it takes this path for flex tensors (with or without
-//! autodiff) and float32, and Burn's own `Conv2d::forward` for every other backend, shape and
-//! dtype, so wgpu and CUDA are untouched.
+//! [`conv2d`] is what the models (and, through `build.rs`, the generated teachers) call: it
+//! takes this path, or [`super::conv1x1`] for 1x1 stride-1 convolutions, for flex tensors (with
+//! or without autodiff) and float32, and Burn's own `Conv2d::forward` for every other backend,
+//! shape and dtype, so wgpu and CUDA are untouched.
 
 use burn::backend::AutodiffBackend;
 use burn::backend::autodiff::Autodiff;
