@@ -27,6 +27,7 @@ use burn::backend::{Backend, DType, Dispatch, Flex, backend_extension};
 use burn::nn::PaddingConfig2d;
 use burn::nn::conv::Conv2d;
 use burn::prelude::*;
+use burn::tensor::s;
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
@@ -459,24 +460,32 @@ fn is_same_3x3(conv: &Conv2d) -> bool {
         && padded
 }
 
-/// Whether `conv` is a 1x1 convolution with stride 1, no padding and no groups.
-fn is_pointwise(conv: &Conv2d) -> bool {
+/// The stride of `conv` if it is a 1x1 convolution with the same stride along both axes, no
+/// padding and no groups.
+fn pointwise_stride(conv: &Conv2d) -> Option<usize> {
     let unpadded = match &conv.padding {
         PaddingConfig2d::Explicit(top, left, bottom, right) => {
             [*top, *left, *bottom, *right] == [0, 0, 0, 0]
         }
         PaddingConfig2d::Same | PaddingConfig2d::Valid => true,
     };
-    conv.kernel_size == [1, 1] && conv.stride == [1, 1] && conv.groups == 1 && unpadded
+    let [sy, sx] = conv.stride;
+    (conv.kernel_size == [1, 1] && sy == sx && sy > 0 && conv.groups == 1 && unpadded).then_some(sy)
 }
 
 /// `conv.forward(x)`, through our kernels where they apply (flex, and a 3x3 same convolution,
-/// [`conv3x3`], or a 1x1 stride-1 convolution, [`super::conv1x1::conv1x1`]).
+/// [`conv3x3`], or a 1x1 convolution, [`super::conv1x1::conv1x1`], on every `stride`-th pixel
+/// for a strided one).
 pub fn conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
     if !is_flex(&x.device()) {
         return conv.forward(x);
     }
-    if is_pointwise(conv) {
+    if let Some(stride) = pointwise_stride(conv) {
+        let x = if stride == 1 {
+            x
+        } else {
+            x.slice(s![.., .., 0..;stride, 0..;stride])
+        };
         return super::conv1x1::conv1x1(x, conv.weight.val(), conv.bias.as_ref().map(|b| b.val()));
     }
     if !is_same_3x3(conv) {
@@ -547,14 +556,16 @@ mod tests {
             (2, 4, 8, 56, 57),
         ] {
             // 3x3 same and 1x1 convolutions, with and without a bias.
-            for (k, padding, bias) in [
-                (3, PaddingConfig2d::Explicit(1, 1, 1, 1), true),
-                (3, PaddingConfig2d::Same, false),
-                (1, PaddingConfig2d::Valid, true),
-                (1, PaddingConfig2d::Valid, false),
+            for (k, stride, padding, bias) in [
+                (3, 1, PaddingConfig2d::Explicit(1, 1, 1, 1), true),
+                (3, 1, PaddingConfig2d::Same, false),
+                (1, 1, PaddingConfig2d::Valid, true),
+                (1, 1, PaddingConfig2d::Valid, false),
+                (1, 2, PaddingConfig2d::Valid, false),
             ] {
                 device.seed(n as u64 * 1000 + cin as u64);
                 let conv = Conv2dConfig::new([cin, cout], [k, k])
+                    .with_stride([stride, stride])
                     .with_padding(padding)
                     .with_bias(bias)
                     .init(&device);
@@ -595,7 +606,7 @@ mod tests {
     }
 
     #[test]
-    fn only_3x3_same_and_1x1_stride_1_convolutions_take_the_fast_paths() {
+    fn only_3x3_same_and_1x1_convolutions_take_the_fast_paths() {
         let device = Device::flex();
         let with = |kernel: usize, stride: usize, padding: PaddingConfig2d| {
             Conv2dConfig::new([2, 2], [kernel, kernel])
@@ -614,19 +625,16 @@ mod tests {
             1,
             PaddingConfig2d::Explicit(1, 1, 1, 0)
         )));
-        assert!(is_pointwise(&with(1, 1, PaddingConfig2d::Valid)));
-        assert!(is_pointwise(&with(
-            1,
-            1,
-            PaddingConfig2d::Explicit(0, 0, 0, 0)
-        )));
-        assert!(!is_pointwise(&with(1, 2, PaddingConfig2d::Valid)));
-        assert!(!is_pointwise(&with(
-            1,
-            1,
-            PaddingConfig2d::Explicit(1, 1, 1, 1)
-        )));
-        assert!(!is_pointwise(&with(3, 1, PaddingConfig2d::Valid)));
+        assert_eq!(
+            pointwise_stride(&with(1, 1, PaddingConfig2d::Valid)),
+            Some(1)
+        );
+        let unpadded = PaddingConfig2d::Explicit(0, 0, 0, 0);
+        assert_eq!(pointwise_stride(&with(1, 1, unpadded.clone())), Some(1));
+        assert_eq!(pointwise_stride(&with(1, 2, unpadded)), Some(2));
+        let padded = PaddingConfig2d::Explicit(1, 1, 1, 1);
+        assert_eq!(pointwise_stride(&with(1, 1, padded)), None);
+        assert_eq!(pointwise_stride(&with(3, 1, PaddingConfig2d::Valid)), None);
         assert!(is_flex(&device) && is_flex(&device.clone().autodiff()));
     }
 
