@@ -238,3 +238,44 @@ pub fn conv1x1(x: Tensor<4>, weight: Tensor<4>, bias: Option<Tensor<1>>) -> Tens
         None => <Dispatch as Conv1x1Backend>::conv1x1(x, weight),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::relative_error;
+    use super::*;
+
+    fn values(t: FlexTensor) -> Vec<f32> {
+        contiguous_f32(&t).as_slice::<f32>().unwrap().to_vec()
+    }
+
+    /// The weight gradient sums over every image, however rayon splits the batch (one thread:
+    /// one fold over all images; more: pieces).
+    #[test]
+    fn the_weight_gradient_sums_every_image_on_any_number_of_threads() {
+        let [n, cin, cout, h, w] = [6, 3, 4, 5, 3];
+        let x: Vec<f32> = (0..n * cin * h * w).map(|i| (i % 7) as f32 - 3.0).collect();
+        let g: Vec<f32> = (0..n * cout * h * w)
+            .map(|i| (i % 5) as f32 * 0.5)
+            .collect();
+        let want = values(Flex::conv2d_weight_backward(
+            flex_f32(x.clone(), [n, cin, h, w]),
+            FlexTensor::zeros(Shape::from(vec![cout, cin, 1, 1]), DType::F32),
+            flex_f32(g.clone(), [n, cout, h, w]),
+            options(),
+        ));
+        for threads in [1, 2, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let got = pool.install(|| {
+                values(Flex::conv1x1_weight_grad(
+                    flex_f32(x.clone(), [n, cin, h, w]),
+                    flex_f32(g.clone(), [n, cout, h, w]),
+                ))
+            });
+            let err = relative_error(&want, &got, 1e-6);
+            assert!(err < 1e-5, "{threads} threads: {err}");
+        }
+    }
+}
