@@ -8,7 +8,9 @@
 //! The generated code and the weights (`<name>.bpk`) stay in `OUT_DIR/teachers`. The generated
 //! `Model`s are built with `LoadStrategy::None`: the library constructs them with `new()` and loads
 //! the weights itself through burn-store, checking them against the sha256 recorded here in
-//! `OUT_DIR/teachers/manifest.rs`.
+//! `OUT_DIR/teachers/manifest.rs`. The generated code's convolutions are rewritten to call
+//! `kernels::conv3x3::conv2d`, so that the teachers use our CPU kernels (see
+//! `route_convolutions`).
 
 use std::{
     env,
@@ -121,9 +123,9 @@ fn import(name: &str, onnx: &Path, out: &Path, listed: Option<String>, manifest:
 }
 
 /// The generated code with every `self.conv2dN.forward(x)` replaced by
-/// `crate::kernels::conv3x3::conv2d(&self.conv2dN, x)`: our CPU kernel for the 3x3 same
-/// convolutions (with their bias in the same pass), Burn's `Conv2d::forward` for every other
-/// convolution and backend. burn-onnx names its `Conv2d` fields `conv2d<N>`. Idempotent.
+/// `crate::kernels::conv3x3::conv2d(&self.conv2dN, x)`: our CPU kernels for the 3x3 same and
+/// the 1x1 convolutions (with their bias in the same pass), Burn's `Conv2d::forward` for every
+/// other convolution and backend. burn-onnx names its `Conv2d` fields `conv2d<N>`. Idempotent.
 fn route_convolutions(code: &str) -> String {
     const FIELD: &str = "self.conv2d";
     const CALL: &str = ".forward(";
