@@ -44,8 +44,9 @@ pub fn forward_applies(cout: usize) -> bool {
     cout > 0 && cout.is_multiple_of(CO_BLOCK) && available()
 }
 
-/// Whether the weight-gradient kernel is used for a convolution to `cout` channels at `h` x `w` pixels: large images (for small ones, im2col and one matrix product per few
-/// images are faster).
+/// Whether the weight-gradient kernel is used for a convolution to `cout` channels at `h` x `w`
+/// pixels: large images (for small ones, im2col and one matrix product per few images are
+/// faster).
 pub fn weight_grad_applies(cout: usize, h: usize, w: usize) -> bool {
     cout > 0 && cout.is_multiple_of(2) && h * w >= 56 * 56 && available()
 }
@@ -128,6 +129,13 @@ pub fn forward(
     let hw = h * w;
     let mut out = vec![0.0f32; n * cout * hw];
     if out.is_empty() {
+        return out;
+    }
+    if cin == 0 {
+        // No input channel: the bias alone (the kernel would leave its buffer unwritten).
+        for (i, plane) in out.chunks_mut(hw).enumerate() {
+            plane.fill(bias.map_or(0.0, |b| b[i % cout]));
+        }
         return out;
     }
     let padded = planes.pad(x, n * cin);
@@ -376,6 +384,7 @@ mod tests {
             [1, 2, 2, 6, 33],
             [1, 20, 8, 5, 6],
             [2, 33, 16, 3, 4],
+            [2, 0, 8, 3, 3],
         ] {
             let x = values(n * cin * h * w, 1);
             let weight = values(cout * cin * 9, 2);
