@@ -3,7 +3,6 @@
 //! gradients and sums the output gradient over batch and space for the bias.
 
 use std::fmt::Debug;
-use std::marker::PhantomData;
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -14,22 +13,34 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{Backend, TensorMetadata};
 use burn::prelude::Shape;
 
-/// The gradients of one kind of convolution on the inner backend `B`.
+/// The gradients of one kind of convolution (a value: its stride and padding, if any) on the
+/// inner backend `B`, from the input `x`, the output gradient `grad` and the weight.
 pub(super) trait ConvGradients<B: Backend>: Debug + Send + Sync + 'static {
-    /// d loss / d weight from the input `x` and the output gradient `grad`.
-    fn weight_grad(x: FloatTensor<B>, grad: FloatTensor<B>) -> FloatTensor<B>;
-    /// d loss / d x from the output gradient `grad` and the weight.
-    fn input_grad(grad: FloatTensor<B>, weight: FloatTensor<B>) -> FloatTensor<B>;
+    /// d loss / d weight.
+    fn weight_grad(
+        &self,
+        x: FloatTensor<B>,
+        grad: FloatTensor<B>,
+        weight: FloatTensor<B>,
+    ) -> FloatTensor<B>;
+    /// d loss / d x.
+    fn input_grad(
+        &self,
+        x: FloatTensor<B>,
+        grad: FloatTensor<B>,
+        weight: FloatTensor<B>,
+    ) -> FloatTensor<B>;
 }
 
 #[derive(Debug)]
-struct ConvGrad<K>(PhantomData<K>);
+struct ConvGrad<K>(K);
 
 /// The checkpointed input and weight, and the number of output channels.
 type State = (NodeId, NodeId, usize);
 
 /// Registers the gradients of the parents that need them.
 fn register<B: Backend, K: ConvGradients<B>>(
+    kind: &K,
     [node_x, node_weight, node_bias]: [Option<NodeId>; 3],
     grad: FloatTensor<B>,
     (x_state, weight_state, channels): State,
@@ -45,10 +56,11 @@ fn register<B: Backend, K: ConvGradients<B>>(
         grads.register::<B>(node, B::float_reshape(summed, Shape::new([channels])));
     }
     if let Some(node) = node_weight {
-        grads.register::<B>(node, K::weight_grad(x, grad.clone()));
+        let dw = kind.weight_grad(x.clone(), grad.clone(), weight.clone());
+        grads.register::<B>(node, dw);
     }
     if let Some(node) = node_x {
-        grads.register::<B>(node, K::input_grad(grad, weight));
+        grads.register::<B>(node, kind.input_grad(x, grad, weight));
     }
 }
 
@@ -58,12 +70,19 @@ impl<B: Backend, K: ConvGradients<B>> Backward<B, 2> for ConvGrad<K> {
     fn backward(self, ops: Ops<State, 2>, grads: &mut Gradients, checkpointer: &mut Checkpointer) {
         let grad = grads.consume::<B>(&ops.node);
         let [x, weight] = ops.parents.map(|node| node.map(|node| node.id));
-        register::<B, K>([x, weight, None], grad, ops.state, grads, checkpointer);
+        register::<B, K>(
+            &self.0,
+            [x, weight, None],
+            grad,
+            ops.state,
+            grads,
+            checkpointer,
+        );
     }
 }
 
 #[derive(Debug)]
-struct ConvBiasGrad<K>(PhantomData<K>);
+struct ConvBiasGrad<K>(K);
 
 impl<B: Backend, K: ConvGradients<B>> Backward<B, 3> for ConvBiasGrad<K> {
     type State = State;
@@ -71,12 +90,13 @@ impl<B: Backend, K: ConvGradients<B>> Backward<B, 3> for ConvBiasGrad<K> {
     fn backward(self, ops: Ops<State, 3>, grads: &mut Gradients, checkpointer: &mut Checkpointer) {
         let grad = grads.consume::<B>(&ops.node);
         let parents = ops.parents.map(|node| node.map(|node| node.id));
-        register::<B, K>(parents, grad, ops.state, grads, checkpointer);
+        register::<B, K>(&self.0, parents, grad, ops.state, grads, checkpointer);
     }
 }
 
-/// `forward(x, weight, bias)` on the inner backend, recorded for the backward pass of `K`.
+/// `forward(x, weight, bias)` on the inner backend, recorded for the backward pass of `kind`.
 pub(super) fn conv<B: Backend, C: CheckpointStrategy, K: ConvGradients<B>>(
+    kind: K,
     x: FloatTensor<Autodiff<B, C>>,
     weight: FloatTensor<Autodiff<B, C>>,
     bias: Option<FloatTensor<Autodiff<B, C>>>,
@@ -84,7 +104,7 @@ pub(super) fn conv<B: Backend, C: CheckpointStrategy, K: ConvGradients<B>>(
 ) -> FloatTensor<Autodiff<B, C>> {
     let channels = weight.shape()[0];
     let Some(bias) = bias else {
-        return match ConvGrad::<K>(PhantomData)
+        return match ConvGrad(kind)
             .prepare::<C>([x.node(), weight.node()])
             .compute_bound()
             .stateful()
@@ -101,7 +121,7 @@ pub(super) fn conv<B: Backend, C: CheckpointStrategy, K: ConvGradients<B>>(
             }
         };
     };
-    match ConvBiasGrad::<K>(PhantomData)
+    match ConvBiasGrad(kind)
         .prepare::<C>([x.node(), weight.node(), bias.node()])
         .compute_bound()
         .stateful()

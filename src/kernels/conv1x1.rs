@@ -188,18 +188,28 @@ impl Conv1x1Backend for Flex {
 struct OneByOne;
 
 impl<B: Conv1x1Backend> ConvGradients<B> for OneByOne {
-    fn weight_grad(x: FloatTensor<B>, grad: FloatTensor<B>) -> FloatTensor<B> {
+    fn weight_grad(
+        &self,
+        x: FloatTensor<B>,
+        grad: FloatTensor<B>,
+        _: FloatTensor<B>,
+    ) -> FloatTensor<B> {
         B::conv1x1_weight_grad(x, grad)
     }
 
-    fn input_grad(grad: FloatTensor<B>, weight: FloatTensor<B>) -> FloatTensor<B> {
+    fn input_grad(
+        &self,
+        _: FloatTensor<B>,
+        grad: FloatTensor<B>,
+        weight: FloatTensor<B>,
+    ) -> FloatTensor<B> {
         B::conv1x1_input_grad(grad, weight)
     }
 }
 
 impl<B: Conv1x1Backend, C: CheckpointStrategy> Conv1x1Backend for Autodiff<B, C> {
     fn conv1x1(x: FloatTensor<Self>, weight: FloatTensor<Self>) -> FloatTensor<Self> {
-        autodiff::conv::<B, C, OneByOne>(x, weight, None, |x, w, _| B::conv1x1(x, w))
+        autodiff::conv::<B, C, OneByOne>(OneByOne, x, weight, None, |x, w, _| B::conv1x1(x, w))
     }
 
     fn conv1x1_bias(
@@ -207,7 +217,7 @@ impl<B: Conv1x1Backend, C: CheckpointStrategy> Conv1x1Backend for Autodiff<B, C>
         weight: FloatTensor<Self>,
         bias: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
-        autodiff::conv::<B, C, OneByOne>(x, weight, Some(bias), |x, w, b| {
+        autodiff::conv::<B, C, OneByOne>(OneByOne, x, weight, Some(bias), |x, w, b| {
             B::conv1x1_bias(x, w, b.expect("a bias"))
         })
     }

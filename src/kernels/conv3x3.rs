@@ -14,7 +14,8 @@
 //! `dW += dY_n [Cout, HW] x im2col(x_n)^T [HW, 9 Cin]`.
 //!
 //! [`conv2d`] is what the models (and, through `build.rs`, the generated teachers) call: it
-//! takes this path, or [`super::conv1x1`] for 1x1 stride-1 convolutions, for flex tensors (with
+//! takes this path, [`super::conv1x1`] for 1x1 convolutions or [`super::strided`] for other
+//! square ones (the stride-2 convolutions and the 7x7 stems), for flex tensors (with
 //! or without autodiff) and float32, and Burn's own `Conv2d::forward` for every other backend,
 //! shape and dtype, so wgpu and CUDA are untouched.
 
@@ -32,7 +33,12 @@ use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
 use super::autodiff::{self, ConvGradients};
-use super::{contiguous_f32, dims4, direct, flex_f32, is_flex, padded};
+use super::padded::{self, Conv};
+use super::{contiguous_f32, dims4, direct, flex_f32, is_flex};
+
+/// From this many pixels on, the weight gradient is the padded kernel's sum over the pixels (on
+/// smaller images, im2col and one matrix product per few images are faster).
+const PADDED_WEIGHT_GRAD: usize = 56 * 56;
 
 /// The two kernels, on the backends that have them: flex, and autodiff over flex.
 #[backend_extension(Autodiff, Flex)]
@@ -191,7 +197,7 @@ fn flex_forward(x: FlexTensor, weight: FlexTensor, bias: Option<FlexTensor>) -> 
     let xs = x.as_slice::<f32>().unwrap();
     let ws = weight.as_slice::<f32>().unwrap();
     if padded::forward_applies(cout) {
-        let out = padded::forward(xs, ws, bias, false, [n, cin, cout, h, w]);
+        let out = padded::forward(xs, ws, bias, Conv::same3x3(h, w), [n, cin, cout]);
         return flex_f32(out, [n, cout, h, w]);
     }
     if direct::applies(cin, cout, n) {
@@ -296,8 +302,8 @@ impl Conv3x3Backend for Flex {
         let (hw, k) = (h * w, cin * 9);
         let xs = x.as_slice::<f32>().unwrap();
         let gs = grad.as_slice::<f32>().unwrap();
-        if padded::weight_grad_applies(cout, h, w) {
-            let dw = padded::weight_grad(xs, gs, [n, cin, cout, h, w]);
+        if h * w >= PADDED_WEIGHT_GRAD && padded::weight_grad_applies(cout) {
+            let dw = padded::weight_grad(xs, gs, Conv::same3x3(h, w), [n, cin, cout]);
             return flex_f32(dw, [cout, cin, 3, 3]);
         }
         if direct::applies(cin, cout, n) {
@@ -371,7 +377,7 @@ impl Conv3x3Backend for Flex {
             let grad = contiguous_f32(&grad);
             let [n, _, h, w] = dims4(&grad);
             let gs = grad.as_slice::<f32>().unwrap();
-            let dx = padded::forward(gs, ws, None, true, [n, cout, cin, h, w]);
+            let dx = padded::input_grad(gs, ws, Conv::same3x3(h, w), [n, cin, cout]);
             return flex_f32(dx, [n, cin, h, w]);
         }
         // W'[ci, co, 8 - t] = W[co, ci, t] for the 9 taps t of a 3x3 kernel.
@@ -393,18 +399,28 @@ impl Conv3x3Backend for Flex {
 struct Same3x3;
 
 impl<B: Conv3x3Backend> ConvGradients<B> for Same3x3 {
-    fn weight_grad(x: FloatTensor<B>, grad: FloatTensor<B>) -> FloatTensor<B> {
+    fn weight_grad(
+        &self,
+        x: FloatTensor<B>,
+        grad: FloatTensor<B>,
+        _: FloatTensor<B>,
+    ) -> FloatTensor<B> {
         B::conv3x3_weight_grad(x, grad)
     }
 
-    fn input_grad(grad: FloatTensor<B>, weight: FloatTensor<B>) -> FloatTensor<B> {
+    fn input_grad(
+        &self,
+        _: FloatTensor<B>,
+        grad: FloatTensor<B>,
+        weight: FloatTensor<B>,
+    ) -> FloatTensor<B> {
         B::conv3x3_input_grad(grad, weight)
     }
 }
 
 impl<B: Conv3x3Backend, C: CheckpointStrategy> Conv3x3Backend for Autodiff<B, C> {
     fn conv3x3(x: FloatTensor<Self>, weight: FloatTensor<Self>) -> FloatTensor<Self> {
-        autodiff::conv::<B, C, Same3x3>(x, weight, None, |x, w, _| B::conv3x3(x, w))
+        autodiff::conv::<B, C, Same3x3>(Same3x3, x, weight, None, |x, w, _| B::conv3x3(x, w))
     }
 
     fn conv3x3_bias(
@@ -412,7 +428,7 @@ impl<B: Conv3x3Backend, C: CheckpointStrategy> Conv3x3Backend for Autodiff<B, C>
         weight: FloatTensor<Self>,
         bias: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
-        autodiff::conv::<B, C, Same3x3>(x, weight, Some(bias), |x, w, b| {
+        autodiff::conv::<B, C, Same3x3>(Same3x3, x, weight, Some(bias), |x, w, b| {
             B::conv3x3_bias(x, w, b.expect("a bias"))
         })
     }
@@ -474,8 +490,8 @@ fn pointwise_stride(conv: &Conv2d) -> Option<usize> {
 }
 
 /// `conv.forward(x)`, through our kernels where they apply (flex, and a 3x3 same convolution,
-/// [`conv3x3`], or a 1x1 convolution, [`super::conv1x1::conv1x1`], on every `stride`-th pixel
-/// for a strided one).
+/// [`conv3x3`]; a 1x1 convolution, [`super::conv1x1::conv1x1`], on every `stride`-th pixel for a
+/// strided one; another square one with the same padding on every side, [`super::strided`]).
 pub fn conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
     if !is_flex(&x.device()) {
         return conv.forward(x);
@@ -489,7 +505,10 @@ pub fn conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
         return super::conv1x1::conv1x1(x, conv.weight.val(), conv.bias.as_ref().map(|b| b.val()));
     }
     if !is_same_3x3(conv) {
-        return conv.forward(x);
+        return match super::strided::applies(conv) {
+            Some(geometry) => super::strided::conv2d(conv, x, geometry),
+            None => conv.forward(x),
+        };
     }
     match &conv.bias {
         Some(bias) => Tensor::from_dispatch(<Dispatch as Conv3x3Backend>::conv3x3_bias(
@@ -562,7 +581,18 @@ mod tests {
                 (1, 1, PaddingConfig2d::Valid, true),
                 (1, 1, PaddingConfig2d::Valid, false),
                 (1, 2, PaddingConfig2d::Valid, false),
+                (3, 2, PaddingConfig2d::Explicit(1, 1, 1, 1), true),
+                (7, 2, PaddingConfig2d::Explicit(3, 3, 3, 3), false),
+                (2, 2, PaddingConfig2d::Valid, false),
             ] {
+                let pad = match padding {
+                    PaddingConfig2d::Explicit(p, ..) => p,
+                    PaddingConfig2d::Same => k / 2,
+                    PaddingConfig2d::Valid => 0,
+                };
+                if h.min(w) + 2 * pad < k {
+                    continue; // Burn's convolution panics where the kernel does not fit.
+                }
                 device.seed(n as u64 * 1000 + cin as u64);
                 let conv = Conv2dConfig::new([cin, cout], [k, k])
                     .with_stride([stride, stride])
@@ -606,7 +636,7 @@ mod tests {
     }
 
     #[test]
-    fn only_3x3_same_and_1x1_convolutions_take_the_fast_paths() {
+    fn each_kind_of_convolution_takes_its_path() {
         let device = Device::flex();
         let with = |kernel: usize, stride: usize, padding: PaddingConfig2d| {
             Conv2dConfig::new([2, 2], [kernel, kernel])
@@ -635,6 +665,34 @@ mod tests {
         let padded = PaddingConfig2d::Explicit(1, 1, 1, 1);
         assert_eq!(pointwise_stride(&with(1, 1, padded)), None);
         assert_eq!(pointwise_stride(&with(3, 1, PaddingConfig2d::Valid)), None);
+        // Square kernels with any stride and even padding take the strided kernels.
+        use super::super::strided::applies;
+        if padded::available() {
+            assert_eq!(
+                applies(&with(3, 2, PaddingConfig2d::Explicit(1, 1, 1, 1))),
+                Some((2, 1))
+            );
+            assert_eq!(
+                applies(&with(7, 2, PaddingConfig2d::Explicit(3, 3, 3, 3))),
+                Some((2, 3))
+            );
+            assert_eq!(applies(&with(2, 2, PaddingConfig2d::Valid)), Some((2, 0)));
+        }
+        assert_eq!(
+            applies(&with(3, 2, PaddingConfig2d::Explicit(1, 0, 1, 0))),
+            None
+        );
+        assert_eq!(applies(&with(3, 2, PaddingConfig2d::Same)), None);
+        let dilated = Conv2dConfig::new([2, 2], [3, 3])
+            .with_stride([2, 2])
+            .with_dilation([2, 2])
+            .init(&device);
+        assert_eq!(applies(&dilated), None);
+        let grouped = Conv2dConfig::new([2, 2], [3, 3])
+            .with_stride([2, 2])
+            .with_groups(2)
+            .init(&device);
+        assert_eq!(applies(&grouped), None);
         assert!(is_flex(&device) && is_flex(&device.clone().autodiff()));
     }
 

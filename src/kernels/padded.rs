@@ -1,18 +1,22 @@
-//! Direct 3x3 same convolutions with AVX-512, over zero-padded, flattened image planes, without
-//! a patch matrix.
+//! Direct convolutions with AVX-512 over zero-padded, flattened image planes, without a patch
+//! matrix: any square kernel, stride and padding (the models use 3x3 with stride 1 or 2 and the
+//! 7x7 stride-2 stems).
 //!
-//! Each channel of an image is copied once into a plane of width `W + 2` with a zero border (and
-//! zeros after it). In that plane the output pixel `q = y (W + 2) + x` is
-//! `sum_ci sum_t w[co, ci, t] * plane_ci[q + offset_t]`, with `offset_t = ky (W + 2) + kx` for
-//! the nine taps `t = (ky, kx)`: a one-dimensional convolution over the flattened plane that
-//! also computes two unused columns per row, which are cropped. The forward kernel keeps 8
-//! output channels x 32 pixels in registers and runs over every input channel and tap (one
-//! broadcast weight per 2 multiply-adds); the weight gradient keeps 2 output channels x 9 taps
-//! and runs over every pixel. im2col would write and read 9 copies of the input per
-//! convolution; here the input is copied once.
+//! Each channel of an image is copied once, with its zero border, into `s x s` phase planes
+//! (`s` the stride): phase `(a, b)` holds the padded pixels `(s i + a, s j + b)` in rows of
+//! `wp` values. Then the output pixel `(y, x)` at position `q = y wp + x` is `sum_ci sum_t
+//! w[co, ci, t] * planes_ci[q + offset_t]`, with one constant offset per tap `t = (ky, kx)`
+//! (its phase plane, `ky / s` rows and `kx / s` columns on): a one-dimensional convolution over
+//! the flattened planes that also computes a few unused columns per row, which are cropped. For
+//! stride 1 there is one phase, the padded image, and `offset_t = ky (W + 2p) + kx`. The forward
+//! kernel keeps 8 output channels x 32 positions in registers and runs over every input channel
+//! and tap (one broadcast weight per 2 multiply-adds); the weight gradient keeps 2 output
+//! channels x 9 taps and runs over every position. im2col would write and read `k^2 / s^2`
+//! copies of the input per convolution; here it is copied once.
 //!
-//! The input gradient is this forward convolution of the padded output gradient with the flipped,
-//! transposed weights ([`super::conv3x3`]). Used where the CPU has AVX-512 ([`available`]), for
+//! The input gradient is the same forward kernel, run once per phase of the input: the padded
+//! output gradient convolved with the weights of the taps of that phase, flipped and transposed
+//! (for stride 1, one pass with all of them). Used where the CPU has AVX-512 ([`available`]), for
 //! the channel counts of [`forward_applies`] and [`weight_grad_applies`].
 
 use rayon::prelude::*;
@@ -22,10 +26,15 @@ use std::arch::x86_64::*;
 
 /// Output channels per forward block.
 const CO_BLOCK: usize = 8;
-/// Pixels per forward block: two vectors of 16.
+/// Positions per forward block: two vectors of 16.
 const PX_BLOCK: usize = 32;
 /// Input channels per pass of the forward kernel over an image.
 const CI_CHUNK: usize = 16;
+/// Taps per pass of the weight-gradient kernel.
+const TAP_GROUP: usize = 9;
+/// Below this many positions per image, the weight gradient sums every image of an input channel
+/// in one pass (one reduction per channel rather than per channel and image).
+const SMALL_PLANE: usize = 1024;
 
 /// Whether the CPU has AVX-512 (foundation), which these kernels need.
 pub fn available() -> bool {
@@ -39,157 +48,379 @@ pub fn available() -> bool {
     }
 }
 
-/// Whether the forward kernel takes a convolution to `cout` channels.
+/// Whether the forward kernel takes a convolution to `cout` channels (and the input gradient
+/// one from `cout` channels).
 pub fn forward_applies(cout: usize) -> bool {
     cout > 0 && cout.is_multiple_of(CO_BLOCK) && available()
 }
 
-/// Whether the weight-gradient kernel is used for a convolution to `cout` channels at `h` x `w`
-/// pixels: large images (for small ones, im2col and one matrix product per few images are
-/// faster).
-pub fn weight_grad_applies(cout: usize, h: usize, w: usize) -> bool {
-    cout > 0 && cout.is_multiple_of(2) && h * w >= 56 * 56 && available()
+/// Whether the weight-gradient kernel takes a convolution to `cout` channels.
+pub fn weight_grad_applies(cout: usize) -> bool {
+    cout > 0 && cout.is_multiple_of(2) && available()
 }
 
-/// The geometry of the padded planes of [H, W] images.
-#[derive(Clone, Copy, Debug)]
-struct Planes {
-    h: usize,
-    w: usize,
-    /// Padded row width, `W + 2`.
-    row: usize,
-    /// Output positions computed per plane, `H (W + 2)` rounded up to [`PX_BLOCK`].
-    positions: usize,
-    /// Floats per padded plane: every read of a computed position stays inside its plane.
-    stride: usize,
+/// A `k x k` convolution with stride `s` and zero padding `p` on every side of [H, W] images.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Conv {
+    pub k: usize,
+    pub s: usize,
+    pub p: usize,
+    pub h: usize,
+    pub w: usize,
 }
 
-impl Planes {
-    fn new(h: usize, w: usize) -> Self {
-        let row = w + 2;
-        let positions = (h * row).div_ceil(PX_BLOCK) * PX_BLOCK;
-        // Reads reach `position + 2 row + 2 + 15`; whole rows of the padded image come first.
-        let stride = (positions + 2 * row + 2 + 16).max((h + 2) * row);
+impl Conv {
+    /// The 3x3 convolution with stride 1 and padding 1.
+    pub fn same3x3(h: usize, w: usize) -> Self {
         Self {
+            k: 3,
+            s: 1,
+            p: 1,
             h,
             w,
-            row,
-            positions,
-            stride,
         }
     }
 
-    /// The tap offsets `ky row + kx`, in the order of the 3x3 kernel's nine weights.
-    fn offsets(&self) -> [usize; 9] {
-        std::array::from_fn(|t| (t / 3) * self.row + t % 3)
+    /// The output's height and width (0 where the kernel does not fit).
+    pub fn output(&self) -> [usize; 2] {
+        let side = |len: usize| {
+            (len + 2 * self.p)
+                .checked_sub(self.k)
+                .map_or(0, |r| r / self.s + 1)
+        };
+        [side(self.h), side(self.w)]
     }
 
-    /// `images` [N, C, H, W] in padded planes [N, C, stride]: zero borders and tails.
-    fn pad(&self, images: &[f32], planes: usize) -> Vec<f32> {
-        let (hw, w, row) = (self.h * self.w, self.w, self.row);
-        let mut padded = vec![0.0f32; planes * self.stride];
-        padded
-            .par_chunks_mut(self.stride)
-            .zip(images.par_chunks(hw))
-            .for_each(|(dst, src)| {
-                for (y, line) in src.chunks(w).enumerate() {
-                    dst[(y + 1) * row + 1..][..w].copy_from_slice(line);
-                }
-            });
-        padded
+    fn taps(&self) -> usize {
+        self.k * self.k
+    }
+}
+
+/// Where the forward kernel reads and writes: input channels of `stride` floats, positions in
+/// rows of `row`, `positions` computed per output channel, and one offset per tap.
+#[derive(Clone, Debug)]
+struct Layout {
+    stride: usize,
+    row: usize,
+    positions: usize,
+    offsets: Vec<usize>,
+}
+
+/// `len` rounded up to whole blocks of positions.
+fn blocks_of(len: usize) -> usize {
+    len.div_ceil(PX_BLOCK) * PX_BLOCK
+}
+
+impl Layout {
+    /// The phase planes of the padded input of `conv`, as the forward pass and the weight
+    /// gradient read them.
+    fn input(conv: &Conv) -> Self {
+        let Conv { k, s, p, h, w } = *conv;
+        let (hp, wp) = ((h + 2 * p).div_ceil(s), (w + 2 * p).div_ceil(s));
+        let phase = hp * wp;
+        let offsets: Vec<usize> = (0..k * k)
+            .map(|t| {
+                let (ky, kx) = (t / k, t % k);
+                ((ky % s) * s + kx % s) * phase + (ky / s) * wp + kx / s
+            })
+            .collect();
+        let positions = blocks_of(conv.output()[0] * wp);
+        // Reads reach `position + offset + 31` for the last block of positions.
+        let reach = positions + offsets.iter().max().copied().unwrap_or(0);
+        Self {
+            stride: (s * s * phase).max(reach),
+            row: wp,
+            positions,
+            offsets,
+        }
     }
 
-    /// Copies the computed positions `src` [C, positions] of one image's channels into `dst`
-    /// [C, H, W], leaving out the two padding columns of each row.
-    fn crop(&self, src: &[f32], dst: &mut [f32]) {
-        let hw = self.h * self.w;
-        for (plane, out) in src.chunks(self.positions).zip(dst.chunks_mut(hw)) {
-            for (y, line) in out.chunks_mut(self.w).enumerate() {
-                line.copy_from_slice(&plane[y * self.row..][..self.w]);
+    /// `images` [planes, H, W] in phase planes [planes, stride]: zero borders and tails.
+    fn scatter(&self, conv: &Conv, images: &[f32], planes: usize) -> Vec<f32> {
+        let mut out = vec![0.0f32; planes * self.stride];
+        if conv.h * conv.w > 0 {
+            out.par_chunks_mut(self.stride)
+                .zip(images.par_chunks(conv.h * conv.w))
+                .for_each(|(dst, src)| self.scatter_plane(conv, src, dst));
+        }
+        out
+    }
+
+    /// One image plane `src` [H, W] into its (zeroed) phase planes `dst`.
+    fn scatter_plane(&self, conv: &Conv, src: &[f32], dst: &mut [f32]) {
+        let Conv { s, p, h, w, .. } = *conv;
+        let phase = (h + 2 * p).div_ceil(s) * self.row;
+        for (y, line) in src.chunks(w).enumerate() {
+            let (a, i) = ((y + p) % s, (y + p) / s);
+            if s == 1 {
+                dst[i * self.row + p..][..w].copy_from_slice(line);
+                continue;
+            }
+            for (x, v) in line.iter().enumerate() {
+                let (b, j) = ((x + p) % s, (x + p) / s);
+                dst[(a * s + b) * phase + i * self.row + j] = *v;
             }
         }
     }
 }
 
-/// `out[n, co] = bias[co] + sum_ci conv3x3(x[n, ci], weight[co, ci])`, padding 1: `x` [N,
-/// Cin, H, W] -> [N, Cout, H, W], `weight` [Cout, Cin, 3, 3], or with `flipped` the weight of
-/// the transposed problem, [Cin, Cout, 3, 3], used flipped in space (the input gradient of a
-/// convolution from Cout to Cin channels). Needs [`forward_applies`].
+/// Weights packed per block of 8 output channels, [block][input channel][tap][8]: one broadcast
+/// per weight in the kernel. `weight(co, ci, t)` gives the weight of tap `t` of `taps`.
+fn pack(
+    [cout, cin, taps]: [usize; 3],
+    weight: impl Fn(usize, usize, usize) -> f32 + Sync,
+) -> Vec<f32> {
+    let mut packed = vec![0.0f32; cout * cin * taps];
+    packed
+        .par_chunks_mut(CO_BLOCK * cin * taps)
+        .enumerate()
+        .for_each(|(block, packed)| {
+            for lane in 0..CO_BLOCK {
+                let co = block * CO_BLOCK + lane;
+                for ci in 0..cin {
+                    for t in 0..taps {
+                        packed[(ci * taps + t) * CO_BLOCK + lane] = weight(co, ci, t);
+                    }
+                }
+            }
+        });
+    packed
+}
+
+/// One pass of the forward kernel over a job: the taps' offsets, their packed weights (see
+/// [`pack`]) and the positions it computes; `place` then writes the 8 computed rows (`positions`
+/// apart) into the job's output, [8, output plane].
+struct Pass<'a> {
+    offsets: Vec<usize>,
+    packed: Vec<f32>,
+    positions: usize,
+    place: Place<'a>,
+}
+
+/// Writes a pass's computed rows into a job's output.
+type Place<'a> = Box<dyn Fn(&[f32], &mut [f32]) + Sync + 'a>;
+
+/// Runs `passes` over every (block of 8 output channels, image) of `out` [N, cout, plane] from
+/// `src` [N, cin, stride], each pass starting from `bias` (or zero) and summing every input
+/// channel.
+fn run(
+    src: &[f32],
+    [cin, cout, stride, plane]: [usize; 4],
+    bias: Option<&[f32]>,
+    passes: &[Pass],
+    out: &mut [f32],
+) {
+    let blocks = cout / CO_BLOCK;
+    let taps = passes.iter().map(|p| p.offsets.len()).max().unwrap_or(0);
+    let positions = passes.iter().map(|p| p.positions).max().unwrap_or(0);
+    // Jobs (block, image), image-major so that each thread reuses an image's planes across the
+    // blocks, or block-major where the weights are larger than an image (deep layers), so that it
+    // reuses its blocks' weights across the images.
+    let mut jobs: Vec<(usize, usize, &mut [f32])> = out
+        .chunks_mut(CO_BLOCK * plane)
+        .enumerate()
+        .map(|(i, chunk)| (i % blocks, i / blocks, chunk))
+        .collect();
+    if cout * taps > stride {
+        jobs.sort_by_key(|&(block, image, _)| (block, image));
+    }
+    jobs.into_par_iter().for_each_init(
+        || vec![0.0f32; CO_BLOCK * positions],
+        |tmp, (block, image, out)| {
+            let x = &src[image * cin * stride..][..cin * stride];
+            for pass in passes {
+                let taps = pass.offsets.len();
+                let wb = &pass.packed[block * cin * taps * CO_BLOCK..][..cin * taps * CO_BLOCK];
+                let geometry = [pass.positions, stride];
+                // In chunks of input channels whose windows stay in the L1 cache.
+                for start in (0..cin).step_by(CI_CHUNK) {
+                    let len = CI_CHUNK.min(cin - start);
+                    let x = &x[start * stride..][..len * stride];
+                    let wb = &wb[start * taps * CO_BLOCK..][..len * taps * CO_BLOCK];
+                    let start_with = match (start, bias) {
+                        (0, Some(bias)) => Start::Bias(&bias[block * CO_BLOCK..][..CO_BLOCK]),
+                        (0, None) => Start::Zero,
+                        _ => Start::Accumulate,
+                    };
+                    // SAFETY: `forward_applies` checked AVX-512.
+                    unsafe {
+                        forward_block(x, wb, tmp, len, start_with, &pass.offsets, geometry);
+                    }
+                }
+                (pass.place)(tmp, out);
+            }
+        },
+    );
+}
+
+/// `out[n, co] = bias[co] + sum_ci conv(x[n, ci], weight[co, ci])`: `x` [N, Cin, H, W] ->
+/// [N, Cout, Ho, Wo] ([`Conv::output`]), `weight` [Cout, Cin, k, k]. Needs
+/// [`forward_applies`].
 pub fn forward(
     x: &[f32],
     weight: &[f32],
     bias: Option<&[f32]>,
-    flipped: bool,
-    [n, cin, cout, h, w]: [usize; 5],
+    conv: Conv,
+    [n, cin, cout]: [usize; 3],
 ) -> Vec<f32> {
     assert!(forward_applies(cout));
-    assert_eq!(weight.len(), cout * cin * 9);
+    let taps = conv.taps();
+    assert_eq!(weight.len(), cout * cin * taps);
+    assert_eq!(x.len(), n * cin * conv.h * conv.w);
     assert!(bias.is_none_or(|b| b.len() == cout));
-    let planes = Planes::new(h, w);
-    let hw = h * w;
-    let mut out = vec![0.0f32; n * cout * hw];
+    let [ho, wo] = conv.output();
+    let plane = ho * wo;
+    let mut out = vec![0.0f32; n * cout * plane];
     if out.is_empty() {
         return out;
     }
     if cin == 0 {
         // No input channel: the bias alone (the kernel would leave its buffer unwritten).
-        for (i, plane) in out.chunks_mut(hw).enumerate() {
+        for (i, plane) in out.chunks_mut(plane).enumerate() {
             plane.fill(bias.map_or(0.0, |b| b[i % cout]));
         }
         return out;
     }
-    let padded = planes.pad(x, n * cin);
-    // Weights per block of 8 output channels: [block][ci][tap][8], one broadcast each.
-    let blocks = cout / CO_BLOCK;
-    let mut packed = vec![0.0f32; cout * cin * 9];
-    for co in 0..cout {
-        let (block, lane) = (co / CO_BLOCK, co % CO_BLOCK);
-        for ci in 0..cin {
-            for t in 0..9 {
-                packed[((block * cin + ci) * 9 + t) * CO_BLOCK + lane] = if flipped {
-                    weight[(ci * cout + co) * 9 + 8 - t]
-                } else {
-                    weight[(co * cin + ci) * 9 + t]
-                };
+    let layout = Layout::input(&conv);
+    let src = layout.scatter(&conv, x, n * cin);
+    let (row, positions) = (layout.row, layout.positions);
+    let pass = Pass {
+        packed: pack([cout, cin, taps], |co, ci, t| {
+            weight[(co * cin + ci) * taps + t]
+        }),
+        offsets: layout.offsets,
+        positions,
+        // Keeps the first `wo` positions of each row of `row`.
+        place: Box::new(move |tmp: &[f32], out: &mut [f32]| {
+            for (computed, out) in tmp.chunks(positions).zip(out.chunks_mut(plane)) {
+                for (y, line) in out.chunks_mut(wo).enumerate() {
+                    line.copy_from_slice(&computed[y * row..][..wo]);
+                }
             }
-        }
-    }
-    // Jobs (block, image), image-major so that each thread reuses an image's planes across the
-    // blocks, or block-major where the weights are larger than an image (deep layers), so that it
-    // reuses its blocks' weights across the images.
-    let mut jobs: Vec<(usize, usize, &mut [f32])> = out
-        .chunks_mut(CO_BLOCK * hw)
-        .enumerate()
-        .map(|(i, chunk)| (i % blocks, i / blocks, chunk))
-        .collect();
-    if cout * 9 > planes.stride {
-        jobs.sort_by_key(|&(block, image, _)| (block, image));
-    }
-    jobs.into_par_iter().for_each_init(
-        || vec![0.0f32; CO_BLOCK * planes.positions],
-        |tmp, (block, image, out)| {
-            let x = &padded[image * cin * planes.stride..][..cin * planes.stride];
-            let wb = &packed[block * cin * 9 * CO_BLOCK..][..cin * 9 * CO_BLOCK];
-            // In chunks of input channels whose windows stay in the L1 cache.
-            for start in (0..cin).step_by(CI_CHUNK) {
-                let len = CI_CHUNK.min(cin - start);
-                let x = &x[start * planes.stride..][..len * planes.stride];
-                let wb = &wb[start * 9 * CO_BLOCK..][..len * 9 * CO_BLOCK];
-                let start_with = if start > 0 {
-                    Start::Accumulate
-                } else {
-                    match bias {
-                        Some(bias) => Start::Bias(&bias[block * CO_BLOCK..][..CO_BLOCK]),
-                        None => Start::Zero,
-                    }
-                };
-                // SAFETY: `forward_applies` checked AVX-512.
-                unsafe { forward_block(x, wb, tmp, len, start_with, &planes) };
-            }
-            planes.crop(tmp, out);
-        },
+        }),
+    };
+    run(
+        &src,
+        [cin, cout, layout.stride, plane],
+        bias,
+        &[pass],
+        &mut out,
     );
     out
+}
+
+/// The input rows (or columns) `i` of phase `a` whose padded position `s i + a` is in the
+/// image, `p <= s i + a < p + len`: (first, count), or `None`.
+fn phase_range(conv: &Conv, a: usize, len: usize) -> Option<(usize, usize)> {
+    let first = conv.p.saturating_sub(a).div_ceil(conv.s);
+    let last = (conv.p + len).checked_sub(a + 1)? / conv.s;
+    (first <= last).then(|| (first, last - first + 1))
+}
+
+/// The input gradient of [`forward`]: `dx` [N, Cin, H, W] from the output gradient `grad` [N,
+/// Cout, Ho, Wo] and `weight` [Cout, Cin, k, k]. Needs [`forward_applies`]`(cin)`.
+///
+/// `dx` at padded position `(s i + a, s j + b)` is `sum_co sum_(ky, kx) w[co, ci, ky, kx]
+/// grad[co, i - ky / s, j - kx / s]` over the taps with `ky % s = a`, `kx % s = b`: per phase
+/// `(a, b)`, a forward convolution of the zero-padded gradient with those taps' weights, flipped
+/// and transposed.
+pub fn input_grad(
+    grad: &[f32],
+    weight: &[f32],
+    conv: Conv,
+    [n, cin, cout]: [usize; 3],
+) -> Vec<f32> {
+    assert!(forward_applies(cin));
+    let Conv { k, s, p, h, w } = conv;
+    let taps = conv.taps();
+    assert_eq!(weight.len(), cout * cin * taps);
+    let [ho, wo] = conv.output();
+    assert_eq!(grad.len(), n * cout * ho * wo);
+    let plane = h * w;
+    let mut dx = vec![0.0f32; n * cin * plane];
+    if dx.is_empty() || cout == 0 || ho * wo == 0 {
+        return dx;
+    }
+    // The gradient padded by `top` rows and `left` columns, so that every tap of every phase
+    // reads at a non-negative offset, in rows of `row`.
+    let reach = (k - 1) / s;
+    let rows: Vec<_> = (0..s).filter_map(|a| phase_range(&conv, a, h)).collect();
+    let cols: Vec<_> = (0..s).filter_map(|b| phase_range(&conv, b, w)).collect();
+    let margin = |ranges: &[(usize, usize)]| {
+        ranges
+            .iter()
+            .map(|(first, _)| reach.saturating_sub(*first))
+            .max()
+            .unwrap_or(0)
+    };
+    let (top, left) = (margin(&rows), margin(&cols));
+    let end = |ranges: &[(usize, usize)]| ranges.iter().map(|(f, c)| f + c).max().unwrap_or(0);
+    let row = (left + wo).max(end(&cols) + left);
+    let height = (top + ho).max(end(&rows) + top);
+    let mut passes = Vec::new();
+    let mut reads = height * row;
+    for a in 0..s {
+        for b in 0..s {
+            let (Some((i0, ri)), Some((j0, cj))) =
+                (phase_range(&conv, a, h), phase_range(&conv, b, w))
+            else {
+                continue;
+            };
+            let phase_taps: Vec<(usize, usize)> = (0..k)
+                .filter(|ky| ky % s == a)
+                .flat_map(|ky| (0..k).filter(|kx| kx % s == b).map(move |kx| (ky, kx)))
+                .collect();
+            if phase_taps.is_empty() {
+                continue;
+            }
+            let offsets: Vec<usize> = phase_taps
+                .iter()
+                .map(|&(ky, kx)| (i0 + top - ky / s) * row + j0 + left - kx / s)
+                .collect();
+            let positions = blocks_of(ri * row);
+            reads = reads.max(positions + offsets.iter().max().unwrap());
+            let packed = pack([cin, cout, phase_taps.len()], |ci, co, t| {
+                let (ky, kx) = phase_taps[t];
+                weight[(co * cin + ci) * taps + ky * k + kx]
+            });
+            // Position (ii, jj) of the pass is the input pixel ((i0 + ii) s + a - p, (j0 + jj) s
+            // + b - p).
+            let place = move |tmp: &[f32], out: &mut [f32]| {
+                for (computed, out) in tmp.chunks(positions).zip(out.chunks_mut(plane)) {
+                    for ii in 0..ri {
+                        let y = (i0 + ii) * s + a - p;
+                        let line = &computed[ii * row..][..cj];
+                        let x0 = j0 * s + b - p;
+                        let dst = &mut out[y * w..(y + 1) * w];
+                        if s == 1 {
+                            dst[x0..x0 + cj].copy_from_slice(line);
+                        } else {
+                            for (jj, v) in line.iter().enumerate() {
+                                dst[x0 + jj * s] = *v;
+                            }
+                        }
+                    }
+                }
+            };
+            passes.push(Pass {
+                offsets,
+                packed,
+                positions,
+                place: Box::new(place),
+            });
+        }
+    }
+    let mut padded = vec![0.0f32; n * cout * reads];
+    padded
+        .par_chunks_mut(reads)
+        .zip(grad.par_chunks(ho * wo))
+        .for_each(|(dst, src)| {
+            for (y, line) in src.chunks(wo).enumerate() {
+                dst[(y + top) * row + left..][..wo].copy_from_slice(line);
+            }
+        });
+    run(&padded, [cout, cin, reads, plane], None, &passes, &mut dx);
+    dx
 }
 
 /// What a forward block starts its sums from.
@@ -202,8 +433,9 @@ enum Start<'a> {
     Accumulate,
 }
 
-/// One block of 8 output channels of one image: `out` [8, positions] (= or +=, see [`Start`]) from `cin` channels of the padded image `x` [cin, stride] and the block's packed
-/// weights for them [cin, 9, 8].
+/// One block of 8 output channels of one image: `out` [8, positions] (= or +=, see [`Start`])
+/// from `cin` channels of `x` [cin, stride] and the block's packed weights for them [cin, taps,
+/// 8], position `q` of a channel reading `x[q + offsets[t]]` for tap `t`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn forward_block(
@@ -212,15 +444,17 @@ unsafe fn forward_block(
     out: &mut [f32],
     cin: usize,
     start: Start,
-    planes: &Planes,
+    offsets: &[usize],
+    [positions, stride]: [usize; 2],
 ) {
-    assert!(x.len() >= cin * planes.stride && weight.len() >= cin * 9 * CO_BLOCK);
-    assert!(out.len() >= CO_BLOCK * planes.positions);
-    let offsets = planes.offsets();
+    let taps = offsets.len();
+    assert!(x.len() >= cin * stride && weight.len() >= cin * taps * CO_BLOCK);
+    assert!(out.len() >= CO_BLOCK * positions && positions.is_multiple_of(PX_BLOCK));
+    assert!(offsets.iter().all(|o| positions + o <= stride));
     let (xp, wp, op) = (x.as_ptr(), weight.as_ptr(), out.as_mut_ptr());
-    for q in (0..planes.positions).step_by(PX_BLOCK) {
-        // SAFETY: q + offset + 31 < stride for every q < positions (Planes::new), so the loads
-        // stay in plane ci; the stores stay in row j of `out`.
+    for q in (0..positions).step_by(PX_BLOCK) {
+        // SAFETY: q + offset + 31 < positions + offset <= stride (asserted), so the loads stay
+        // in channel ci; the stores stay in row j of `out`.
         unsafe {
             let mut acc = [[_mm512_setzero_ps(); 2]; CO_BLOCK];
             match start {
@@ -232,14 +466,14 @@ unsafe fn forward_block(
                 }
                 Start::Accumulate => {
                     for (j, acc) in acc.iter_mut().enumerate() {
-                        let o = op.add(j * planes.positions + q);
+                        let o = op.add(j * positions + q);
                         *acc = [_mm512_loadu_ps(o), _mm512_loadu_ps(o.add(16))];
                     }
                 }
             }
             for ci in 0..cin {
-                let xc = xp.add(ci * planes.stride + q);
-                let wc = wp.add(ci * 9 * CO_BLOCK);
+                let xc = xp.add(ci * stride + q);
+                let wc = wp.add(ci * taps * CO_BLOCK);
                 for (t, offset) in offsets.iter().enumerate() {
                     let x0 = _mm512_loadu_ps(xc.add(*offset));
                     let x1 = _mm512_loadu_ps(xc.add(*offset + 16));
@@ -251,7 +485,7 @@ unsafe fn forward_block(
                 }
             }
             for (j, acc) in acc.iter().enumerate() {
-                let o = op.add(j * planes.positions + q);
+                let o = op.add(j * positions + q);
                 _mm512_storeu_ps(o, acc[0]);
                 _mm512_storeu_ps(o.add(16), acc[1]);
             }
@@ -260,33 +494,79 @@ unsafe fn forward_block(
 }
 
 /// The weight gradient of [`forward`]: `dW[co, ci, t] = sum_n sum_q grad[n, co, q] x[n, ci, q +
-/// offset_t]`, [Cout, Cin, 3, 3], from `x` [N, Cin, H, W] and `grad` [N, Cout, H, W]. Needs
-/// AVX-512 and an even `cout` ([`weight_grad_applies`] says where it is faster).
-pub fn weight_grad(x: &[f32], grad: &[f32], [n, cin, cout, h, w]: [usize; 5]) -> Vec<f32> {
-    assert!(cout.is_multiple_of(2) && available());
-    let planes = Planes::new(h, w);
-    let mut dw = vec![0.0f32; cout * cin * 9];
-    if dw.is_empty() || n * h * w == 0 {
+/// offset_t]` over the computed positions `q`, [Cout, Cin, k, k], from `x` [N, Cin, H, W] and
+/// `grad` [N, Cout, Ho, Wo]. Needs [`weight_grad_applies`].
+///
+/// (One matrix product per tap, `dW_t [Cout, Cin] = G [Cout, positions] X_t [positions, Cin]`,
+/// was no faster at stride 1 and 2-3x slower at stride 2, where the phase planes of the input are
+/// 4 times the computed positions.)
+pub fn weight_grad(x: &[f32], grad: &[f32], conv: Conv, [n, cin, cout]: [usize; 3]) -> Vec<f32> {
+    assert!(weight_grad_applies(cout));
+    let [ho, wo] = conv.output();
+    assert_eq!(x.len(), n * cin * conv.h * conv.w);
+    assert_eq!(grad.len(), n * cout * ho * wo);
+    let taps = conv.taps();
+    let mut dw = vec![0.0f32; cout * cin * taps];
+    if dw.is_empty() || n * ho * wo == 0 {
         return dw;
     }
-    let xp = planes.pad(x, n * cin);
-    // The padded gradient read from `row + 1` on is the gradient at the computed positions, with
-    // zeros in the padding columns and after the last row: those positions add nothing.
-    let gp = planes.pad(grad, n * cout);
-    dw.par_chunks_mut(2 * cin * 9)
+    let layout = Layout::input(&conv);
+    let (stride, positions, row) = (layout.stride, layout.positions, layout.row);
+    let xp = layout.scatter(&conv, x, n * cin);
+    // The gradient at the computed positions, zero in the cropped columns and after the last
+    // row: those positions add nothing.
+    let mut gp = vec![0.0f32; n * cout * positions];
+    gp.par_chunks_mut(positions)
+        .zip(grad.par_chunks(ho * wo))
+        .for_each(|(dst, src)| {
+            for (y, line) in src.chunks(wo).enumerate() {
+                dst[y * row..][..wo].copy_from_slice(line);
+            }
+        });
+    // The taps in groups of 9, the last one filled up with tap 0 (its sums are dropped).
+    let groups: Vec<[usize; TAP_GROUP]> = layout
+        .offsets
+        .chunks(TAP_GROUP)
+        .map(|g| std::array::from_fn(|i| g.get(i).copied().unwrap_or(g[0])))
+        .collect();
+    let small = positions < SMALL_PLANE;
+    dw.par_chunks_mut(2 * cin * taps)
         .enumerate()
         .for_each(|(pair, dw)| {
-            for image in 0..n {
-                let g = &gp[(image * cout + 2 * pair) * planes.stride..][..2 * planes.stride];
-                let x = &xp[image * cin * planes.stride..][..cin * planes.stride];
+            let mut add = |ci: usize, group: usize, sums: [[f32; TAP_GROUP]; 2]| {
+                let first = group * TAP_GROUP;
+                let len = TAP_GROUP.min(taps - first);
+                for (lane, sums) in sums.iter().enumerate() {
+                    let dst = &mut dw[lane * cin * taps + ci * taps + first..][..len];
+                    dst.iter_mut().zip(sums).for_each(|(d, s)| *d += s);
+                }
+            };
+            let g = &gp[2 * pair * positions..];
+            if small {
+                // Every image at once: [image][2 channels of the pair] `cout` planes apart.
                 for ci in 0..cin {
-                    // SAFETY: `weight_grad_applies` checked AVX-512.
-                    let sums = unsafe {
-                        weight_grad_pair(g, &x[ci * planes.stride..][..planes.stride], &planes)
-                    };
-                    for (lane, sums) in sums.iter().enumerate() {
-                        let row = &mut dw[lane * cin * 9 + ci * 9..][..9];
-                        row.iter_mut().zip(sums).for_each(|(d, s)| *d += s);
+                    for (index, group) in groups.iter().enumerate() {
+                        let images = [n, cout * positions, cin * stride];
+                        // SAFETY: `weight_grad_applies` checked AVX-512.
+                        let sums = unsafe {
+                            weight_grad_pair(g, &xp[ci * stride..], group, positions, images)
+                        };
+                        add(ci, index, sums);
+                    }
+                }
+                return;
+            }
+            for image in 0..n {
+                let g = &g[image * cout * positions..];
+                let x = &xp[image * cin * stride..];
+                for ci in 0..cin {
+                    for (index, group) in groups.iter().enumerate() {
+                        let images = [1, 0, 0];
+                        // SAFETY: as above.
+                        let sums = unsafe {
+                            weight_grad_pair(g, &x[ci * stride..], group, positions, images)
+                        };
+                        add(ci, index, sums);
                     }
                 }
             }
@@ -294,27 +574,38 @@ pub fn weight_grad(x: &[f32], grad: &[f32], [n, cin, cout, h, w]: [usize; 5]) ->
     dw
 }
 
-/// `sum_q g_j[row + 1 + q] x[q + offset_t]` for the two padded gradient planes `g` [2, stride]
-/// and the nine taps over one padded input plane `x` [stride].
+/// `sum_i sum_q g_j[i][q] x[i][q + offset_t]` for the two gradient planes `g_j` of the pair
+/// (`positions` apart in `g`) and 9 taps of one input channel `x`, over `images` images that are
+/// `g_step` and `x_step` floats apart.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn weight_grad_pair(g: &[f32], x: &[f32], planes: &Planes) -> [[f32; 9]; 2] {
-    assert!(g.len() >= 2 * planes.stride && x.len() >= planes.stride);
-    let offsets = planes.offsets();
-    let (g0, g1, xp) = (
-        g[planes.row + 1..].as_ptr(),
-        g[planes.stride + planes.row + 1..].as_ptr(),
-        x.as_ptr(),
+unsafe fn weight_grad_pair(
+    g: &[f32],
+    x: &[f32],
+    offsets: &[usize; TAP_GROUP],
+    positions: usize,
+    [images, g_step, x_step]: [usize; 3],
+) -> [[f32; TAP_GROUP]; 2] {
+    let last = images.saturating_sub(1);
+    let reach = offsets.iter().max().unwrap() + positions;
+    assert!(
+        images == 0
+            || (g.len() >= last * g_step + 2 * positions && x.len() >= last * x_step + reach)
     );
-    // SAFETY: q + 15 + row + 1 < stride and q + offset + 15 < stride for q < positions.
+    assert!(positions.is_multiple_of(16));
+    // SAFETY: for q < positions (a multiple of 16) the loads stay in image i's planes (asserted).
     unsafe {
-        let mut acc = [[_mm512_setzero_ps(); 9]; 2];
-        for q in (0..planes.positions).step_by(16) {
-            let gv = [_mm512_loadu_ps(g0.add(q)), _mm512_loadu_ps(g1.add(q))];
-            for (t, offset) in offsets.iter().enumerate() {
-                let xv = _mm512_loadu_ps(xp.add(q + offset));
-                acc[0][t] = _mm512_fmadd_ps(gv[0], xv, acc[0][t]);
-                acc[1][t] = _mm512_fmadd_ps(gv[1], xv, acc[1][t]);
+        let mut acc = [[_mm512_setzero_ps(); TAP_GROUP]; 2];
+        for i in 0..images {
+            let (g0, xp) = (g.as_ptr().add(i * g_step), x.as_ptr().add(i * x_step));
+            let g1 = g0.add(positions);
+            for q in (0..positions).step_by(16) {
+                let gv = [_mm512_loadu_ps(g0.add(q)), _mm512_loadu_ps(g1.add(q))];
+                for (t, offset) in offsets.iter().enumerate() {
+                    let xv = _mm512_loadu_ps(xp.add(q + offset));
+                    acc[0][t] = _mm512_fmadd_ps(gv[0], xv, acc[0][t]);
+                    acc[1][t] = _mm512_fmadd_ps(gv[1], xv, acc[1][t]);
+                }
             }
         }
         acc.map(|taps| taps.map(|v| _mm512_reduce_add_ps(v)))
@@ -322,12 +613,26 @@ unsafe fn weight_grad_pair(g: &[f32], x: &[f32], planes: &Planes) -> [[f32; 9]; 
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn forward_block(_: &[f32], _: &[f32], _: &mut [f32], _: usize, _: Start, _: &Planes) {
+unsafe fn forward_block(
+    _: &[f32],
+    _: &[f32],
+    _: &mut [f32],
+    _: usize,
+    _: Start,
+    _: &[usize],
+    _: [usize; 2],
+) {
     unreachable!("AVX-512 kernels on a CPU without AVX-512")
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn weight_grad_pair(_: &[f32], _: &[f32], _: &Planes) -> [[f32; 9]; 2] {
+unsafe fn weight_grad_pair(
+    _: &[f32],
+    _: &[f32],
+    _: &[usize; TAP_GROUP],
+    _: usize,
+    _: [usize; 3],
+) -> [[f32; TAP_GROUP]; 2] {
     unreachable!("AVX-512 kernels on a CPU without AVX-512")
 }
 
@@ -336,31 +641,36 @@ mod tests {
     use super::super::relative_error;
     use super::*;
 
-    /// The definition, in float64.
-    fn reference(x: &[f32], weight: &[f32], [n, cin, cout, h, w]: [usize; 5]) -> Vec<f32> {
-        let mut out = vec![0.0f32; n * cout * h * w];
+    /// The definition in float64: `out[b, co, y, x] = sum w[co, ci, ky, kx] x[b, ci, s y + ky - p,
+    /// s x + kx - p]`, and through `visit` every product's indices (output, input, weight).
+    fn each_product(
+        conv: &Conv,
+        [n, cin, cout]: [usize; 3],
+        mut visit: impl FnMut(usize, usize, usize),
+    ) {
+        let Conv { k, s, p, h, w } = *conv;
+        let [ho, wo] = conv.output();
         for b in 0..n {
             for co in 0..cout {
-                for y in 0..h {
-                    for xx in 0..w {
-                        let mut s = 0.0f64;
+                for y in 0..ho {
+                    for xx in 0..wo {
+                        let o = ((b * cout + co) * ho + y) * wo + xx;
                         for ci in 0..cin {
-                            for t in 0..9 {
-                                let (iy, ix) =
-                                    ((y + t / 3) as isize - 1, (xx + t % 3) as isize - 1);
-                                if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
-                                    continue;
+                            for ky in 0..k {
+                                for kx in 0..k {
+                                    let (iy, ix) = (s * y + ky, s * xx + kx);
+                                    if iy < p || ix < p || iy - p >= h || ix - p >= w {
+                                        continue;
+                                    }
+                                    let i = ((b * cin + ci) * h + iy - p) * w + ix - p;
+                                    visit(o, i, (co * cin + ci) * k * k + ky * k + kx);
                                 }
-                                let xv = x[((b * cin + ci) * h + iy as usize) * w + ix as usize];
-                                s += xv as f64 * weight[(co * cin + ci) * 9 + t] as f64;
                             }
                         }
-                        out[((b * cout + co) * h + y) * w + xx] = s as f32;
                     }
                 }
             }
         }
-        out
     }
 
     fn values(len: usize, seed: usize) -> Vec<f32> {
@@ -370,12 +680,26 @@ mod tests {
     }
 
     #[test]
-    fn forward_and_weight_grad_match_the_definition() {
+    fn forward_and_gradients_match_the_definition() {
         if !available() {
             eprintln!("no AVX-512 on this CPU: the kernels are not used, nothing to test");
             return;
         }
-        for dims @ [n, cin, cout, h, w] in [
+        // (k, s, p) of the models (3x3 same and stride 2, the 7x7 stem) and odd ones: a kernel
+        // smaller than the stride, no padding, padding of the whole kernel.
+        let convs = [
+            (3, 1, 1),
+            (3, 2, 1),
+            (7, 2, 3),
+            (1, 2, 0),
+            (2, 2, 0),
+            (5, 1, 2),
+            (3, 3, 2),
+            (3, 2, 0),
+        ];
+        // [n, cin, cout, h, w]: single pixels, odd sizes, more than 16 input channels (the
+        // chunking), no input channel.
+        let shapes = [
             [1, 1, 8, 1, 1],
             [2, 3, 16, 5, 7],
             [3, 5, 8, 9, 4],
@@ -385,54 +709,59 @@ mod tests {
             [1, 20, 8, 5, 6],
             [2, 33, 16, 3, 4],
             [2, 0, 8, 3, 3],
-        ] {
-            let x = values(n * cin * h * w, 1);
-            let weight = values(cout * cin * 9, 2);
-            if forward_applies(cout) {
-                let want = reference(&x, &weight, dims);
-                let got = forward(&x, &weight, None, false, dims);
-                let err = relative_error(&want, &got, 1e-6);
-                assert!(err < 1e-5, "forward {dims:?}: {err}");
-                // With a bias, and with the weight given transposed and flipped.
+            [1, 8, 8, 40, 40],
+        ];
+        for (k, s, p) in convs {
+            for [n, cin, cout, h, w] in shapes {
+                let conv = Conv { k, s, p, h, w };
+                let [ho, wo] = conv.output();
+                let dims = [n, cin, cout];
+                let x = values(n * cin * h * w, 1);
+                let weight = values(cout * cin * k * k, 2);
                 let bias = values(cout, 4);
+                let grad = values(n * cout * ho * wo, 3);
+                let mut want = vec![0.0f64; n * cout * ho * wo];
+                let mut want_dx = vec![0.0f64; x.len()];
+                let mut want_dw = vec![0.0f64; weight.len()];
+                each_product(&conv, dims, |o, i, t| {
+                    want[o] += x[i] as f64 * weight[t] as f64;
+                    want_dx[i] += grad[o] as f64 * weight[t] as f64;
+                    want_dw[t] += grad[o] as f64 * x[i] as f64;
+                });
+                let plane = (ho * wo).max(1);
                 let with_bias: Vec<f32> = want
-                    .chunks(h * w)
-                    .enumerate()
-                    .flat_map(|(i, plane)| {
-                        let b = bias[i % cout];
-                        plane.iter().map(move |v| v + b)
-                    })
-                    .collect::<Vec<_>>();
-                let mut transposed = vec![0.0f32; weight.len()];
-                for co in 0..cout {
-                    for ci in 0..cin {
-                        for t in 0..9 {
-                            transposed[(ci * cout + co) * 9 + 8 - t] =
-                                weight[(co * cin + ci) * 9 + t];
-                        }
-                    }
-                }
-                let got = forward(&x, &transposed, Some(&bias), true, dims);
-                let err = relative_error(&with_bias, &got, 1e-6);
-                assert!(err < 1e-5, "forward with bias, flipped {dims:?}: {err}");
-            }
-            // dW[co, ci, t] = sum over the output of grad * d out / d w: the reference on
-            // one-hot weights, dotted with the gradient.
-            let grad = values(n * cout * h * w, 3);
-            let got = weight_grad(&x, &grad, dims);
-            let mut want = vec![0.0f32; cout * cin * 9];
-            for (i, d) in want.iter_mut().enumerate() {
-                let mut one_hot = vec![0.0f32; cout * cin * 9];
-                one_hot[i] = 1.0;
-                let out = reference(&x, &one_hot, dims);
-                *d = out
                     .iter()
-                    .zip(&grad)
-                    .map(|(a, b)| (a * b) as f64)
-                    .sum::<f64>() as f32;
+                    .enumerate()
+                    .map(|(o, v)| (v + bias[(o / plane) % cout] as f64) as f32)
+                    .collect();
+                let f32s = |v: &[f64]| v.iter().map(|v| *v as f32).collect::<Vec<_>>();
+                let case = format!("{k}x{k}/{s} pad {p}, {dims:?} {h}x{w}");
+                if forward_applies(cout) {
+                    let got = forward(&x, &weight, None, conv, dims);
+                    let err = relative_error(&f32s(&want), &got, 1e-6);
+                    assert!(err < 1e-5, "forward {case}: {err}");
+                    let got = forward(&x, &weight, Some(&bias), conv, dims);
+                    let err = relative_error(&with_bias, &got, 1e-6);
+                    assert!(err < 1e-5, "forward with bias {case}: {err}");
+                }
+                if forward_applies(cin) {
+                    let got = input_grad(&grad, &weight, conv, dims);
+                    let err = relative_error(&f32s(&want_dx), &got, 1e-6);
+                    assert!(err < 1e-5, "input grad {case}: {err}");
+                }
+                if weight_grad_applies(cout) {
+                    let got = weight_grad(&x, &grad, conv, dims);
+                    let err = relative_error(&f32s(&want_dw), &got, 1e-6);
+                    assert!(err < 1e-5, "weight grad {case}: {err}");
+                }
             }
-            let err = relative_error(&want, &got, 1e-6);
-            assert!(err < 1e-5, "weight grad {dims:?}: {err}");
         }
+    }
+
+    #[test]
+    fn the_test_shapes_cover_both_weight_gradient_modes() {
+        // Large planes take the per-image weight-gradient loop, small ones the all-images one.
+        assert!(Layout::input(&Conv::same3x3(40, 40)).positions >= SMALL_PLANE);
+        assert!(Layout::input(&Conv::same3x3(5, 7)).positions < SMALL_PLANE);
     }
 }

@@ -1,0 +1,305 @@
+//! Square convolutions with any stride and symmetric zero padding on the CPU backend, forward
+//! and backward, through the direct kernels of [`super::padded`]: the 3x3 stride-2 convolutions
+//! of the resnets and the 7x7 stride-2 stems of the resnets and densenets.
+//!
+//! Burn's CPU backend (flex) runs these as im2col + matrix products, with the gradients as a
+//! transposed convolution and a convolution whose kernel is the output gradient: the stride-2
+//! layers of a resnet18 step took 2-2.2x PyTorch's time (`cargo bench --bench burn_gap --
+//! --layers`). [`super::conv3x3::conv2d`] routes them here on flex where the CPU has AVX-512;
+//! shapes the kernels do not take (output channels not a multiple of 8, an input gradient into
+//! fewer than 8 channels, other dtypes) fall back to Burn's operations.
+
+use burn::backend::autodiff::Autodiff;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::ops::{ConvOptions, ModuleOps};
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{AutodiffBackend, Backend, DType, Dispatch, Flex, backend_extension};
+use burn::nn::PaddingConfig2d;
+use burn::nn::conv::Conv2d;
+use burn::prelude::*;
+use burn_flex::FlexTensor;
+
+use super::autodiff::{self, ConvGradients};
+use super::padded::{self, Conv};
+use super::{contiguous_f32, dims4, flex_f32};
+
+/// The kernels, on the backends that have them: flex, and autodiff over flex. `stride` and
+/// `padding` apply to both axes; the kernel is the weight's, [Cout, Cin, k, k].
+#[backend_extension(Autodiff, Flex)]
+pub trait StridedConvBackend: Backend {
+    /// `x` [N, Cin, H, W] -> [N, Cout, Ho, Wo].
+    fn conv_strided(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        stride: usize,
+        padding: usize,
+    ) -> FloatTensor<Self>;
+    /// [`StridedConvBackend::conv_strided`] plus `bias` [Cout], in the same pass.
+    fn conv_strided_bias(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        stride: usize,
+        padding: usize,
+    ) -> FloatTensor<Self>;
+    /// d loss / d weight from `x`, the output gradient `grad` and the weight (for its shape).
+    fn conv_strided_weight_grad(
+        x: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        stride: usize,
+        padding: usize,
+    ) -> FloatTensor<Self>;
+    /// d loss / d x from `x` (for its shape), the output gradient `grad` and the weight.
+    fn conv_strided_input_grad(
+        x: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        stride: usize,
+        padding: usize,
+    ) -> FloatTensor<Self>;
+}
+
+fn options(stride: usize, padding: usize) -> ConvOptions<2> {
+    ConvOptions::new([stride, stride], [padding, padding], [1, 1], 1)
+}
+
+/// The convolution of `x` by `weight` (square kernel).
+fn geometry(x: &FlexTensor, weight: &FlexTensor, stride: usize, padding: usize) -> Conv {
+    let [_, _, h, w] = dims4(x);
+    Conv {
+        k: dims4(weight)[2],
+        s: stride,
+        p: padding,
+        h,
+        w,
+    }
+}
+
+fn all_f32(tensors: &[&FlexTensor]) -> bool {
+    tensors.iter().all(|t| t.dtype() == DType::F32)
+}
+
+fn flex_forward(
+    x: FlexTensor,
+    weight: FlexTensor,
+    bias: Option<FlexTensor>,
+    stride: usize,
+    padding: usize,
+) -> FlexTensor {
+    let [n, cin, _, _] = dims4(&x);
+    let cout = dims4(&weight)[0];
+    let f32_bias = bias.as_ref().is_none_or(|b| b.dtype() == DType::F32);
+    if !all_f32(&[&x, &weight]) || !f32_bias || !padded::forward_applies(cout) {
+        return Flex::conv2d(x, weight, bias, options(stride, padding));
+    }
+    let conv = geometry(&x, &weight, stride, padding);
+    let (x, weight) = (contiguous_f32(&x), contiguous_f32(&weight));
+    let bias = bias.map(|b| contiguous_f32(&b));
+    let out = padded::forward(
+        x.as_slice::<f32>().unwrap(),
+        weight.as_slice::<f32>().unwrap(),
+        bias.as_ref().map(|b| b.as_slice::<f32>().unwrap()),
+        conv,
+        [n, cin, cout],
+    );
+    let [ho, wo] = conv.output();
+    flex_f32(out, [n, cout, ho, wo])
+}
+
+impl StridedConvBackend for Flex {
+    fn conv_strided(
+        x: FlexTensor,
+        weight: FlexTensor,
+        stride: usize,
+        padding: usize,
+    ) -> FlexTensor {
+        flex_forward(x, weight, None, stride, padding)
+    }
+
+    fn conv_strided_bias(
+        x: FlexTensor,
+        weight: FlexTensor,
+        bias: FlexTensor,
+        stride: usize,
+        padding: usize,
+    ) -> FlexTensor {
+        flex_forward(x, weight, Some(bias), stride, padding)
+    }
+
+    fn conv_strided_weight_grad(
+        x: FlexTensor,
+        grad: FlexTensor,
+        weight: FlexTensor,
+        stride: usize,
+        padding: usize,
+    ) -> FlexTensor {
+        let [n, cin, _, _] = dims4(&x);
+        let [cout, _, k, _] = dims4(&weight);
+        if !all_f32(&[&x, &grad]) || !padded::weight_grad_applies(cout) {
+            return Flex::conv2d_weight_backward(x, weight, grad, options(stride, padding));
+        }
+        let conv = geometry(&x, &weight, stride, padding);
+        let (x, grad) = (contiguous_f32(&x), contiguous_f32(&grad));
+        let dw = padded::weight_grad(
+            x.as_slice::<f32>().unwrap(),
+            grad.as_slice::<f32>().unwrap(),
+            conv,
+            [n, cin, cout],
+        );
+        flex_f32(dw, [cout, cin, k, k])
+    }
+
+    fn conv_strided_input_grad(
+        x: FlexTensor,
+        grad: FlexTensor,
+        weight: FlexTensor,
+        stride: usize,
+        padding: usize,
+    ) -> FlexTensor {
+        let [n, cin, h, w] = dims4(&x);
+        let cout = dims4(&weight)[0];
+        if !all_f32(&[&grad, &weight]) || !padded::forward_applies(cin) {
+            return Flex::conv2d_x_backward(x, weight, grad, options(stride, padding));
+        }
+        let conv = geometry(&x, &weight, stride, padding);
+        let (grad, weight) = (contiguous_f32(&grad), contiguous_f32(&weight));
+        let dx = padded::input_grad(
+            grad.as_slice::<f32>().unwrap(),
+            weight.as_slice::<f32>().unwrap(),
+            conv,
+            [n, cin, cout],
+        );
+        flex_f32(dx, [n, cin, h, w])
+    }
+}
+
+/// The stride and padding of a [`StridedConvBackend`] convolution, for [`autodiff::conv`].
+#[derive(Clone, Copy, Debug)]
+struct Strided {
+    stride: usize,
+    padding: usize,
+}
+
+impl<B: StridedConvBackend> ConvGradients<B> for Strided {
+    fn weight_grad(
+        &self,
+        x: FloatTensor<B>,
+        grad: FloatTensor<B>,
+        weight: FloatTensor<B>,
+    ) -> FloatTensor<B> {
+        B::conv_strided_weight_grad(x, grad, weight, self.stride, self.padding)
+    }
+
+    fn input_grad(
+        &self,
+        x: FloatTensor<B>,
+        grad: FloatTensor<B>,
+        weight: FloatTensor<B>,
+    ) -> FloatTensor<B> {
+        B::conv_strided_input_grad(x, grad, weight, self.stride, self.padding)
+    }
+}
+
+impl<B: StridedConvBackend, C: CheckpointStrategy> StridedConvBackend for Autodiff<B, C> {
+    fn conv_strided(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        stride: usize,
+        padding: usize,
+    ) -> FloatTensor<Self> {
+        let kind = Strided { stride, padding };
+        autodiff::conv::<B, C, Strided>(kind, x, weight, None, |x, w, _| {
+            B::conv_strided(x, w, stride, padding)
+        })
+    }
+
+    fn conv_strided_bias(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        stride: usize,
+        padding: usize,
+    ) -> FloatTensor<Self> {
+        let kind = Strided { stride, padding };
+        autodiff::conv::<B, C, Strided>(kind, x, weight, Some(bias), |x, w, b| {
+            B::conv_strided_bias(x, w, b.expect("a bias"), stride, padding)
+        })
+    }
+
+    /// Not differentiable itself; the result is a constant.
+    fn conv_strided_weight_grad(
+        x: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        stride: usize,
+        padding: usize,
+    ) -> FloatTensor<Self> {
+        Self::from_inner(B::conv_strided_weight_grad(
+            x.into_primitive(),
+            grad.into_primitive(),
+            weight.into_primitive(),
+            stride,
+            padding,
+        ))
+    }
+
+    /// Not differentiable itself; the result is a constant.
+    fn conv_strided_input_grad(
+        x: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        stride: usize,
+        padding: usize,
+    ) -> FloatTensor<Self> {
+        Self::from_inner(B::conv_strided_input_grad(
+            x.into_primitive(),
+            grad.into_primitive(),
+            weight.into_primitive(),
+            stride,
+            padding,
+        ))
+    }
+}
+
+/// `(stride, padding)` if `conv` is a square convolution of 2x2 or more with the same stride
+/// along both axes, the same padding on every side (less than the kernel), no dilation and no
+/// groups, and the CPU has the kernels.
+pub(super) fn applies(conv: &Conv2d) -> Option<(usize, usize)> {
+    let padding = match &conv.padding {
+        PaddingConfig2d::Explicit(top, left, bottom, right)
+            if [left, bottom, right].iter().all(|p| *p == top) =>
+        {
+            *top
+        }
+        PaddingConfig2d::Valid => 0,
+        _ => return None,
+    };
+    let [k, kx] = conv.kernel_size;
+    let [s, sx] = conv.stride;
+    let square = k == kx && k >= 2 && s == sx && s >= 1 && padding < k;
+    (square && conv.dilation == [1, 1] && conv.groups == 1 && padded::available())
+        .then_some((s, padding))
+}
+
+/// `conv.forward(x)` through [`StridedConvBackend`], for a convolution that [`applies`] and
+/// flex tensors.
+pub(super) fn conv2d(conv: &Conv2d, x: Tensor<4>, (stride, padding): (usize, usize)) -> Tensor<4> {
+    let weight = conv.weight.val().into_dispatch();
+    let out = match &conv.bias {
+        Some(bias) => <Dispatch as StridedConvBackend>::conv_strided_bias(
+            x.into_dispatch(),
+            weight,
+            bias.val().into_dispatch(),
+            stride,
+            padding,
+        ),
+        None => <Dispatch as StridedConvBackend>::conv_strided(
+            x.into_dispatch(),
+            weight,
+            stride,
+            padding,
+        ),
+    };
+    Tensor::from_dispatch(out)
+}
