@@ -8,9 +8,9 @@
 //! The generated code and the weights (`<name>.bpk`) stay in `OUT_DIR/teachers`. The generated
 //! `Model`s are built with `LoadStrategy::None`: the library constructs them with `new()` and loads
 //! the weights itself through burn-store, checking them against the sha256 recorded here in
-//! `OUT_DIR/teachers/manifest.rs`. The generated code's convolutions are rewritten to call
-//! `kernels::conv3x3::conv2d`, so that the teachers use our CPU kernels (see
-//! `route_convolutions`).
+//! `OUT_DIR/teachers/manifest.rs`. The generated code's convolutions and max pooling are
+//! rewritten to call `kernels::conv3x3::conv2d` and `kernels::pool::max_pool2d`, so that the
+//! teachers use our CPU kernels (see `route_layers`).
 
 use std::{
     env,
@@ -94,7 +94,7 @@ fn import(name: &str, onnx: &Path, out: &Path, listed: Option<String>, manifest:
     let code = out.join(format!("{name}.rs"));
     let generated = fs::read_to_string(&code)
         .unwrap_or_else(|e| panic!("burn-onnx wrote no {}: {e}", code.display()));
-    write_if_changed(&code, &route_convolutions(&generated));
+    write_if_changed(&code, &route_layers(&generated));
     let bpk_len = fs::metadata(&bpk)
         .unwrap_or_else(|e| panic!("burn-onnx wrote no {}: {e}", bpk.display()))
         .len();
@@ -123,25 +123,31 @@ fn import(name: &str, onnx: &Path, out: &Path, listed: Option<String>, manifest:
 }
 
 /// The generated code with every `self.conv2dN.forward(x)` replaced by
-/// `crate::kernels::conv3x3::conv2d(&self.conv2dN, x)`: our CPU kernels for the 3x3 same and
-/// the 1x1 convolutions (with their bias in the same pass), Burn's `Conv2d::forward` for every
-/// other convolution and backend. burn-onnx names its `Conv2d` fields `conv2d<N>`. Idempotent.
-fn route_convolutions(code: &str) -> String {
-    const FIELD: &str = "self.conv2d";
+/// `crate::kernels::conv3x3::conv2d(&self.conv2dN, x)` and every `self.maxpool2dN.forward(x)` by
+/// `crate::kernels::pool::max_pool2d(&self.maxpool2dN, x)`: our CPU kernels for the
+/// convolutions (with their bias in the same pass) and max pooling, Burn's own layers for every
+/// other shape and backend. burn-onnx names these fields `conv2d<N>` and `maxpool2d<N>`.
+/// Idempotent.
+fn route_layers(code: &str) -> String {
+    let code = route(code, "conv2d", "crate::kernels::conv3x3::conv2d");
+    route(&code, "maxpool2d", "crate::kernels::pool::max_pool2d")
+}
+
+/// `code` with `self.<field><N>.forward(` replaced by `<function>(&self.<field><N>, `.
+fn route(code: &str, field: &str, function: &str) -> String {
     const CALL: &str = ".forward(";
+    let field = format!("self.{field}");
     let mut routed = String::with_capacity(code.len() + code.len() / 8);
     let mut rest = code;
-    while let Some(at) = rest.find(FIELD) {
-        let after = &rest[at + FIELD.len()..];
+    while let Some(at) = rest.find(&field) {
+        let after = &rest[at + field.len()..];
         let digits = after.bytes().take_while(u8::is_ascii_digit).count();
         if digits > 0 && after[digits..].starts_with(CALL) {
             routed.push_str(&rest[..at]);
-            routed.push_str("crate::kernels::conv3x3::conv2d(&self.conv2d");
-            routed.push_str(&after[..digits]);
-            routed.push_str(", ");
+            routed.push_str(&format!("{function}(&{field}{}, ", &after[..digits]));
             rest = &after[digits + CALL.len()..];
         } else {
-            routed.push_str(&rest[..at + FIELD.len()]);
+            routed.push_str(&rest[..at + field.len()]);
             rest = after;
         }
     }

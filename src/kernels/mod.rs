@@ -11,6 +11,7 @@ pub mod conv1x1;
 pub mod conv3x3;
 mod direct;
 mod padded;
+pub mod pool;
 pub mod strided;
 
 use burn::backend::{DType, DispatchDevice};

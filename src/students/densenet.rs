@@ -10,6 +10,7 @@ use burn::nn::{BatchNorm, Initializer, Linear, LinearConfig, PaddingConfig2d};
 use burn::prelude::*;
 
 use crate::kernels::conv3x3::conv2d;
+use crate::kernels::pool::max_pool2d;
 
 use super::Activation::Relu;
 use super::{batch_norm_act, norm};
@@ -186,7 +187,7 @@ impl DenseNet121 {
     /// - output: `[N, num_classes]`
     pub fn forward(&self, images: Tensor<4>) -> Tensor<2> {
         let x = batch_norm_act(&self.norm0, self.conv0.forward(images), Relu);
-        let x = self.pool0.forward(x); // [N, 64, H/4, W/4]
+        let x = max_pool2d(&self.pool0, x); // [N, 64, H/4, W/4]
         let x = self.transition1.forward(self.denseblock1.forward(x)); // [N, 128, H/8, W/8]
         let x = self.transition2.forward(self.denseblock2.forward(x)); // [N, 256, H/16, W/16]
         let x = self.transition3.forward(self.denseblock3.forward(x)); // [N, 512, H/32, W/32]

@@ -10,6 +10,7 @@ use burn::prelude::*;
 use burn::tensor::activation::relu;
 
 use crate::kernels::conv3x3::conv2d;
+use crate::kernels::pool::max_pool2d;
 
 use super::Activation::{Identity, Relu};
 use super::{batch_norm_act, norm};
@@ -133,7 +134,7 @@ impl ResNet18 {
     /// - output: `[N, num_classes]`
     pub fn forward(&self, images: Tensor<4>) -> Tensor<2> {
         let x = batch_norm_act(&self.bn1, self.conv1.forward(images), Relu); // [N, 64, H/2, W/2]
-        let mut x = self.maxpool.forward(x); // [N, 64, H/4, W/4]
+        let mut x = max_pool2d(&self.maxpool, x); // [N, 64, H/4, W/4]
         for block in self
             .layer1
             .iter()

@@ -10,6 +10,7 @@ use burn::prelude::*;
 use burn::tensor::activation::relu;
 
 use crate::kernels::conv3x3::conv2d;
+use crate::kernels::pool::max_pool2d;
 
 /// Output widths of the eight convolutions; a 2x2 max-pool follows those marked `true`.
 const FEATURES: [(usize, bool); 8] = [
@@ -103,7 +104,7 @@ impl Vgg11 {
         for (conv, (_, pool)) in self.features.iter().zip(FEATURES) {
             x = relu(conv2d(conv, x));
             if pool {
-                x = self.maxpool.forward(x);
+                x = max_pool2d(&self.maxpool, x);
             }
         }
         let x = self.avgpool.forward(x); // [N, 512, 7, 7]

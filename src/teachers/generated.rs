@@ -50,26 +50,36 @@ pub const TINY_DENSENET_BPK: &[u8] =
 
 #[cfg(test)]
 mod tests {
-    /// build.rs routes every generated convolution through our kernels' entry point.
+    /// build.rs routes every generated convolution and max pooling through our kernels' entry
+    /// points.
     #[test]
-    fn the_generated_convolutions_go_through_our_kernels() {
+    fn the_generated_convolutions_and_pools_go_through_our_kernels() {
+        let mut pools = 0;
         for code in [
             include_str!(concat!(env!("OUT_DIR"), "/teachers/tiny_resnet.rs")),
             include_str!(concat!(env!("OUT_DIR"), "/teachers/tiny_vgg.rs")),
             include_str!(concat!(env!("OUT_DIR"), "/teachers/tiny_densenet.rs")),
         ] {
-            let fields = code.matches(": Conv2d,").count();
-            let routed = code
-                .matches("crate::kernels::conv3x3::conv2d(&self.conv2d")
-                .count();
-            assert!(fields > 0);
-            assert_eq!(
-                routed, fields,
-                "every Conv2d field is called through conv2d"
-            );
-            for i in 1..=fields {
-                assert!(!code.contains(&format!("self.conv2d{i}.forward(")));
+            for (kind, field, function) in [
+                ("Conv2d", "conv2d", "crate::kernels::conv3x3::conv2d"),
+                ("MaxPool2d", "maxpool2d", "crate::kernels::pool::max_pool2d"),
+            ] {
+                let fields = code.matches(&format!(": {kind},")).count();
+                let routed = code.matches(&format!("{function}(&self.{field}")).count();
+                assert_eq!(
+                    routed, fields,
+                    "every {kind} field is called through {function}"
+                );
+                for i in 1..=fields {
+                    assert!(!code.contains(&format!("self.{field}{i}.forward(")));
+                }
+                if kind == "Conv2d" {
+                    assert!(fields > 0);
+                } else {
+                    pools += fields;
+                }
             }
         }
+        assert!(pools > 0, "the tiny teachers have max pooling");
     }
 }
