@@ -15,12 +15,12 @@
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, Linear, LinearConfig, PaddingConfig2d};
 use burn::prelude::*;
+use burn::tensor::DType;
 use burn::tensor::Int;
-use burn::tensor::module::interpolate;
-use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
 
 use crate::Error;
 use crate::kernels::conv3x3::conv2d;
+use crate::kernels::is_flex;
 use crate::students::{Activation, batch_norm_act};
 
 /// Widths from the linear layer's reshape to the image: five up-blocks, each doubling H and W.
@@ -115,14 +115,10 @@ pub struct Decoder {
 /// Burn's `interpolate` computes the same values, but its backward pass is missing on the GPU
 /// backends (wgpu and CUDA panic: "Bilinear interpolation backward is not supported by JIT
 /// backend"); gathers and blends differentiate on every backend.
-/// On the CPU backend, where it differentiates and is faster, Burn's `interpolate` is used.
+/// On the CPU backend, float32 tensors take our kernel ([`crate::kernels::upsample`]).
 pub fn upsample2x(x: Tensor<4>) -> Tensor<4> {
-    let [_, _, height, width] = x.dims();
-    if x.device().inner() == Device::flex() {
-        let options = InterpolateOptions::new(InterpolateMode::Bilinear)
-            .with_align_corners(true)
-            .with_output_size([2 * height, 2 * width]);
-        return interpolate(x, options);
+    if is_flex(&x.device()) && x.dtype() == DType::F32 {
+        return crate::kernels::upsample::upsample2x(x);
     }
     upsample2x_blend(x)
 }
@@ -225,7 +221,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_blended_upsampling_equals_burns_bilinear_interpolation() {
+    fn the_blended_upsampling_equals_the_cpu_kernel() {
         let device = Device::flex();
         device.seed(5);
         for (h, w) in [(1, 1), (2, 3), (7, 7), (5, 12)] {

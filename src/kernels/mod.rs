@@ -13,6 +13,7 @@ mod direct;
 mod padded;
 pub mod pool;
 pub mod strided;
+pub mod upsample;
 
 use burn::backend::{DType, DispatchDevice};
 use burn::prelude::*;
