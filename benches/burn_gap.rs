@@ -9,8 +9,9 @@
 //! distinct layer of the student and the decoder (convolution, batch norm + activation, pooling,
 //! upsampling, linear), forward+backward, weighted by how often one step runs it, in both
 //! frameworks, then the layer kinds sorted by the time each loses against PyTorch. Our side runs
-//! the layers as the models do, with our own CPU kernels where they apply (`src/kernels`: 3x3
-//! same convolutions, batch norm + activation); add `--burn` for Burn's own layers throughout.
+//! the layers as the models do, with our own CPU kernels where they apply (`src/kernels`:
+//! convolutions, batch norm + activation, max pooling, upsampling); add `--burn` for Burn's own
+//! layers throughout.
 //!
 //! ```text
 //! cargo bench --bench burn_gap
@@ -28,6 +29,8 @@ use burn::optim::{AdamConfig, GradientsParams};
 use burn::prelude::*;
 use burn::tensor::Distribution;
 use burn::tensor::activation::{leaky_relu, relu};
+use burn::tensor::module::interpolate;
+use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
 use multi_teacher_ad::decoder::upsample2x;
 use multi_teacher_ad::kernels::conv3x3::conv2d;
 use multi_teacher_ad::kernels::pool::max_pool2d;
@@ -364,11 +367,28 @@ fn time_layer(op: Op, side: usize, ad: &Device, burn_only: bool) -> f64 {
                 .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
                 .init();
             let x = input(vec![n, c, side, side]);
-            timed(|| backward(max_pool2d(&pool, x.clone()), &x))
+            timed(|| {
+                let y = if burn_only {
+                    pool.forward(x.clone())
+                } else {
+                    max_pool2d(&pool, x.clone())
+                };
+                backward(y, &x)
+            })
         }
         Op::Upsample { c } => {
             let x = input(vec![n, c, side, side]);
-            timed(|| backward(upsample2x(x.clone()), &x))
+            timed(|| {
+                let y = if burn_only {
+                    let options = InterpolateOptions::new(InterpolateMode::Bilinear)
+                        .with_align_corners(true)
+                        .with_output_size([2 * side, 2 * side]);
+                    interpolate(x.clone(), options)
+                } else {
+                    upsample2x(x.clone())
+                };
+                backward(y, &x)
+            })
         }
         Op::Linear { inputs, outputs } => {
             let linear = LinearConfig::new(inputs, outputs).init(ad);
