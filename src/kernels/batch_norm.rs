@@ -27,7 +27,7 @@ use burn::prelude::*;
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
-use super::{contiguous_f32, dims4, flex_f32, is_flex};
+use super::{contiguous_f32, dims4, flex_f32, is_flex, unwritten, written};
 
 /// The fused batch norm, on flex and autodiff over flex (float32).
 #[backend_extension(Autodiff, Flex)]
@@ -133,16 +133,25 @@ impl BatchNormBackend for Flex {
         let stats: Vec<(f64, f64)> = (0..c)
             .into_par_iter()
             .map(|ch| {
-                let planes = || (0..n).map(|b| plane(xs, [c, l], b, ch));
-                let sum = |f: &dyn Fn(f32) -> f32| {
-                    planes()
-                        .map(|p| sums3([p, p, p], |v, _, _| f(v), |_, _, _| 0.0).0)
-                        .sum::<f64>()
-                };
-                let mean = sum(&|v| v) / m;
-                let mu = mean as f32;
-                let var = sum(&|v| (v - mu) * (v - mu)) / m;
-                (mean, var)
+                // Sums of (v - pivot) and its square in one pass; the pivot, the mean of the
+                // channel's first values, keeps the difference of squares well conditioned.
+                let first = plane(xs, [c, l], 0, ch);
+                let head = &first[..first.len().min(BLOCK)];
+                let pivot =
+                    (head.iter().map(|&v| v as f64).sum::<f64>() / head.len().max(1) as f64) as f32;
+                let (mut sum, mut squares) = (0.0, 0.0);
+                for b in 0..n {
+                    let p = plane(xs, [c, l], b, ch);
+                    let (s, q) = sums3(
+                        [p, p, p],
+                        |v, _, _| v - pivot,
+                        |v, _, _| (v - pivot) * (v - pivot),
+                    );
+                    sum += s;
+                    squares += q;
+                }
+                let shift = sum / m;
+                (pivot as f64 + shift, (squares / m - shift * shift).max(0.0))
             })
             .collect();
         let affine: Vec<(f32, f32)> = stats
@@ -154,7 +163,7 @@ impl BatchNormBackend for Flex {
             })
             .collect();
         let slope = slope as f32;
-        let mut out = vec![0.0f32; xs.len()];
+        let mut out = unwritten(xs.len());
         if l > 0 {
             out.par_chunks_mut(l)
                 .zip(xs.par_chunks(l))
@@ -165,10 +174,12 @@ impl BatchNormBackend for Flex {
                     let x = &x[..out.len()];
                     for i in 0..out.len() {
                         let y = x[i] * scale + shift;
-                        out[i] = masked(y, y, slope);
+                        out[i].write(masked(y, y, slope));
                     }
                 });
         }
+        // SAFETY: the planes of `l` values cover `out` (empty when `l` is 0).
+        let out = unsafe { written(out) };
         let (means, vars) = stats.iter().map(|&(m, v)| (m as f32, v as f32)).unzip();
         (flex_f32(out, [n, c, h, w]), vector(means), vector(vars))
     }
@@ -227,7 +238,7 @@ impl BatchNormBackend for Flex {
                 (sum_g, sum_gx)
             })
             .collect();
-        let mut dx = vec![0.0f32; xs.len()];
+        let mut dx = unwritten(xs.len());
         if l > 0 {
             dx.par_chunks_mut(l)
                 .enumerate()
@@ -244,10 +255,12 @@ impl BatchNormBackend for Flex {
                     let (x, y, g) = (&x[..dx.len()], &y[..dx.len()], &g[..dx.len()]);
                     for i in 0..dx.len() {
                         let xhat = (x[i] - mu) * inv;
-                        dx[i] = k * (masked(g[i], y[i], slope) - mean_g - xhat * mean_gx);
+                        dx[i].write(k * (masked(g[i], y[i], slope) - mean_g - xhat * mean_gx));
                     }
                 });
         }
+        // SAFETY: the planes of `l` values cover `dx` (empty when `l` is 0).
+        let dx = unsafe { written(dx) };
         let (dbeta, dgamma) = sums.iter().map(|&(g, gx)| (g as f32, gx as f32)).unzip();
         (flex_f32(dx, [n, c, h, w]), vector(dgamma), vector(dbeta))
     }
@@ -487,6 +500,38 @@ mod tests {
                     assert!(err < 2e-5, "{dims:?} slope {slope} {name}: {err}");
                 }
             }
+        }
+    }
+
+    /// Mean and variance against float64 for values 1000 times further from 0 than they spread:
+    /// the single pass sums about a pivot, where sums of squares about 0 would cancel.
+    #[test]
+    fn statistics_hold_far_from_zero() {
+        let device = Device::flex();
+        let [n, c, h, w] = [4, 3, 9, 9];
+        let x = uniform([n, c, h, w], [999.0, 1001.0], 7, &device);
+        let xs = values(x.clone());
+        let ones = Tensor::<1>::ones([c], &device);
+        let (_, mean, var) =
+            batch_norm_act(&x, ones.clone(), ones.zeros_like(), 1e-5, 1.0).unwrap();
+        let (mean, var) = (values(mean), values(var));
+        for ch in 0..c {
+            let channel: Vec<f64> = (0..n)
+                .flat_map(|b| &xs[(b * c + ch) * h * w..][..h * w])
+                .map(|&v| v as f64)
+                .collect();
+            let m = channel.iter().sum::<f64>() / channel.len() as f64;
+            let v = channel.iter().map(|x| (x - m) * (x - m)).sum::<f64>() / channel.len() as f64;
+            assert!(
+                (mean[ch] as f64 - m).abs() < 1e-4,
+                "mean {} vs {m}",
+                mean[ch]
+            );
+            assert!(
+                (var[ch] as f64 - v).abs() < 1e-4 * v,
+                "variance {} vs {v}",
+                var[ch]
+            );
         }
     }
 
