@@ -19,7 +19,11 @@
 //! (for stride 1, one pass with all of them). Used where the CPU has AVX-512 ([`available`]), for
 //! the channel counts of [`forward_applies`] and [`weight_grad_applies`].
 
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
+
+use super::{unwritten, written};
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
@@ -198,7 +202,7 @@ struct Pass<'a> {
 }
 
 /// Writes a pass's computed rows into a job's output.
-type Place<'a> = Box<dyn Fn(&[f32], &mut [f32]) + Sync + 'a>;
+type Place<'a> = Box<dyn Fn(&[f32], &mut [MaybeUninit<f32>]) + Sync + 'a>;
 
 /// Runs `passes` over every (block of 8 output channels, image) of `out` [N, cout, plane] from
 /// `src` [N, cin, stride], each pass starting from `bias` (or zero) and summing every input
@@ -208,7 +212,7 @@ fn run(
     [cin, cout, stride, plane]: [usize; 4],
     bias: Option<&[f32]>,
     passes: &[Pass],
-    out: &mut [f32],
+    out: &mut [MaybeUninit<f32>],
 ) {
     let blocks = cout / CO_BLOCK;
     let taps = passes.iter().map(|p| p.offsets.len()).max().unwrap_or(0);
@@ -216,7 +220,7 @@ fn run(
     // Jobs (block, image), image-major so that each thread reuses an image's planes across the
     // blocks, or block-major where the weights are larger than an image (deep layers), so that it
     // reuses its blocks' weights across the images.
-    let mut jobs: Vec<(usize, usize, &mut [f32])> = out
+    let mut jobs: Vec<(usize, usize, &mut [MaybeUninit<f32>])> = out
         .chunks_mut(CO_BLOCK * plane)
         .enumerate()
         .map(|(i, chunk)| (i % blocks, i / blocks, chunk))
@@ -270,17 +274,14 @@ pub fn forward(
     assert!(bias.is_none_or(|b| b.len() == cout));
     let [ho, wo] = conv.output();
     let plane = ho * wo;
-    let mut out = vec![0.0f32; n * cout * plane];
-    if out.is_empty() {
-        return out;
-    }
-    if cin == 0 {
+    let len = n * cout * plane;
+    if cin == 0 || len == 0 {
         // No input channel: the bias alone (the kernel would leave its buffer unwritten).
-        for (i, plane) in out.chunks_mut(plane).enumerate() {
-            plane.fill(bias.map_or(0.0, |b| b[i % cout]));
-        }
-        return out;
+        return (0..len)
+            .map(|i| bias.map_or(0.0, |b| b[i / plane % cout]))
+            .collect();
     }
+    let mut out = unwritten(len);
     let layout = Layout::input(&conv);
     let src = layout.scatter(&conv, x, n * cin);
     let (row, positions) = (layout.row, layout.positions);
@@ -291,10 +292,10 @@ pub fn forward(
         offsets: layout.offsets,
         positions,
         // Keeps the first `wo` positions of each row of `row`.
-        place: Box::new(move |tmp: &[f32], out: &mut [f32]| {
+        place: Box::new(move |tmp: &[f32], out: &mut [MaybeUninit<f32>]| {
             for (computed, out) in tmp.chunks(positions).zip(out.chunks_mut(plane)) {
                 for (y, line) in out.chunks_mut(wo).enumerate() {
-                    line.copy_from_slice(&computed[y * row..][..wo]);
+                    line.write_copy_of_slice(&computed[y * row..][..wo]);
                 }
             }
         }),
@@ -306,7 +307,8 @@ pub fn forward(
         &[pass],
         &mut out,
     );
-    out
+    // SAFETY: every job's pass writes its 8 planes in full, `wo` values of each of `ho` rows.
+    unsafe { written(out) }
 }
 
 /// The input rows (or columns) `i` of phase `a` whose padded position `s i + a` is in the
@@ -337,9 +339,9 @@ pub fn input_grad(
     let [ho, wo] = conv.output();
     assert_eq!(grad.len(), n * cout * ho * wo);
     let plane = h * w;
-    let mut dx = vec![0.0f32; n * cin * plane];
-    if dx.is_empty() || cout == 0 || ho * wo == 0 {
-        return dx;
+    let len = n * cin * plane;
+    if len == 0 || cout == 0 || ho * wo == 0 {
+        return vec![0.0; len];
     }
     // The gradient padded by `top` rows and `left` columns, so that every tap of every phase
     // reads at a non-negative offset, in rows of `row`.
@@ -385,7 +387,7 @@ pub fn input_grad(
             });
             // Position (ii, jj) of the pass is the input pixel ((i0 + ii) s + a - p, (j0 + jj) s
             // + b - p).
-            let place = move |tmp: &[f32], out: &mut [f32]| {
+            let place = move |tmp: &[f32], out: &mut [MaybeUninit<f32>]| {
                 for (computed, out) in tmp.chunks(positions).zip(out.chunks_mut(plane)) {
                     for ii in 0..ri {
                         let y = (i0 + ii) * s + a - p;
@@ -393,10 +395,10 @@ pub fn input_grad(
                         let x0 = j0 * s + b - p;
                         let dst = &mut out[y * w..(y + 1) * w];
                         if s == 1 {
-                            dst[x0..x0 + cj].copy_from_slice(line);
+                            dst[x0..x0 + cj].write_copy_of_slice(line);
                         } else {
                             for (jj, v) in line.iter().enumerate() {
-                                dst[x0 + jj * s] = *v;
+                                dst[x0 + jj * s].write(*v);
                             }
                         }
                     }
@@ -419,8 +421,18 @@ pub fn input_grad(
                 dst[(y + top) * row + left..][..wo].copy_from_slice(line);
             }
         });
+    // Each phase's pass writes that phase's pixels. With a kernel narrower than the stride, some
+    // phases have no tap, and their pixels a zero gradient.
+    let mut dx = if k >= s {
+        unwritten(len)
+    } else {
+        vec![MaybeUninit::new(0.0); len]
+    };
     run(&padded, [cout, cin, reads, plane], None, &passes, &mut dx);
-    dx
+    // SAFETY: every pixel belongs to one phase (`(y + p) % s`, `(x + p) % s`); with `k >= s`,
+    // each phase has taps, and its pass writes every pixel of the phase (rows and columns of
+    // `phase_range`); the other buffer starts zeroed.
+    unsafe { written(dx) }
 }
 
 /// What a forward block starts its sums from.

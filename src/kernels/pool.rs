@@ -21,7 +21,7 @@ use burn::prelude::*;
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
-use super::{contiguous_f32, dims4, flex_f32, is_flex};
+use super::{contiguous_f32, dims4, flex_f32, is_flex, unwritten, written};
 
 /// The pooling window: kernel, stride and padding (on both sides) per axis, [height, width].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -78,13 +78,11 @@ fn beats(v: f32, best: f32) -> bool {
 /// along the output rows and vectorise, was no faster on the development machine.)
 fn pool(x: &[f32], [planes, h, w]: [usize; 3], window: Window) -> (Vec<f32>, Vec<f32>) {
     let [ho, wo] = window.output(h, w);
-    let (mut out, mut at) = (
-        vec![0.0f32; planes * ho * wo],
-        vec![0.0f32; planes * ho * wo],
-    );
-    if out.is_empty() {
-        return (out, at);
+    let len = planes * ho * wo;
+    if len == 0 {
+        return (Vec::new(), Vec::new());
     }
+    let (mut out, mut at) = (unwritten(len), unwritten(len));
     let [kh, kw] = window.kernel;
     let [sh, sw] = window.stride;
     let [ph, pw] = window.padding;
@@ -114,12 +112,13 @@ fn pool(x: &[f32], [planes, h, w]: [usize; 3], window: Window) -> (Vec<f32>, Vec
                             }
                         }
                     }
-                    out[ox] = best;
-                    at[ox] = best_at as f32;
+                    out[ox].write(best);
+                    at[ox].write(best_at as f32);
                 }
             }
         });
-    (out, at)
+    // SAFETY: every output row of every plane is written, `wo` values each.
+    unsafe { (written(out), written(at)) }
 }
 
 /// `dx` [planes, H, W]: each output's gradient added at its maximum's position.

@@ -18,7 +18,7 @@ use burn::prelude::*;
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
-use super::{contiguous_f32, dims4, flex_f32};
+use super::{contiguous_f32, dims4, flex_f32, unwritten, written};
 
 /// The kernels, on flex and autodiff over flex.
 #[backend_extension(Autodiff, Flex)]
@@ -49,10 +49,11 @@ fn taps(n: usize) -> Vec<(usize, usize, f32)> {
 
 /// Upsamples every plane of `x` [planes, H, W] to [planes, 2H, 2W].
 fn forward(x: &[f32], [planes, h, w]: [usize; 3]) -> Vec<f32> {
-    let mut out = vec![0.0f32; planes * 4 * h * w];
-    if out.is_empty() {
-        return out;
+    let len = planes * 4 * h * w;
+    if len == 0 {
+        return Vec::new();
     }
+    let mut out = unwritten(len);
     let (rows, cols) = (taps(h), taps(w));
     out.par_chunks_mut(4 * h * w)
         .zip(x.par_chunks(h * w))
@@ -65,12 +66,14 @@ fn forward(x: &[f32], [planes, h, w]: [usize; 3]) -> Vec<f32> {
                         *b = a + (c - a) * wy;
                     }
                     for (o, &(x0, x1, wx)) in line.iter_mut().zip(&cols) {
-                        *o = blend[x0] + (blend[x1] - blend[x0]) * wx;
+                        o.write(blend[x0] + (blend[x1] - blend[x0]) * wx);
                     }
                 }
             },
         );
-    out
+    // SAFETY: each plane's `2 H` rows of `2 W` values are written (one tap pair per row and
+    // column).
+    unsafe { written(out) }
 }
 
 /// The input gradient [planes, H, W] from `grad` [planes, 2H, 2W].
