@@ -30,8 +30,11 @@ use std::arch::x86_64::*;
 
 /// Output channels per forward block.
 const CO_BLOCK: usize = 8;
-/// Positions per forward block: two vectors of 16.
+/// Positions per forward block: two vectors of 16, or three where the positions are a multiple
+/// of 48 (24 sums in registers: fewer loads per multiply-add, about 10% faster on the development
+/// machine's planes of 56x56 and more).
 const PX_BLOCK: usize = 32;
+const WIDE_BLOCK: usize = 48;
 /// Input channels per pass of the forward kernel over an image.
 const CI_CHUNK: usize = 16;
 /// Taps per pass of the weight-gradient kernel.
@@ -110,9 +113,18 @@ struct Layout {
     offsets: Vec<usize>,
 }
 
-/// `len` rounded up to whole blocks of positions.
+/// `len` rounded up to whole blocks of positions: of 48 unless that computes over 10% more
+/// positions than blocks of 32 (small planes: 7x7 is 64 positions as 2 x 32, 96 as 2 x 48).
 fn blocks_of(len: usize) -> usize {
-    len.div_ceil(PX_BLOCK) * PX_BLOCK
+    let (narrow, wide) = (
+        len.div_ceil(PX_BLOCK) * PX_BLOCK,
+        len.div_ceil(WIDE_BLOCK) * WIDE_BLOCK,
+    );
+    if wide * 10 <= narrow * 11 {
+        wide
+    } else {
+        narrow
+    }
 }
 
 impl Layout {
@@ -129,7 +141,7 @@ impl Layout {
             })
             .collect();
         let positions = blocks_of(conv.output()[0] * wp);
-        // Reads reach `position + offset + 31` for the last block of positions.
+        // Reads reach `position + offset + 47` (or 31) for the last block of positions.
         let reach = positions + offsets.iter().max().copied().unwrap_or(0);
         Self {
             stride: (s * s * phase).max(reach),
@@ -248,7 +260,27 @@ fn run(
                     };
                     // SAFETY: `forward_applies` checked AVX-512.
                     unsafe {
-                        forward_block(x, wb, tmp, len, start_with, &pass.offsets, geometry);
+                        if pass.positions.is_multiple_of(WIDE_BLOCK) {
+                            forward_block::<3>(
+                                x,
+                                wb,
+                                tmp,
+                                len,
+                                start_with,
+                                &pass.offsets,
+                                geometry,
+                            );
+                        } else {
+                            forward_block::<2>(
+                                x,
+                                wb,
+                                tmp,
+                                len,
+                                start_with,
+                                &pass.offsets,
+                                geometry,
+                            );
+                        }
                     }
                 }
                 (pass.place)(tmp, out);
@@ -447,10 +479,11 @@ enum Start<'a> {
 
 /// One block of 8 output channels of one image: `out` [8, positions] (= or +=, see [`Start`])
 /// from `cin` channels of `x` [cin, stride] and the block's packed weights for them [cin, taps,
-/// 8], position `q` of a channel reading `x[q + offsets[t]]` for tap `t`.
+/// 8], position `q` of a channel reading `x[q + offsets[t]]` for tap `t`; `V` vectors of 16
+/// positions at a time.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn forward_block(
+unsafe fn forward_block<const V: usize>(
     x: &[f32],
     weight: &[f32],
     out: &mut [f32],
@@ -461,25 +494,25 @@ unsafe fn forward_block(
 ) {
     let taps = offsets.len();
     assert!(x.len() >= cin * stride && weight.len() >= cin * taps * CO_BLOCK);
-    assert!(out.len() >= CO_BLOCK * positions && positions.is_multiple_of(PX_BLOCK));
+    assert!(out.len() >= CO_BLOCK * positions && positions.is_multiple_of(16 * V));
     assert!(offsets.iter().all(|o| positions + o <= stride));
     let (xp, wp, op) = (x.as_ptr(), weight.as_ptr(), out.as_mut_ptr());
-    for q in (0..positions).step_by(PX_BLOCK) {
-        // SAFETY: q + offset + 31 < positions + offset <= stride (asserted), so the loads stay
-        // in channel ci; the stores stay in row j of `out`.
+    for q in (0..positions).step_by(16 * V) {
+        // SAFETY: q + offset + 16 V - 1 < positions + offset <= stride (asserted), so the loads
+        // stay in channel ci; the stores stay in row j of `out`.
         unsafe {
-            let mut acc = [[_mm512_setzero_ps(); 2]; CO_BLOCK];
+            let mut acc = [[_mm512_setzero_ps(); V]; CO_BLOCK];
             match start {
                 Start::Zero => {}
                 Start::Bias(bias) => {
                     for (acc, b) in acc.iter_mut().zip(bias) {
-                        *acc = [_mm512_set1_ps(*b); 2];
+                        *acc = [_mm512_set1_ps(*b); V];
                     }
                 }
                 Start::Accumulate => {
                     for (j, acc) in acc.iter_mut().enumerate() {
                         let o = op.add(j * positions + q);
-                        *acc = [_mm512_loadu_ps(o), _mm512_loadu_ps(o.add(16))];
+                        *acc = std::array::from_fn(|v| _mm512_loadu_ps(o.add(16 * v)));
                     }
                 }
             }
@@ -487,19 +520,21 @@ unsafe fn forward_block(
                 let xc = xp.add(ci * stride + q);
                 let wc = wp.add(ci * taps * CO_BLOCK);
                 for (t, offset) in offsets.iter().enumerate() {
-                    let x0 = _mm512_loadu_ps(xc.add(*offset));
-                    let x1 = _mm512_loadu_ps(xc.add(*offset + 16));
+                    let xv: [__m512; V] =
+                        std::array::from_fn(|v| _mm512_loadu_ps(xc.add(*offset + 16 * v)));
                     for (j, acc) in acc.iter_mut().enumerate() {
                         let wv = _mm512_set1_ps(*wc.add(t * CO_BLOCK + j));
-                        acc[0] = _mm512_fmadd_ps(wv, x0, acc[0]);
-                        acc[1] = _mm512_fmadd_ps(wv, x1, acc[1]);
+                        for (acc, xv) in acc.iter_mut().zip(&xv) {
+                            *acc = _mm512_fmadd_ps(wv, *xv, *acc);
+                        }
                     }
                 }
             }
             for (j, acc) in acc.iter().enumerate() {
                 let o = op.add(j * positions + q);
-                _mm512_storeu_ps(o, acc[0]);
-                _mm512_storeu_ps(o.add(16), acc[1]);
+                for (v, acc) in acc.iter().enumerate() {
+                    _mm512_storeu_ps(o.add(16 * v), *acc);
+                }
             }
         }
     }
@@ -625,7 +660,7 @@ unsafe fn weight_grad_pair(
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn forward_block(
+unsafe fn forward_block<const V: usize>(
     _: &[f32],
     _: &[f32],
     _: &mut [f32],
