@@ -587,6 +587,8 @@ mod tests {
             (8, 16, 8, 12, 12),
             (3, 32, 32, 7, 7),
             (2, 4, 8, 56, 57),
+            // Enough input channels for the strided gradients' patch matrices.
+            (2, 128, 8, 6, 6),
         ] {
             // 3x3 same and 1x1 convolutions, with and without a bias.
             for (k, stride, padding, bias) in [

@@ -2,7 +2,7 @@
 //! and backward, through the direct kernels of [`super::padded`]: the 3x3 stride-2 convolutions
 //! of the resnets and the 7x7 stride-2 stems of the resnets and densenets. The weight gradient
 //! of convolutions with many input channels is instead one matrix product over a patch matrix
-//! ([`PATCH_ROWS`]).
+//! ([`PATCH_ROWS`]), and so is their input gradient on small outputs ([`PATCH_PLANE`]).
 //!
 //! Burn's CPU backend (flex) runs these as im2col + matrix products, with the gradients as a
 //! transposed convolution and a convolution whose kernel is the output gradient: the stride-2
@@ -27,12 +27,83 @@ use super::padded::{self, Conv};
 use super::{contiguous_f32, dims4, flex_f32, unwritten, written};
 use rayon::prelude::*;
 
+/// `grad` [N, C, plane] as [C, N plane]: each channel's planes side by side.
+fn channel_rows(grad: &[f32], channels: usize, plane: usize) -> Vec<f32> {
+    let columns = grad.len() / channels;
+    let mut rows = unwritten(grad.len());
+    rows.par_chunks_mut(columns)
+        .enumerate()
+        .for_each(|(c, row)| {
+            for (b, part) in row.chunks_mut(plane).enumerate() {
+                part.write_copy_of_slice(&grad[(b * channels + c) * plane..][..plane]);
+            }
+        });
+    // SAFETY: each row of `columns` values is N copied planes.
+    unsafe { written(rows) }
+}
+
+/// The input gradient through the patch matrix: `P = W^T dY` [Cin k k, N Ho Wo] (one matrix
+/// product over the batch), then each patch value added back at its input pixel (the adjoint of
+/// [`patches_weight_grad`]'s patches).
+fn patches_input_grad(
+    grad: &[f32],
+    weight: &[f32],
+    conv: Conv,
+    [n, cin, cout]: [usize; 3],
+) -> Vec<f32> {
+    let Conv { k, s, p, h, w } = conv;
+    let [ho, wo] = conv.output();
+    let (plane, taps) = (ho * wo, k * k);
+    let (rows, columns) = (cin * taps, n * plane);
+    let mut dx = vec![0.0f32; n * cin * h * w];
+    if rows == 0 || columns == 0 || cout == 0 {
+        return dx;
+    }
+    let dy = channel_rows(grad, cout, plane);
+    let mut patches = vec![0.0f32; rows * columns];
+    matmul(
+        [rows, columns, cout],
+        &mut patches,
+        false,
+        weight,
+        [1, rows],
+        &dy,
+        [columns, 1],
+        true,
+    );
+    dx.par_chunks_mut(h * w).enumerate().for_each(|(i, dx)| {
+        let (b, c) = (i / cin, i % cin);
+        for t in 0..taps {
+            let (ky, kx) = (t / k, t % k);
+            let row = &patches[(c * taps + t) * columns + b * plane..][..plane];
+            for (oy, line) in row.chunks(wo).enumerate() {
+                let Some(iy) = (oy * s + ky).checked_sub(p).filter(|&iy| iy < h) else {
+                    continue;
+                };
+                for (ox, v) in line.iter().enumerate() {
+                    if let Some(ix) = (ox * s + kx).checked_sub(p).filter(|&ix| ix < w) {
+                        dx[iy * w + ix] += v;
+                    }
+                }
+            }
+        }
+    });
+    dx
+}
+
 /// From this many rows of the patch matrix (`Cin k k`) on, the weight gradient is one matrix
 /// product ([`patches_weight_grad`]) rather than the padded kernel's sum over the pixels. On the
 /// development machine (batch 8, two runs each): 256->512 channels at 14x14 12.5-14.4 ms against
 /// 32-36, 128->256 at 28x28 17-30 against 35-55, 64->128 at 56x56 (576 rows) 25-38 against 28-32,
 /// and the 7x7 stems (147 rows) 181-212 against 46.
 const PATCH_ROWS: usize = 1024;
+
+/// Below this many output pixels (and from [`PATCH_ROWS`] on), the input gradient goes through
+/// the patch matrix ([`patches_input_grad`]) rather than the padded kernel once per phase, whose
+/// passes are short there. On the development machine (batch 8, two runs each): 256->512 at
+/// 14x14 (7x7 out) 16-19 ms against 32; 128->256 at 28x28 (14x14 out) 18-19 against 18-19,
+/// 64->128 at 56x56 26-27 against 14-16.
+const PATCH_PLANE: usize = 14 * 14;
 
 /// The weight gradient as one matrix product over the batch, `dW [Cout, Cin k k] = dY [Cout, N
 /// Ho Wo] x P^T`, with `P` [Cin k k, N Ho Wo] the patches of every output pixel (zero outside
@@ -76,17 +147,7 @@ fn patches_weight_grad(
         });
     // SAFETY: every (channel, tap) row has `columns` values, each written above.
     let patches = unsafe { written(patches) };
-    // dY as [Cout, N Ho Wo].
-    let mut dy = unwritten(cout * columns);
-    dy.par_chunks_mut(columns)
-        .enumerate()
-        .for_each(|(co, row)| {
-            for (b, part) in row.chunks_mut(plane).enumerate() {
-                part.write_copy_of_slice(&grad[(b * cout + co) * plane..][..plane]);
-            }
-        });
-    // SAFETY: each row of `columns` values is N copied planes of `Ho Wo`.
-    let dy = unsafe { written(dy) };
+    let dy = channel_rows(grad, cout, plane);
     matmul(
         [cout, rows, columns],
         &mut dw,
@@ -244,6 +305,16 @@ impl StridedConvBackend for Flex {
         }
         let conv = geometry(&x, &weight, stride, padding);
         let (grad, weight) = (contiguous_f32(&grad), contiguous_f32(&weight));
+        let [ho, wo] = conv.output();
+        if cin * conv.k * conv.k >= PATCH_ROWS && ho * wo < PATCH_PLANE {
+            let dx = patches_input_grad(
+                grad.as_slice::<f32>().unwrap(),
+                weight.as_slice::<f32>().unwrap(),
+                conv,
+                [n, cin, cout],
+            );
+            return flex_f32(dx, [n, cin, h, w]);
+        }
         let dx = padded::input_grad(
             grad.as_slice::<f32>().unwrap(),
             weight.as_slice::<f32>().unwrap(),
@@ -395,10 +466,11 @@ mod tests {
             .collect()
     }
 
-    /// The patch-matrix weight gradient against Burn's (`conv2d_weight_backward`): kernels,
-    /// strides and paddings of the models and odd ones, on single pixels and odd shapes.
+    /// The patch-matrix gradients against Burn's (`conv2d_weight_backward`,
+    /// `conv2d_x_backward`): kernels, strides and paddings of the models and odd ones, on single
+    /// pixels and odd shapes.
     #[test]
-    fn patch_weight_gradient_matches_burns() {
+    fn patch_gradients_match_burns() {
         for (k, s, p) in [
             (3, 2, 1),
             (3, 1, 1),
@@ -420,10 +492,24 @@ mod tests {
                 }
                 let x = values(n * cin * h * w, 1);
                 let grad = values(n * cout * ho * wo, 2);
+                let weight = values(cout * cin * k * k, 3);
                 let got = patches_weight_grad(&x, &grad, conv, [n, cin, cout]);
                 let want = Flex::conv2d_weight_backward(
-                    flex_f32(x, [n, cin, h, w]),
+                    flex_f32(x.clone(), [n, cin, h, w]),
                     FlexTensor::zeros(Shape::from(vec![cout, cin, k, k]), DType::F32),
+                    flex_f32(grad.clone(), [n, cout, ho, wo]),
+                    options(s, p),
+                );
+                let want = contiguous_f32(&want).as_slice::<f32>().unwrap().to_vec();
+                let err = relative_error(&want, &got, 1e-6);
+                assert!(
+                    err < 1e-5,
+                    "dw {k}x{k}/{s} pad {p}, {n}x{cin}->{cout} {h}x{w}: {err}"
+                );
+                let got = patches_input_grad(&grad, &weight, conv, [n, cin, cout]);
+                let want = Flex::conv2d_x_backward(
+                    flex_f32(x, [n, cin, h, w]),
+                    flex_f32(weight, [cout, cin, k, k]),
                     flex_f32(grad, [n, cout, ho, wo]),
                     options(s, p),
                 );
@@ -431,7 +517,7 @@ mod tests {
                 let err = relative_error(&want, &got, 1e-6);
                 assert!(
                     err < 1e-5,
-                    "{k}x{k}/{s} pad {p}, {n}x{cin}->{cout} {h}x{w}: {err}"
+                    "dx {k}x{k}/{s} pad {p}, {n}x{cin}->{cout} {h}x{w}: {err}"
                 );
             }
         }
