@@ -213,6 +213,9 @@ struct Pass<'a> {
     place: Place<'a>,
 }
 
+/// [`forward_block`] with 2 or 3 vectors of positions.
+type Kernel = unsafe fn(&[f32], &[f32], &mut [f32], usize, Start, &[usize], [usize; 2]);
+
 /// Writes a pass's computed rows into a job's output.
 type Place<'a> = Box<dyn Fn(&[f32], &mut [MaybeUninit<f32>]) + Sync + 'a>;
 
@@ -248,6 +251,11 @@ fn run(
                 let taps = pass.offsets.len();
                 let wb = &pass.packed[block * cin * taps * CO_BLOCK..][..cin * taps * CO_BLOCK];
                 let geometry = [pass.positions, stride];
+                let kernel: Kernel = if pass.positions.is_multiple_of(WIDE_BLOCK) {
+                    forward_block::<3>
+                } else {
+                    forward_block::<2>
+                };
                 // In chunks of input channels whose windows stay in the L1 cache.
                 for start in (0..cin).step_by(CI_CHUNK) {
                     let len = CI_CHUNK.min(cin - start);
@@ -259,29 +267,7 @@ fn run(
                         _ => Start::Accumulate,
                     };
                     // SAFETY: `forward_applies` checked AVX-512.
-                    unsafe {
-                        if pass.positions.is_multiple_of(WIDE_BLOCK) {
-                            forward_block::<3>(
-                                x,
-                                wb,
-                                tmp,
-                                len,
-                                start_with,
-                                &pass.offsets,
-                                geometry,
-                            );
-                        } else {
-                            forward_block::<2>(
-                                x,
-                                wb,
-                                tmp,
-                                len,
-                                start_with,
-                                &pass.offsets,
-                                geometry,
-                            );
-                        }
-                    }
+                    unsafe { kernel(x, wb, tmp, len, start_with, &pass.offsets, geometry) }
                 }
                 (pass.place)(tmp, out);
             }
