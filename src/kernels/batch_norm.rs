@@ -135,7 +135,7 @@ impl BatchNormBackend for Flex {
             .map(|ch| {
                 // Sums of (v - pivot) and its square in one pass; the pivot, the mean of the
                 // channel's first values, keeps the difference of squares well conditioned.
-                let first = plane(xs, [c, l], 0, ch);
+                let first = if n > 0 { plane(xs, [c, l], 0, ch) } else { &[] };
                 let head = &first[..first.len().min(BLOCK)];
                 let pivot =
                     (head.iter().map(|&v| v as f64).sum::<f64>() / head.len().max(1) as f64) as f32;
@@ -533,6 +533,10 @@ mod tests {
                 var[ch]
             );
         }
+        // An empty batch: no pivot to take, an empty output.
+        let empty = Tensor::<4>::zeros([0, c, h, w], &device);
+        let (y, _, _) = batch_norm_act(&empty, ones.clone(), ones.zeros_like(), 1e-5, 1.0).unwrap();
+        assert_eq!(y.dims(), [0, c, h, w]);
     }
 
     #[test]
