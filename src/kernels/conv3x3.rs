@@ -34,7 +34,7 @@ use rayon::prelude::*;
 
 use super::autodiff::{self, ConvGradients};
 use super::padded::{self, Conv};
-use super::{contiguous_f32, dims4, direct, flex_f32, is_flex};
+use super::{channel_rows, contiguous_f32, dims4, direct, flex_f32, is_flex};
 
 /// Whether the weight gradient is the padded kernel's sum over the pixels rather than im2col and
 /// one matrix product per few images: for images of 28x28 and more with few channels. Measured
@@ -327,25 +327,19 @@ impl Conv3x3Backend for Flex {
         let chunks = chunks(n, hw);
         let parallel = parallel_chunks(chunks.len());
         // dW [Cout, 9 Cin] += dY [Cout, images x HW] x cols^T [images x HW, 9 Cin], per chunk.
-        let run = |(mut dw, mut cols, mut dy): (Vec<f32>, Vec<f32>, Vec<f32>),
-                   images: &std::ops::Range<usize>| {
+        let run = |(mut dw, mut cols): (Vec<f32>, Vec<f32>), images: &std::ops::Range<usize>| {
             if hw == 0 {
-                return (dw, cols, dy);
+                return (dw, cols);
             }
             chunk_cols(xs, [cin, h, w], images, &mut cols);
             let columns = images.len() * hw;
             let g = &gs[images.start * cout * hw..images.end * cout * hw];
+            let reordered;
             let lhs = if images.len() == 1 {
                 g
             } else {
-                // [images, Cout, HW] -> [Cout, images x HW]
-                dy.resize(cout * columns, 0.0);
-                for (i, image) in g.chunks(cout * hw).enumerate() {
-                    for (co, plane) in image.chunks(hw).enumerate() {
-                        dy[co * columns + i * hw..][..hw].copy_from_slice(plane);
-                    }
-                }
-                &dy[..]
+                reordered = channel_rows(g, cout, hw);
+                &reordered[..]
             };
             let shape = [cout, k, columns];
             matmul(
@@ -358,14 +352,14 @@ impl Conv3x3Backend for Flex {
                 [1, columns],
                 !parallel,
             );
-            (dw, cols, dy)
+            (dw, cols)
         };
-        let buffers = || (vec![0.0f32; cout * k], Vec::new(), Vec::new());
+        let buffers = || (vec![0.0f32; cout * k], Vec::new());
         let dw = if parallel {
             chunks
                 .par_iter()
                 .fold(buffers, run)
-                .map(|(dw, _, _)| dw)
+                .map(|(dw, _)| dw)
                 .reduce(
                     || vec![0.0f32; cout * k],
                     |mut a, b| {

@@ -17,6 +17,8 @@ pub mod upsample;
 
 use std::mem::MaybeUninit;
 
+use rayon::prelude::*;
+
 use burn::backend::{DType, DispatchDevice};
 use burn::prelude::*;
 use burn_flex::{FlexTensor, Layout};
@@ -69,6 +71,25 @@ unsafe fn written(buffer: Vec<MaybeUninit<f32>>) -> Vec<f32> {
     let (pointer, len, capacity) = (buffer.as_mut_ptr(), buffer.len(), buffer.capacity());
     // SAFETY: same allocation, layout and length; the caller wrote every value.
     unsafe { Vec::from_raw_parts(pointer.cast::<f32>(), len, capacity) }
+}
+
+/// `grad` [N, C, plane] as [C, N plane]: each channel's planes side by side (the left operand
+/// of a weight gradient's matrix product over several images).
+fn channel_rows(grad: &[f32], channels: usize, plane: usize) -> Vec<f32> {
+    if grad.is_empty() {
+        return Vec::new();
+    }
+    let columns = grad.len() / channels;
+    let mut rows = unwritten(grad.len());
+    rows.par_chunks_mut(columns)
+        .enumerate()
+        .for_each(|(c, row)| {
+            for (b, part) in row.chunks_mut(plane).enumerate() {
+                part.write_copy_of_slice(&grad[(b * channels + c) * plane..][..plane]);
+            }
+        });
+    // SAFETY: each row of `columns` values is N copied planes.
+    unsafe { written(rows) }
 }
 
 fn flex_f32(values: Vec<f32>, dims: [usize; 4]) -> FlexTensor {

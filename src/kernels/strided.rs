@@ -24,23 +24,8 @@ use burn_flex::FlexTensor;
 use super::autodiff::{self, ConvGradients};
 use super::conv3x3::matmul;
 use super::padded::{self, Conv};
-use super::{contiguous_f32, dims4, flex_f32, unwritten, written};
+use super::{channel_rows, contiguous_f32, dims4, flex_f32, unwritten, written};
 use rayon::prelude::*;
-
-/// `grad` [N, C, plane] as [C, N plane]: each channel's planes side by side.
-fn channel_rows(grad: &[f32], channels: usize, plane: usize) -> Vec<f32> {
-    let columns = grad.len() / channels;
-    let mut rows = unwritten(grad.len());
-    rows.par_chunks_mut(columns)
-        .enumerate()
-        .for_each(|(c, row)| {
-            for (b, part) in row.chunks_mut(plane).enumerate() {
-                part.write_copy_of_slice(&grad[(b * channels + c) * plane..][..plane]);
-            }
-        });
-    // SAFETY: each row of `columns` values is N copied planes.
-    unsafe { written(rows) }
-}
 
 /// The input gradient through the patch matrix: `P = W^T dY` [Cin k k, N Ho Wo] (one matrix
 /// product over the batch), then each patch value added back at its input pixel (the adjoint of
