@@ -3,7 +3,7 @@
 //! way in the same run: a 1024x1024 matmul, a 3x3 convolution of a resnet18 layer (64 channels at
 //! 56x56) and one of the decoder's last block (8 channels at 224x224), forward and
 //! forward+backward, batch norm (Burn's layer) + leaky ReLU, leaky ReLU and a sum alone, and an
-//! Adam step.
+//! Adam step (ours, `training::adam`, as training runs it).
 //!
 //! With `--layers`, a per-layer profile of the resnet18 training step at 224x224, batch 8: every
 //! distinct layer of the student and the decoder (convolution, batch norm + activation, pooling,
@@ -25,7 +25,7 @@ use std::time::Instant;
 use burn::nn::conv::Conv2dConfig;
 use burn::nn::pool::MaxPool2dConfig;
 use burn::nn::{BatchNormConfig, LinearConfig, PaddingConfig2d};
-use burn::optim::{AdamConfig, GradientsParams};
+use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::tensor::Distribution;
 use burn::tensor::activation::{leaky_relu, relu};
@@ -35,6 +35,7 @@ use multi_teacher_ad::decoder::upsample2x;
 use multi_teacher_ad::kernels::conv3x3::conv2d;
 use multi_teacher_ad::kernels::pool::max_pool2d;
 use multi_teacher_ad::students::{Activation, batch_norm, batch_norm_act};
+use multi_teacher_ad::training::adam::Adam;
 use serde_json::json;
 
 const WARMUP: usize = 1;
@@ -132,9 +133,10 @@ fn main() {
     ));
 
     // Adam over 12.25M parameters (resnet18 + the decoder at 32x32 have 12.3M): one linear
-    // layer with a batch of one, so that the step dominates the forward and backward passes.
+    // layer with a batch of one, so that the step dominates the forward and backward passes. Our
+    // Adam (`training::adam`), as a training run steps.
     let mut linear = Some(LinearConfig::new(3500, 3500).with_bias(false).init(&ad));
-    let mut optim = AdamConfig::new().init();
+    let mut optim = Adam::module_optimizer();
     let row: Tensor<2> = Tensor::random([1, 3500], Distribution::Default, &ad);
     ours.push((
         "adam/12.25M-params/forward+backward+step".into(),

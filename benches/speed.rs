@@ -20,7 +20,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use burn::optim::AdamConfig;
 use burn::prelude::*;
 use burn::tensor::Distribution;
 use burn::train::TrainStep;
@@ -29,6 +28,7 @@ use multi_teacher_ad::data::demo::{DemoSpec, write_demo_dataset};
 use multi_teacher_ad::device::{DeviceChoice, select_device};
 use multi_teacher_ad::students::StudentKind;
 use multi_teacher_ad::teachers::{Teacher, TeacherFamily, TeacherId, TeacherSize, WeightsLocation};
+use multi_teacher_ad::training::adam::Adam;
 use multi_teacher_ad::training::model::{InputBatch, MtadModel, MtadModelConfig};
 use multi_teacher_ad::training::run::{TrainRequest, prepare};
 
@@ -161,7 +161,7 @@ fn student_cases(args: &Args, device: &Device, out: &mut Vec<Timing>) {
             let ad = device.clone().autodiff();
             ad.seed(1);
             let mut model = Some(MtadModelConfig::new(kind, s, 3).init(&ad).unwrap());
-            let mut optim = AdamConfig::new().init();
+            let mut optim = Adam::module_optimizer();
             let images = Tensor::random([batch, 3, s, s], Distribution::Uniform(-1.0, 1.0), &ad);
             let teachers = Tensor::random([batch, 3, 1000], Distribution::Default, &ad);
             let ips = time(batch, args.warmup, args.iters, || {

@@ -25,13 +25,13 @@ use std::time::Instant;
 
 use burn::data::dataloader::{DataLoader, DataLoaderBuilder};
 use burn::module::Module;
-use burn::optim::AdamConfig;
 use burn::prelude::*;
 use burn::train::metric::LossMetric;
 use burn::train::{Learner, SupervisedTraining, TrainingStrategy};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use super::adam::Adam;
 use super::artifact::{ARTIFACT_FILE, Artifact, NormalScores};
 use super::cache::{CacheOutcome, EmbeddingCache, cache_key};
 use super::inputs::{
@@ -1109,7 +1109,7 @@ impl Prepared {
         training_device.seed(mix(c.seed, class as u64, 3));
         let model = MtadModelConfig::new(c.student, c.image_size, c.teacher_names.len())
             .init(&training_device)?;
-        let optimizer = AdamConfig::new().init();
+        let optimizer = Adam::module_optimizer();
         let result = training.launch(Learner::new(model, optimizer, c.lr));
         if let Some(e) = failure.take() {
             return Err(e);
