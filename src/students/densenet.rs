@@ -99,9 +99,7 @@ impl DenseLayer {
 
     /// `[N, C, H, W]` (all previous features, concatenated) -> `[N, GROWTH_RATE, H, W]`.
     pub fn forward(&self, features: Tensor<4>) -> Tensor<4> {
-        let x = self
-            .conv1
-            .forward(batch_norm_act(&self.norm1, features, Relu));
+        let x = conv2d(&self.conv1, batch_norm_act(&self.norm1, features, Relu));
         conv2d(&self.conv2, batch_norm_act(&self.norm2, x, Relu))
     }
 }
@@ -136,7 +134,7 @@ impl Transition {
 
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         self.pool
-            .forward(self.conv.forward(batch_norm_act(&self.norm, x, Relu)))
+            .forward(conv2d(&self.conv, batch_norm_act(&self.norm, x, Relu)))
     }
 }
 
@@ -186,7 +184,7 @@ impl DenseNet121 {
     /// - `images`: `[N, 3, H, W]`
     /// - output: `[N, num_classes]`
     pub fn forward(&self, images: Tensor<4>) -> Tensor<2> {
-        let x = batch_norm_act(&self.norm0, self.conv0.forward(images), Relu);
+        let x = batch_norm_act(&self.norm0, conv2d(&self.conv0, images), Relu);
         let x = max_pool2d(&self.pool0, x); // [N, 64, H/4, W/4]
         let x = self.transition1.forward(self.denseblock1.forward(x)); // [N, 128, H/8, W/8]
         let x = self.transition2.forward(self.denseblock2.forward(x)); // [N, 256, H/16, W/16]

@@ -85,7 +85,7 @@ impl BasicBlock {
 
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let identity = match &self.downsample {
-            Some(down) => batch_norm_act(&down.bn, down.conv.forward(x.clone()), Identity),
+            Some(down) => batch_norm_act(&down.bn, conv2d(&down.conv, x.clone()), Identity),
             None => x.clone(),
         };
         let out = batch_norm_act(&self.bn1, conv2d(&self.conv1, x), Relu);
@@ -133,7 +133,7 @@ impl ResNet18 {
     /// - `images`: `[N, 3, H, W]`
     /// - output: `[N, num_classes]`
     pub fn forward(&self, images: Tensor<4>) -> Tensor<2> {
-        let x = batch_norm_act(&self.bn1, self.conv1.forward(images), Relu); // [N, 64, H/2, W/2]
+        let x = batch_norm_act(&self.bn1, conv2d(&self.conv1, images), Relu); // [N, 64, H/2, W/2]
         let mut x = max_pool2d(&self.maxpool, x); // [N, 64, H/4, W/4]
         for block in self
             .layer1
