@@ -105,6 +105,26 @@ impl Optimizer for Adam {
         grad: Tensor<D>,
         state: Option<Self::State<D>>,
     ) -> (Tensor<D>, Option<Self::State<D>>) {
+        let fuse = fusable(&tensor, &grad, state.as_ref());
+        self.step_on(lr, tensor, grad, state, fuse)
+    }
+
+    fn to_device<const D: usize>(mut state: Self::State<D>, device: &Device) -> Self::State<D> {
+        state.momentum = state.momentum.to_device(device);
+        state
+    }
+}
+
+impl Adam {
+    /// One step, through [`fused`] or through [`tensor_ops`].
+    fn step_on<const D: usize>(
+        &self,
+        lr: LearningRate,
+        tensor: Tensor<D>,
+        grad: Tensor<D>,
+        state: Option<AdamState<D>>,
+        fuse: bool,
+    ) -> (Tensor<D>, Option<AdamState<D>>) {
         let (time, m, v) = match state {
             Some(state) => {
                 let momentum = state.momentum;
@@ -114,7 +134,7 @@ impl Optimizer for Adam {
         };
         let time = time + 1;
         let factors = Factors::new(self, lr, time);
-        let (tensor, m, v) = if fusable(&[&tensor, &grad, &m, &v]) {
+        let (tensor, m, v) = if fuse {
             fused(factors, tensor, grad, m, v)
         } else {
             tensor_ops(factors, tensor, grad, m, v)
@@ -122,19 +142,20 @@ impl Optimizer for Adam {
         let momentum = AdaptiveMomentumState::new(time, m, v);
         (tensor, Some(AdamState::new(momentum)))
     }
-
-    fn to_device<const D: usize>(mut state: Self::State<D>, device: &Device) -> Self::State<D> {
-        state.momentum = state.momentum.to_device(device);
-        state
-    }
 }
 
-/// Whether all of `tensors` are float32 on flex, of one shape.
-fn fusable<const D: usize>(tensors: &[&Tensor<D>]) -> bool {
-    let dims = tensors[0].dims();
-    tensors
-        .iter()
-        .all(|t| is_flex(&t.device()) && t.dtype() == DType::F32 && t.dims() == dims)
+/// Whether the parameter, its gradient and its moments (zeros without a state) are all float32
+/// on flex, of one shape.
+fn fusable<const D: usize>(
+    tensor: &Tensor<D>,
+    grad: &Tensor<D>,
+    state: Option<&AdamState<D>>,
+) -> bool {
+    let dims = tensor.dims();
+    let fits = |t: &Tensor<D>| is_flex(&t.device()) && t.dtype() == DType::F32 && t.dims() == dims;
+    fits(tensor)
+        && fits(grad)
+        && state.is_none_or(|s| fits(&s.momentum.moment_1) && fits(&s.momentum.moment_2))
 }
 
 /// The step as tensor operations, for every backend.
@@ -172,7 +193,7 @@ fn owned<const D: usize>(tensor: Tensor<D>) -> FlexTensor {
     let values = flex
         .to_contiguous()
         .as_slice::<f32>()
-        .unwrap_or(&[])
+        .expect("a contiguous float32 tensor")
         .to_vec();
     FlexTensor::new(
         burn::backend::Bytes::from_elems(values),
@@ -268,23 +289,12 @@ mod tests {
             .collect();
 
         let adam = Adam::default();
+        // `step` takes the fused path for these flex float32 tensors.
+        assert!(fusable(&p0, &grads[0], None));
         for fused_path in [true, false] {
             let (mut p, mut state) = (p0.clone(), None);
             for g in &grads {
-                if fused_path {
-                    (p, state) = adam.step(lr, p, g.clone(), state);
-                } else {
-                    let (time, m, v) = match state.take() {
-                        Some(AdamState { momentum }) => {
-                            (momentum.time, momentum.moment_1, momentum.moment_2)
-                        }
-                        None => (0, g.zeros_like(), g.zeros_like()),
-                    };
-                    let f = Factors::new(&adam, lr, time + 1);
-                    let (q, m, v) = tensor_ops(f, p, g.clone(), m, v);
-                    p = q;
-                    state = Some(AdamState::new(AdaptiveMomentumState::new(time + 1, m, v)));
-                }
+                (p, state) = adam.step_on(lr, p, g.clone(), state, fused_path);
             }
             assert_eq!(state.as_ref().unwrap().momentum.time, 5);
             let got = values(p);
