@@ -559,6 +559,10 @@ fn end_to_end(args: &Args, reference: bool) {
     }
 }
 
+/// Large blocks kept for reuse across training steps (`multi_teacher_ad::alloc`).
+#[global_allocator]
+static ALLOCATOR: multi_teacher_ad::alloc::BlockCache = multi_teacher_ad::alloc::BlockCache::new();
+
 fn main() {
     let args = Args::parse();
     let device = select_device(args.device).unwrap_or_else(|e| {

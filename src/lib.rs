@@ -2,6 +2,7 @@
 //!
 //! See `README.md` for the tool and `shared/METHOD.md` of the project for the exact method.
 
+pub mod alloc;
 pub mod cli;
 pub mod data;
 pub mod decoder;

@@ -27,6 +27,10 @@ use multi_teacher_ad::{
     training::run::{Prepared, RunSummary, TrainRequest, prepare},
 };
 
+/// Large blocks kept for reuse across training steps (`multi_teacher_ad::alloc`).
+#[global_allocator]
+static ALLOCATOR: multi_teacher_ad::alloc::BlockCache = multi_teacher_ad::alloc::BlockCache::new();
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
