@@ -41,11 +41,23 @@ pub struct BlockCache {
 /// [`BlockCache::cap`] not yet worked out from the machine's memory.
 const AUTO: usize = usize::MAX;
 
-/// The free blocks: (address, length) in `blocks[..len]`, `bytes` in all.
+/// The free blocks: (address, length) in `blocks[..len]` in the order they were freed, `bytes`
+/// in all.
 struct Free {
     blocks: [(usize, usize); SLOTS],
     len: usize,
     bytes: usize,
+}
+
+impl Free {
+    /// Takes block `index` out, keeping the others' order; returns its address.
+    fn remove(&mut self, index: usize) -> usize {
+        let (address, len) = self.blocks[index];
+        self.blocks.copy_within(index + 1..self.len, index);
+        self.len -= 1;
+        self.bytes -= len;
+        address
+    }
 }
 
 impl BlockCache {
@@ -102,24 +114,25 @@ impl BlockCache {
         size.div_ceil(grain) * grain
     }
 
-    /// A free block of exactly `len` bytes, taken out of the cache.
+    /// A free block of exactly `len` bytes, taken out of the cache (the one freed last).
     fn take(&self, len: usize) -> Option<*mut u8> {
         let mut free = self.lock();
-        let count = free.len;
-        let index = free.blocks[..count].iter().rposition(|b| b.1 == len)?;
-        let (address, _) = free.blocks[index];
-        free.blocks[index] = free.blocks[count - 1];
-        free.len -= 1;
-        free.bytes -= len;
-        Some(address as *mut u8)
+        let index = free.blocks[..free.len].iter().rposition(|b| b.1 == len)?;
+        Some(free.remove(index) as *mut u8)
     }
 
-    /// Keeps the block at `ptr` of `len` bytes if the cap allows; returns whether it did.
+    /// Keeps the block at `ptr` of `len` bytes, first unmapping the blocks freed longest ago
+    /// where the cap (or the slots) would not hold it; returns whether it kept it (not if it is
+    /// larger than the cap).
     fn keep(&self, ptr: *mut u8, len: usize) -> bool {
         let cap = self.cap();
-        let mut free = self.lock();
-        if free.len == SLOTS || free.bytes + len > cap {
+        if len > cap {
             return false;
+        }
+        let mut free = self.lock();
+        while free.len == SLOTS || free.bytes + len > cap {
+            let oldest = free.blocks[0].1;
+            unmap(free.remove(0) as *mut u8, oldest);
         }
         let count = free.len;
         free.blocks[count] = (ptr as usize, len);
@@ -306,7 +319,7 @@ mod tests {
     }
 
     #[test]
-    fn blocks_beyond_the_cap_and_small_ones_are_not_kept() {
+    fn the_blocks_freed_last_are_kept_within_the_cap_and_small_ones_are_not() {
         let cache = BlockCache::with_cap(4 << 20);
         // SAFETY: as above.
         unsafe {
