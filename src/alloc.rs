@@ -6,7 +6,8 @@
 //! afresh and unmaps it when it is freed, so every step faults each of its pages in again, and
 //! the kernel clears each one: on the development machine, 2.1 million page faults and a fifth
 //! of the CPU time in the kernel over four vgg11 steps at batch 8 (`perf stat -e page-faults`).
-//! [`BlockCache`] keeps freed large blocks (up to a cap) and hands them out again for requests of
+//! [`BlockCache`] keeps freed large blocks (up to a cap, beyond which it unmaps those freed longest
+//! ago) and hands them out again for requests of
 //! the same size class; new ones are mapped with transparent huge pages where the kernel has them
 //! (one fault per 2 MiB). Small blocks, and every block on other systems than Unix, go to the
 //! system allocator.
@@ -28,7 +29,11 @@ const HUGE_PAGE: usize = 2 << 20;
 const PAGE: usize = 4096;
 /// Free blocks kept at most.
 const SLOTS: usize = 256;
-/// Bytes of free blocks kept at most by [`BlockCache::new`].
+/// Bytes of free blocks kept at most by [`BlockCache::new`], and at most an eighth of the
+/// machine's memory. On the development machine (24 GiB, so 2.9 GiB kept) a CIFAR-10 run of
+/// densenet121 at batch 32 and 224x224 peaked at 6.98 GB (5.03 GB with the system allocator); 4
+/// GiB ran its steps about as fast but peaked at 7.89 GB, 2 GiB peaked at 6.32 GB but ran them
+/// 15% slower.
 pub const DEFAULT_CAP: usize = 4 << 30;
 
 /// A global allocator that keeps freed large blocks for reuse (see the module's documentation).
@@ -61,7 +66,7 @@ impl Free {
 }
 
 impl BlockCache {
-    /// Keeps up to [`DEFAULT_CAP`] bytes of free blocks, and at most a quarter of the
+    /// Keeps up to [`DEFAULT_CAP`] bytes of free blocks, and at most an eighth of the
     /// machine's memory.
     pub const fn new() -> Self {
         Self::with_cap(AUTO)
@@ -84,7 +89,7 @@ impl BlockCache {
         if cap != AUTO {
             return cap;
         }
-        let cap = DEFAULT_CAP.min(physical_memory() / 4);
+        let cap = DEFAULT_CAP.min(physical_memory() / 8);
         self.cap.store(cap, Ordering::Relaxed);
         cap
     }
@@ -366,11 +371,11 @@ mod tests {
     }
 
     #[test]
-    fn the_default_cap_is_at_most_a_quarter_of_the_memory() {
+    fn the_default_cap_is_at_most_an_eighth_of_the_memory() {
         let memory = physical_memory();
         assert!(memory > 0, "the machine's memory is unknown");
         let cap = BlockCache::new().cap();
-        assert_eq!(cap, DEFAULT_CAP.min(memory / 4));
+        assert_eq!(cap, DEFAULT_CAP.min(memory / 8));
     }
 
     #[test]
