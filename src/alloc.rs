@@ -31,9 +31,8 @@ const PAGE: usize = 4096;
 const SLOTS: usize = 256;
 /// Bytes of free blocks kept at most by [`BlockCache::new`], and at most an eighth of the
 /// machine's memory. On the development machine (24 GiB, so 2.9 GiB kept) a CIFAR-10 run of
-/// densenet121 at batch 32 and 224x224 peaked at 6.98 GB (5.03 GB with the system allocator); 4
-/// GiB ran its steps about as fast but peaked at 7.89 GB, 2 GiB peaked at 6.32 GB but ran them
-/// 15% slower.
+/// densenet121 at batch 32 and 224x224 peaked at 6.98 GB; with 4 GiB it peaked at 7.89 GB, with
+/// 2 GiB at 6.32 GB, but then its batch-32 steps ran about 15% slower.
 pub const DEFAULT_CAP: usize = 4 << 30;
 
 /// A global allocator that keeps freed large blocks for reuse (see the module's documentation).
@@ -100,8 +99,8 @@ impl BlockCache {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Free> {
-        // A panic while the lock is held cannot leave `Free` inconsistent: every update is one
-        // assignment after the checks.
+        // Nothing panics while the lock is held (the indices are below `len`), so a poisoned
+        // lock still guards a consistent `Free`.
         self.free
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -112,8 +111,9 @@ impl BlockCache {
         cfg!(unix) && layout.size() >= LARGE && layout.align() <= PAGE
     }
 
-    /// The length of our block for `size` bytes: whole huge pages, and at most 1/8 more than
-    /// `size` beyond that (so that similar sizes share blocks).
+    /// The length of our block for `size` bytes: whole huge pages, in steps of an eighth of the
+    /// power of two above `size` (so that similar sizes share blocks): at most a quarter more
+    /// than `size`, or one huge page.
     fn class(size: usize) -> usize {
         let grain = (size.next_power_of_two() / 8).max(HUGE_PAGE);
         size.div_ceil(grain) * grain
