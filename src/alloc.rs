@@ -32,7 +32,7 @@ const SLOTS: usize = 256;
 /// Bytes of free blocks kept at most by [`BlockCache::new`], and at most an eighth of the
 /// machine's memory. On the development machine (24 GiB, so 2.9 GiB kept) a CIFAR-10 run of
 /// densenet121 at batch 32 and 224x224 peaked at 6.98 GB; with 4 GiB it peaked at 7.89 GB, with
-/// 2 GiB at 6.32 GB, but then its batch-32 steps ran about 15% slower.
+/// 2 GiB at 6.32 GB, but then the batch-32 training steps ran 5-15% slower.
 pub const DEFAULT_CAP: usize = 4 << 30;
 
 /// A global allocator that keeps freed large blocks for reuse (see the module's documentation).
