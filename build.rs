@@ -94,7 +94,7 @@ fn import(name: &str, onnx: &Path, out: &Path, listed: Option<String>, manifest:
     let code = out.join(format!("{name}.rs"));
     let generated = fs::read_to_string(&code)
         .unwrap_or_else(|e| panic!("burn-onnx wrote no {}: {e}", code.display()));
-    write_if_changed(&code, &route_layers(&generated));
+    write_if_changed(&code, &fuse_layers(&route_layers(&generated)));
     let bpk_len = fs::metadata(&bpk)
         .unwrap_or_else(|e| panic!("burn-onnx wrote no {}: {e}", bpk.display()))
         .len();
@@ -153,6 +153,215 @@ fn route(code: &str, field: &str, function: &str) -> String {
     }
     routed.push_str(rest);
     routed
+}
+
+/// The generated `forward` functions with chains of cheap layers fused into the calls of
+/// `kernels::fused` (one parallel pass on flex, Burn's operations elsewhere), statement by
+/// statement:
+///
+/// - `let a = conv2d(&self.f, x); let r = relu(a);` -> `let r = fused::conv2d_relu(&self.f, x);`
+/// - `let a = p.add(q); let r = relu(a);` -> `let r = fused::add_relu(p, q);`
+/// - `let c = cat([l], 1); let b = self.bn.forward(c); let r = relu(b);` ->
+///   `let r = fused::batch_norm_act(&self.bn, vec![l], 0.0);` (slope 1.0 without the ReLU), and
+///   the same without the concatenation (`vec![x]`);
+/// - every other ReLU -> `fused::relu`.
+///
+/// A chain is fused only where each intermediate value is used by the next statement alone.
+/// Idempotent: fused code matches none of the patterns.
+fn fuse_layers(code: &str) -> String {
+    const FORWARD: &str = "pub fn forward(";
+    let mut fused = String::with_capacity(code.len());
+    let mut rest = code;
+    while let Some(at) = rest.find(FORWARD) {
+        let Some(open) = rest[at..].find('{').map(|o| at + o + 1) else {
+            break;
+        };
+        let close = open + matching_brace(&rest[open..]);
+        fused.push_str(&rest[..open]);
+        fused.push_str(&fuse_body(&rest[open..close]));
+        rest = &rest[close..];
+    }
+    fused.push_str(rest);
+    fused
+}
+
+/// The offset in `body` (just after an opening brace) of its closing brace.
+fn matching_brace(body: &str) -> usize {
+    let mut depth = 0usize;
+    for (i, c) in body.char_indices() {
+        match c {
+            '{' => depth += 1,
+            '}' if depth == 0 => return i,
+            '}' => depth -= 1,
+            _ => {}
+        }
+    }
+    panic!("generated code has an unbalanced brace");
+}
+
+/// `body` split after each `;` outside brackets: its statements, each with what precedes it.
+fn statements(body: &str) -> Vec<&str> {
+    let (mut parts, mut depth, mut start) = (Vec::new(), 0i32, 0);
+    for (i, c) in body.char_indices() {
+        match c {
+            '(' | '[' | '{' => depth += 1,
+            ')' | ']' | '}' => depth -= 1,
+            ';' if depth == 0 => {
+                parts.push(&body[start..=i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    parts.push(&body[start..]);
+    parts
+}
+
+/// A statement `let name = expression;` as (name, expression on one line).
+fn binding(statement: &str) -> Option<(&str, String)> {
+    let (name, expression) = statement.trim().strip_prefix("let ")?.split_once(" = ")?;
+    let expression = expression.strip_suffix(';')?;
+    let mut line = expression.split_whitespace().collect::<Vec<_>>().join(" ");
+    for (from, to) in [
+        ("( ", "("),
+        (" )", ")"),
+        ("[ ", "["),
+        (" ]", "]"),
+        (",)", ")"),
+        (",]", "]"),
+        (" .", "."),
+    ] {
+        line = line.replace(from, to);
+    }
+    let identifier =
+        |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    identifier(name).then_some((name, line))
+}
+
+/// The argument list of `call(...)` when `expression` is exactly that call.
+fn arguments<'a>(expression: &'a str, call: &str) -> Option<&'a str> {
+    let inner = expression
+        .strip_prefix(call)?
+        .strip_prefix('(')?
+        .strip_suffix(')')?;
+    // The parentheses must be the call's own: balanced inside.
+    let mut depth = 0i32;
+    for c in inner.chars() {
+        match c {
+            '(' | '[' => depth += 1,
+            ')' | ']' => depth -= 1,
+            _ => {}
+        }
+        if depth < 0 {
+            return None;
+        }
+    }
+    (depth == 0).then_some(inner)
+}
+
+/// Occurrences of the identifier `name` in `code` (not as part of a longer one).
+fn uses(code: &str, name: &str) -> usize {
+    let part = |b: u8| b.is_ascii_alphanumeric() || b == b'_';
+    code.match_indices(name)
+        .filter(|(at, _)| {
+            let before = code[..*at].bytes().last().is_none_or(|b| !part(b));
+            let after = code[at + name.len()..]
+                .bytes()
+                .next()
+                .is_none_or(|b| !part(b));
+            before && after
+        })
+        .count()
+}
+
+fn fuse_body(body: &str) -> String {
+    const RELU: &str = "burn::tensor::activation::relu";
+    const CONV: &str = "crate::kernels::conv3x3::conv2d";
+    const CAT: &str = "burn::tensor::Tensor::cat";
+    const FUSED: &str = "crate::kernels::fused";
+    let parts = statements(body);
+    let bindings: Vec<Option<(&str, String)>> = parts.iter().map(|p| binding(p)).collect();
+    // `name` is used by exactly one statement after its own, `at`.
+    let once_by = |name: &str, at: usize| uses(body, name) == 2 && uses(parts[at], name) == 1;
+    // The value of `relu(<name>)` at statement `at`, if that is what it binds.
+    let relu_of = |at: usize, name: &str| -> Option<&str> {
+        let (relu, expression) = bindings.get(at)?.as_ref()?;
+        (arguments(expression, RELU)? == name && once_by(name, at)).then_some(*relu)
+    };
+    // `self.<field>` when `expression` is `self.<field>.forward(<x>)` of a batch norm: (field, x).
+    let norm_of = |expression: &str| -> Option<(String, String)> {
+        let field = expression.strip_prefix("self.batchnormalization")?;
+        let (number, call) = field.split_once('.')?;
+        number.bytes().all(|b| b.is_ascii_digit()).then_some(())?;
+        let x = arguments(call, "forward")?;
+        Some((format!("self.batchnormalization{number}"), x.to_string()))
+    };
+    let mut out = String::with_capacity(body.len());
+    let mut i = 0;
+    while i < parts.len() {
+        let emit = |out: &mut String, name: &str, expression: String| {
+            out.push_str(&format!("\n        let {name} = {expression};"));
+        };
+        if let Some((name, expression)) = &bindings[i] {
+            // conv2d -> ReLU
+            if let Some(args) = arguments(expression, CONV)
+                && let Some(relu) = relu_of(i + 1, name)
+            {
+                emit(&mut out, relu, format!("{FUSED}::conv2d_relu({args})"));
+                i += 2;
+                continue;
+            }
+            // p.add(q) -> ReLU
+            if let Some((p, q)) = expression.split_once(".add(")
+                && let Some(q) = q.strip_suffix(')')
+                && binding(&format!("let {p} = x;")).is_some()
+                && let Some(relu) = relu_of(i + 1, name)
+            {
+                emit(&mut out, relu, format!("{FUSED}::add_relu({p}, {q})"));
+                i += 2;
+                continue;
+            }
+            // [cat ->] batch norm [-> ReLU]
+            let mut inputs = None;
+            let mut next = i;
+            if let Some(args) = arguments(expression, CAT)
+                && let Some(list) = args.strip_suffix(".into(), 1")
+                && let Some(list) = list.strip_prefix('[').and_then(|l| l.strip_suffix(']'))
+                && let Some((norm_name, norm_expression)) =
+                    bindings.get(i + 1).and_then(Option::as_ref)
+                && let Some((field, x)) = norm_of(norm_expression)
+                && x == *name
+                && once_by(name, i + 1)
+            {
+                inputs = Some((*norm_name, field, list.to_string()));
+                next = i + 1;
+            } else if let Some((field, x)) = norm_of(expression) {
+                inputs = Some((*name, field, x));
+            }
+            if let Some((norm_name, field, list)) = inputs {
+                let (result, slope, skip) = match relu_of(next + 1, norm_name) {
+                    Some(relu) => (relu, "0.0", next + 2),
+                    None => (norm_name, "1.0", next + 1),
+                };
+                emit(
+                    &mut out,
+                    result,
+                    format!("{FUSED}::batch_norm_act(&{field}, vec![{list}], {slope})"),
+                );
+                i = skip;
+                continue;
+            }
+            // Any other ReLU
+            if let Some(x) = arguments(expression, RELU) {
+                emit(&mut out, name, format!("{FUSED}::relu({x})"));
+                i += 1;
+                continue;
+            }
+        }
+        out.push_str(parts[i]);
+        i += 1;
+    }
+    out
 }
 
 /// The sha256 that `teachers.json` lists for `name`, if the file and the entry exist.

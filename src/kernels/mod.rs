@@ -10,6 +10,7 @@ pub mod batch_norm;
 pub mod conv1x1;
 pub mod conv3x3;
 mod direct;
+pub mod fused;
 mod padded;
 pub mod pool;
 pub mod strided;

@@ -230,7 +230,8 @@ impl Activation {
 }
 
 /// `activation(batch_norm(norm, input))`, in training on the CPU backend through one fused
-/// kernel (`kernels::batch_norm`) with the same results and running-statistics update.
+/// kernel (`kernels::batch_norm`) with the same results and running-statistics update, and
+/// outside autodiff through `kernels::fused` (one pass with the running statistics).
 pub fn batch_norm_act(norm: &BatchNorm, input: Tensor<4>, activation: Activation) -> Tensor<4> {
     if training(norm, &input) {
         let fused = crate::kernels::batch_norm::batch_norm_act(
@@ -245,6 +246,9 @@ pub fn batch_norm_act(norm: &BatchNorm, input: Tensor<4>, activation: Activation
             update_running_statistics(norm, mean, variance, per_channel);
             return output;
         }
+    }
+    if !input.is_autodiff() {
+        return crate::kernels::fused::batch_norm_act(norm, vec![input], activation.slope());
     }
     activation.apply(batch_norm(norm, input))
 }

@@ -7,9 +7,9 @@ use burn::nn::conv::Conv2d;
 use burn::nn::pool::{AdaptiveAvgPool2d, AdaptiveAvgPool2dConfig, MaxPool2d, MaxPool2dConfig};
 use burn::nn::{BatchNorm, Linear, LinearConfig, PaddingConfig2d};
 use burn::prelude::*;
-use burn::tensor::activation::relu;
 
 use crate::kernels::conv3x3::conv2d;
+use crate::kernels::fused::add_relu;
 use crate::kernels::pool::max_pool2d;
 
 use super::Activation::{Identity, Relu};
@@ -90,7 +90,7 @@ impl BasicBlock {
         };
         let out = batch_norm_act(&self.bn1, conv2d(&self.conv1, x), Relu);
         let out = batch_norm_act(&self.bn2, conv2d(&self.conv2, out), Identity);
-        relu(out + identity)
+        add_relu(out, identity)
     }
 }
 

@@ -7,9 +7,8 @@ use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::pool::{AdaptiveAvgPool2d, AdaptiveAvgPool2dConfig, MaxPool2d, MaxPool2dConfig};
 use burn::nn::{Dropout, DropoutConfig, Initializer, Linear, LinearConfig, PaddingConfig2d};
 use burn::prelude::*;
-use burn::tensor::activation::relu;
 
-use crate::kernels::conv3x3::conv2d;
+use crate::kernels::fused::{conv2d_relu, relu};
 use crate::kernels::pool::max_pool2d;
 
 /// Output widths of the eight convolutions; a 2x2 max-pool follows those marked `true`.
@@ -102,7 +101,7 @@ impl Vgg11 {
     pub fn forward(&self, images: Tensor<4>) -> Tensor<2> {
         let mut x = images;
         for (conv, (_, pool)) in self.features.iter().zip(FEATURES) {
-            x = relu(conv2d(conv, x));
+            x = conv2d_relu(conv, x);
             if pool {
                 x = max_pool2d(&self.maxpool, x);
             }

@@ -50,25 +50,41 @@ pub const TINY_DENSENET_BPK: &[u8] =
 
 #[cfg(test)]
 mod tests {
+    const TINY: [&str; 3] = [
+        include_str!(concat!(env!("OUT_DIR"), "/teachers/tiny_resnet.rs")),
+        include_str!(concat!(env!("OUT_DIR"), "/teachers/tiny_vgg.rs")),
+        include_str!(concat!(env!("OUT_DIR"), "/teachers/tiny_densenet.rs")),
+    ];
+
     /// build.rs routes every generated convolution and max pooling through our kernels' entry
-    /// points.
+    /// points (a convolution followed by a ReLU through the fused one).
     #[test]
     fn the_generated_convolutions_and_pools_go_through_our_kernels() {
         let mut pools = 0;
-        for code in [
-            include_str!(concat!(env!("OUT_DIR"), "/teachers/tiny_resnet.rs")),
-            include_str!(concat!(env!("OUT_DIR"), "/teachers/tiny_vgg.rs")),
-            include_str!(concat!(env!("OUT_DIR"), "/teachers/tiny_densenet.rs")),
-        ] {
-            for (kind, field, function) in [
-                ("Conv2d", "conv2d", "crate::kernels::conv3x3::conv2d"),
-                ("MaxPool2d", "maxpool2d", "crate::kernels::pool::max_pool2d"),
+        for code in TINY {
+            for (kind, field, functions) in [
+                (
+                    "Conv2d",
+                    "conv2d",
+                    &[
+                        "crate::kernels::conv3x3::conv2d",
+                        "crate::kernels::fused::conv2d_relu",
+                    ][..],
+                ),
+                (
+                    "MaxPool2d",
+                    "maxpool2d",
+                    &["crate::kernels::pool::max_pool2d"][..],
+                ),
             ] {
                 let fields = code.matches(&format!(": {kind},")).count();
-                let routed = code.matches(&format!("{function}(&self.{field}")).count();
+                let routed: usize = functions
+                    .iter()
+                    .map(|f| code.matches(&format!("{f}(&self.{field}")).count())
+                    .sum();
                 assert_eq!(
                     routed, fields,
-                    "every {kind} field is called through {function}"
+                    "every {kind} field is called through {functions:?}"
                 );
                 for i in 1..=fields {
                     assert!(!code.contains(&format!("self.{field}{i}.forward(")));
@@ -81,5 +97,30 @@ mod tests {
             }
         }
         assert!(pools > 0, "the tiny teachers have max pooling");
+    }
+
+    /// build.rs fuses the chains after the convolutions into `kernels::fused`: no ReLU or batch
+    /// norm of Burn's is left, and each kind of chain occurs in the tiny teachers.
+    #[test]
+    fn the_generated_relus_and_batch_norms_go_through_the_fused_kernels() {
+        let all = TINY.concat();
+        for left in ["burn::tensor::activation::relu(", "self.batchnormalization"] {
+            let calls = all
+                .lines()
+                .filter(|l| l.contains(left) && !l.contains("kernels::fused"))
+                .count();
+            assert_eq!(calls, 0, "{left} left in the tiny teachers");
+        }
+        for fused in ["conv2d_relu(", "add_relu(", "batch_norm_act(", "relu("] {
+            let count = all
+                .matches(&format!("crate::kernels::fused::{fused}"))
+                .count();
+            assert!(count > 0, "no fused::{fused} in the tiny teachers");
+        }
+        let norms = all.matches(": BatchNorm,").count();
+        let fused = all
+            .matches("crate::kernels::fused::batch_norm_act(&self.batchnormalization")
+            .count();
+        assert_eq!(norms, fused, "every batch norm is fused");
     }
 }
