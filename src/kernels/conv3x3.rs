@@ -34,7 +34,7 @@ use rayon::prelude::*;
 
 use super::autodiff::{self, ConvGradients};
 use super::padded::{self, Conv};
-use super::{channel_rows, contiguous_f32, dims4, direct, flex_f32, is_flex};
+use super::{channel_rows, contiguous_f32, dims4, direct, flex_f32, is_flex, winograd};
 
 /// Whether the weight gradient is the padded kernel's sum over the pixels rather than im2col and
 /// one matrix product per few images: for images of 28x28 and more with few channels. Measured
@@ -210,6 +210,10 @@ fn flex_forward(x: FlexTensor, weight: FlexTensor, bias: Option<FlexTensor>) -> 
     let (hw, k) = (h * w, cin * 9);
     let xs = x.as_slice::<f32>().unwrap();
     let ws = weight.as_slice::<f32>().unwrap();
+    if winograd::applies(cin, cout, h, w) {
+        let out = winograd::forward(xs, ws, bias, [n, cin, cout, h, w]);
+        return flex_f32(out, [n, cout, h, w]);
+    }
     if padded::forward_applies(cout) {
         let out = padded::forward(xs, ws, bias, Conv::same3x3(h, w), [n, cin, cout]);
         return flex_f32(out, [n, cout, h, w]);
@@ -381,9 +385,12 @@ impl Conv3x3Backend for Flex {
         let weight = contiguous_f32(&weight);
         let [cout, cin, _, _] = dims4(&weight);
         let ws = weight.as_slice::<f32>().unwrap();
-        if padded::forward_applies(cin) && grad.dtype() == DType::F32 {
+        let [_, _, h, w] = dims4(&grad);
+        // With Winograd's products, the forward convolution of the flipped weights below.
+        let winograd = winograd::applies(cout, cin, h, w);
+        if padded::forward_applies(cin) && grad.dtype() == DType::F32 && !winograd {
             let grad = contiguous_f32(&grad);
-            let [n, _, h, w] = dims4(&grad);
+            let n = dims4(&grad)[0];
             let gs = grad.as_slice::<f32>().unwrap();
             let dx = padded::input_grad(gs, ws, Conv::same3x3(h, w), [n, cin, cout]);
             return flex_f32(dx, [n, cin, h, w]);
@@ -583,6 +590,8 @@ mod tests {
             (2, 4, 8, 56, 57),
             // Enough input channels for the strided gradients' patch matrices.
             (2, 128, 8, 6, 6),
+            // Enough channels and pixels for Winograd's products (forward and input gradient).
+            (2, 64, 72, 15, 14),
         ] {
             // 3x3 same and 1x1 convolutions, with and without a bias.
             for (k, stride, padding, bias) in [

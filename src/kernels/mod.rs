@@ -15,6 +15,7 @@ mod padded;
 pub mod pool;
 pub mod strided;
 pub mod upsample;
+mod winograd;
 
 use std::mem::MaybeUninit;
 
