@@ -413,27 +413,9 @@ pub fn batch_norm_act(
 
 #[cfg(test)]
 mod tests {
-    use super::super::relative_error;
+    use super::super::{relative_error, uniform};
     use super::*;
 
-    /// Deterministic values in [lo, hi) (the device's seeded generator is shared by the tests
-    /// running in parallel).
-    fn uniform<const D: usize>(
-        dims: [usize; D],
-        [lo, hi]: [f32; 2],
-        seed: u32,
-        device: &Device,
-    ) -> Tensor<D> {
-        let mut state = seed.wrapping_mul(2_654_435_761).wrapping_add(12_345);
-        let len = dims.iter().product();
-        let values: Vec<f32> = (0..len)
-            .map(|_| {
-                state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-                lo + (hi - lo) * ((state >> 8) as f32 / (1u32 << 24) as f32)
-            })
-            .collect();
-        Tensor::from_data(TensorData::new(values, dims), device)
-    }
     use burn::tensor::activation::{leaky_relu, relu};
 
     fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {

@@ -555,9 +555,7 @@ mod tests {
         } else {
             conv.forward(x.clone())
         };
-        let device = y.device();
-        device.seed(11);
-        let probe: Tensor<4> = Tensor::random(y.dims(), Distribution::Default, &device);
+        let probe = super::super::uniform(y.dims(), [0.0, 1.0], 11, &y.device());
         let grads = (y.clone() * probe).sum().backward();
         let bias = conv.bias.as_ref().map_or(Vec::new(), |b| {
             b.grad(&grads)

@@ -102,6 +102,26 @@ fn flex_f32(values: Vec<f32>, dims: [usize; 4]) -> FlexTensor {
     )
 }
 
+/// Deterministic values in [lo, hi) for the tests: the device's seeded generator is shared by
+/// the tests running in parallel, so two draws under one seed may differ.
+#[cfg(test)]
+fn uniform<const D: usize>(
+    dims: [usize; D],
+    [lo, hi]: [f32; 2],
+    seed: u32,
+    device: &Device,
+) -> Tensor<D> {
+    let mut state = seed.wrapping_mul(2_654_435_761).wrapping_add(12_345);
+    let len = dims.iter().product();
+    let values: Vec<f32> = (0..len)
+        .map(|_| {
+            state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            lo + (hi - lo) * ((state >> 8) as f32 / (1u32 << 24) as f32)
+        })
+        .collect();
+    Tensor::from_data(TensorData::new(values, dims), device)
+}
+
 /// Largest difference between `want` and `got` relative to the largest magnitude of `want`, or
 /// to `floor` where that is larger (for results that are cancellations near 0).
 #[cfg(test)]

@@ -194,36 +194,43 @@ unsafe fn transform_outputs(
     [cout, h, w, tiles]: [usize; 4],
 ) {
     let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
+    // The four outputs of each tile of a tile row: [(0, 0), (0, 1), (1, 0), (1, 1)][tx].
+    let mut y = vec![0.0f32; 4 * tw];
+    let mut line = vec![0.0f32; 2 * tw];
     for co in 0..cout {
         let b = bias.map_or(0.0, |b| b[co]);
-        let at = |p: usize, t: usize| m[(p * cout + co) * tiles + t];
         for (r, row) in rows.clone().enumerate() {
             let (image, ty) = (row / th, row % th);
-            let plane = (image * cout + co) * h * w;
-            for tx in 0..tw {
-                let t = r * tw + tx;
-                // Rows: s0 = m0 + m1 + m2, s1 = m1 - m2 - m3 (per column j).
-                let mut s = [[0.0f32; 4]; 2];
-                #[allow(clippy::needless_range_loop)] // four rows of `m` per column `j`
-                for j in 0..4 {
-                    let (m0, m1, m2, m3) = (at(j, t), at(4 + j, t), at(8 + j, t), at(12 + j, t));
-                    s[0][j] = m0 + m1 + m2;
-                    s[1][j] = m1 - m2 - m3;
+            let m: [&[f32]; POSITIONS] =
+                std::array::from_fn(|p| &m[(p * cout + co) * tiles + r * tw..][..tw]);
+            let (y00, rest) = y.split_at_mut(tw);
+            let (y01, rest) = rest.split_at_mut(tw);
+            let (y10, y11) = rest.split_at_mut(tw);
+            // Over the tiles of the row at once (vectorised): s0 = m0 + m1 + m2 and
+            // s1 = m1 - m2 - m3 down each column j of the 4x4 tile, then the same across.
+            for t in 0..tw {
+                let s0 = |j: usize| m[j][t] + m[4 + j][t] + m[8 + j][t];
+                let s1 = |j: usize| m[4 + j][t] - m[8 + j][t] - m[12 + j][t];
+                y00[t] = s0(0) + s0(1) + s0(2) + b;
+                y01[t] = s0(1) - s0(2) - s0(3) + b;
+                y10[t] = s1(0) + s1(1) + s1(2) + b;
+                y11[t] = s1(1) - s1(2) - s1(3) + b;
+            }
+            for (a, (left, right)) in [(&*y00, &*y01), (&*y10, &*y11)].into_iter().enumerate() {
+                let oy = 2 * ty + a;
+                if oy >= h {
+                    continue;
                 }
-                for (a, s) in s.iter().enumerate() {
-                    let y = 2 * ty + a;
-                    if y >= h {
-                        continue;
-                    }
-                    let values = [s[0] + s[1] + s[2] + b, s[1] - s[2] - s[3] + b];
-                    for (k, value) in values.into_iter().enumerate() {
-                        let x = 2 * tx + k;
-                        if x < w {
-                            // SAFETY: (image, co, y, x) is inside the output, in a row of
-                            // this job's (the caller's guarantee).
-                            unsafe { (*output.0.add(plane + y * w + x)).write(value) };
-                        }
-                    }
+                for ((pair, l), r) in line.chunks_mut(2).zip(left).zip(right) {
+                    pair[0] = *l;
+                    pair[1] = *r;
+                }
+                let at = ((image * cout + co) * h + oy) * w;
+                // SAFETY: row `oy` of plane (image, co) is inside the output and this job's (the
+                // caller's guarantee); `line` holds at least `w` values.
+                unsafe {
+                    let dst = output.0.add(at).cast::<f32>();
+                    std::ptr::copy_nonoverlapping(line.as_ptr(), dst, w);
                 }
             }
         }
