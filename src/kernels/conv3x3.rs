@@ -397,13 +397,18 @@ impl Conv3x3Backend for Flex {
         }
         // W'[ci, co, 8 - t] = W[co, ci, t] for the 9 taps t of a 3x3 kernel.
         let mut flipped = vec![0.0f32; ws.len()];
-        for (co, kernels) in ws.chunks(cin * 9).enumerate() {
-            for (ci, taps) in kernels.chunks(9).enumerate() {
-                let dst = &mut flipped[(ci * cout + co) * 9..][..9];
-                dst.iter_mut()
-                    .zip(taps.iter().rev())
-                    .for_each(|(d, t)| *d = *t);
-            }
+        if cout > 0 {
+            flipped
+                .par_chunks_mut(cout * 9)
+                .enumerate()
+                .for_each(|(ci, kernels)| {
+                    for (co, dst) in kernels.chunks_mut(9).enumerate() {
+                        let taps = &ws[(co * cin + ci) * 9..][..9];
+                        dst.iter_mut()
+                            .zip(taps.iter().rev())
+                            .for_each(|(d, t)| *d = *t);
+                    }
+                });
         }
         Self::conv3x3(grad, flex_f32(flipped, [cin, cout, 3, 3]))
     }
