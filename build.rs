@@ -233,9 +233,12 @@ fn binding(statement: &str) -> Option<(&str, String)> {
     ] {
         line = line.replace(from, to);
     }
-    let identifier =
-        |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
     identifier(name).then_some((name, line))
+}
+
+/// Whether `s` is a plain identifier (letters, digits, underscores).
+fn identifier(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
 /// The argument list of `call(...)` when `expression` is exactly that call.
@@ -314,7 +317,7 @@ fn fuse_body(body: &str) -> String {
             // p.add(q) -> ReLU
             if let Some((p, q)) = expression.split_once(".add(")
                 && let Some(q) = q.strip_suffix(')')
-                && binding(&format!("let {p} = x;")).is_some()
+                && identifier(p)
                 && let Some(relu) = relu_of(i + 1, name)
             {
                 emit(&mut out, relu, format!("{FUSED}::add_relu({p}, {q})"));
