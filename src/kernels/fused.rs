@@ -65,7 +65,7 @@ fn act(v: f32, slope: f32) -> f32 {
     if v > 0.0 { v } else { v * slope }
 }
 
-/// ReLU that keeps NaN (as Burn's and torch's do), and keeps the sign of zero out of it.
+/// ReLU that keeps NaN (as Burn's and torch's do); -0.0 becomes 0.0.
 #[inline(always)]
 fn relu_value(v: f32) -> f32 {
     if v <= 0.0 { 0.0 } else { v }
@@ -233,26 +233,25 @@ pub fn batch_norm_act(norm: &BatchNorm, inputs: Vec<Tensor<4>>, slope: f64) -> T
             slope => activation::leaky_relu(x, slope),
         }
     };
-    let mut flexes = Vec::with_capacity(inputs.len());
-    let mut others = Vec::new();
-    for input in inputs {
-        match plain_flex(input) {
-            Ok(flex) => flexes.push(flex),
-            Err(input) => others.push(input),
-        }
+    let inputs: Vec<Result<FlexTensor, Tensor<4>>> = inputs.into_iter().map(plain_flex).collect();
+    if inputs.is_empty() || inputs.iter().any(Result::is_err) {
+        // In their order: a concatenation.
+        return burns(
+            inputs
+                .into_iter()
+                .map(|i| i.map_or_else(|t| t, from_flex))
+                .collect(),
+        );
     }
-    let [n, _, h, w] = flexes.first().map_or([0; 4], dims4);
+    let mut flexes: Vec<FlexTensor> = inputs.into_iter().flatten().collect();
+    let [n, _, h, w] = dims4(&flexes[0]);
     let channels: usize = flexes.iter().map(|f| dims4(f)[1]).sum();
-    let fits = others.is_empty()
-        && !flexes.is_empty()
-        && flexes.iter().all(|f| {
-            let [ni, _, hi, wi] = dims4(f);
-            (ni, hi, wi) == (n, h, w)
-        })
-        && channels == norm.gamma.dims()[0];
+    let fits = flexes.iter().all(|f| {
+        let [ni, _, hi, wi] = dims4(f);
+        (ni, hi, wi) == (n, h, w)
+    }) && channels == norm.gamma.dims()[0];
     if !fits {
-        let inputs = flexes.into_iter().map(from_flex).chain(others).collect();
-        return burns(inputs);
+        return burns(flexes.into_iter().map(from_flex).collect());
     }
     let (scale, shift) = scale_shift(norm);
     let slope = slope as f32;
@@ -429,6 +428,20 @@ mod tests {
         let got = values(conv2d_relu(&conv, x));
         assert!(relative_error(&want, &got, 1.0) < 1e-5);
         assert!(got.contains(&0.0) && got.iter().any(|v| *v > 0.0));
+    }
+
+    #[test]
+    fn inputs_left_to_burn_keep_their_order() {
+        // An autodiff input among plain ones: the concatenation is Burn's, in the given order.
+        // `valid()`: inference mode for the autodiff input too.
+        let norm = trained_norm(5).valid();
+        let x = random([2, 5, 3, 3], 11);
+        let pieces: Vec<Tensor<4>> = x.clone().split_with_sizes(vec![2, 1, 2], 1);
+        let want = values(activation::relu(norm.forward(x)));
+        let mut inputs = pieces.clone();
+        inputs[1] = Tensor::from_data(pieces[1].to_data(), &Device::flex().autodiff());
+        let got = values(batch_norm_act(&norm, inputs, 0.0));
+        assert!(relative_error(&want, &got, 1.0) < 1e-5);
     }
 
     #[test]
