@@ -299,12 +299,12 @@ fn fuse_body(body: &str) -> String {
         let x = arguments(call, "forward")?;
         Some((format!("self.batchnormalization{number}"), x.to_string()))
     };
+    let emit = |out: &mut String, name: &str, expression: String| {
+        out.push_str(&format!("\n        let {name} = {expression};"));
+    };
     let mut out = String::with_capacity(body.len());
     let mut i = 0;
     while i < parts.len() {
-        let emit = |out: &mut String, name: &str, expression: String| {
-            out.push_str(&format!("\n        let {name} = {expression};"));
-        };
         if let Some((name, expression)) = &bindings[i] {
             // conv2d -> ReLU
             if let Some(args) = arguments(expression, CONV)
@@ -315,9 +315,9 @@ fn fuse_body(body: &str) -> String {
                 continue;
             }
             // p.add(q) -> ReLU
-            if let Some((p, q)) = expression.split_once(".add(")
-                && let Some(q) = q.strip_suffix(')')
+            if let Some((p, _)) = expression.split_once(".add(")
                 && identifier(p)
+                && let Some(q) = arguments(expression, &format!("{p}.add"))
                 && let Some(relu) = relu_of(i + 1, name)
             {
                 emit(&mut out, relu, format!("{FUSED}::add_relu({p}, {q})"));
