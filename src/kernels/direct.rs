@@ -193,11 +193,11 @@ pub fn weight_grad(x: &[f32], grad: &[f32], [n, cin, cout, h, w]: [usize; 5]) ->
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     /// The convolution and its weight gradient by their definitions.
-    fn naive(
+    pub(in crate::kernels) fn naive(
         x: &[f32],
         weight: &[f32],
         grad: &[f32],

@@ -327,10 +327,8 @@ mod tests {
         t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap()
     }
 
-    fn random<const D: usize>(dims: [usize; D], seed: u64) -> Tensor<D> {
-        let device = Device::flex();
-        device.seed(seed);
-        Tensor::random(dims, Distribution::Uniform(-1.0, 1.0), &device)
+    fn random<const D: usize>(dims: [usize; D], seed: u32) -> Tensor<D> {
+        super::super::uniform(dims, [-1.0, 1.0], seed, &Device::flex())
     }
 
     /// A batch norm with running statistics and affine parameters away from their defaults.

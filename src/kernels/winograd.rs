@@ -245,49 +245,25 @@ unsafe fn transform_outputs(
 mod tests {
     use super::*;
 
-    /// The direct 3x3 same convolution, in float64.
-    fn reference(
-        x: &[f32],
-        weight: &[f32],
-        bias: Option<&[f32]>,
-        [n, cin, cout, h, w]: [usize; 5],
-    ) -> Vec<f32> {
-        let mut out = vec![0.0f32; n * cout * h * w];
-        for image in 0..n {
-            for co in 0..cout {
-                for y in 0..h {
-                    for xx in 0..w {
-                        let mut sum = bias.map_or(0.0, |b| b[co] as f64);
-                        for ci in 0..cin {
-                            for ky in 0..3 {
-                                for kx in 0..3 {
-                                    let (iy, ix) =
-                                        ((y + ky).wrapping_sub(1), (xx + kx).wrapping_sub(1));
-                                    if iy < h && ix < w {
-                                        sum += x[((image * cin + ci) * h + iy) * w + ix] as f64
-                                            * weight[((co * cin + ci) * 3 + ky) * 3 + kx] as f64;
-                                    }
-                                }
-                            }
-                        }
-                        out[((image * cout + co) * h + y) * w + xx] = sum as f32;
-                    }
-                }
+    fn values(len: usize, seed: u32) -> Vec<f32> {
+        let device = burn::prelude::Device::flex();
+        super::super::uniform([len], [-1.0, 1.0], seed, &device)
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap()
+    }
+
+    /// The convolution by its definition (`direct`'s tests), plus the bias.
+    fn reference(x: &[f32], weight: &[f32], bias: Option<&[f32]>, dims: [usize; 5]) -> Vec<f32> {
+        let [n, _, cout, h, w] = dims;
+        let grad = vec![0.0; n * cout * h * w];
+        let (mut out, _) = super::super::direct::tests::naive(x, weight, &grad, dims);
+        if let Some(bias) = bias {
+            for (i, v) in out.iter_mut().enumerate() {
+                *v += bias[i / (h * w) % cout];
             }
         }
         out
-    }
-
-    fn pseudo_random(len: usize, seed: u64) -> Vec<f32> {
-        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..len)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                (state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-            })
-            .collect()
     }
 
     #[test]
@@ -302,9 +278,9 @@ mod tests {
             [1, 32, 40, 30, 30],
         ] {
             let [n, cin, cout, h, w] = dims;
-            let x = pseudo_random(n * cin * h * w, 1);
-            let weight = pseudo_random(cout * cin * 9, 2);
-            let bias = pseudo_random(cout, 3);
+            let x = values(n * cin * h * w, 1);
+            let weight = values(cout * cin * 9, 2);
+            let bias = values(cout, 3);
             for bias in [None, Some(&bias[..])] {
                 let want = reference(&x, &weight, bias, dims);
                 let got = forward(&x, &weight, bias, dims);
