@@ -8,7 +8,8 @@
 //! With `--layers`, a per-layer profile of the resnet18 training step at 224x224, batch 8: every
 //! distinct layer of the student and the decoder (convolution, batch norm + activation, pooling,
 //! upsampling, linear), forward+backward, weighted by how often one step runs it, in both
-//! frameworks, then the layer kinds sorted by the time each loses against PyTorch. Our side runs
+//! frameworks, then the layer kinds sorted by the time each loses against PyTorch
+//! (`--layers densenet121`: the same for densenet121's step). Our side runs
 //! the layers as the models do, with our own CPU kernels where they apply (`src/kernels`:
 //! convolutions, batch norm + activation, max pooling, upsampling); add `--burn` for Burn's own
 //! layers throughout.
@@ -16,6 +17,7 @@
 //! ```text
 //! cargo bench --bench burn_gap
 //! cargo bench --bench burn_gap -- --layers
+//! cargo bench --bench burn_gap -- --layers densenet121
 //! cargo bench --bench burn_gap -- --layers --burn
 //! ```
 
@@ -23,7 +25,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use burn::nn::conv::Conv2dConfig;
-use burn::nn::pool::MaxPool2dConfig;
+use burn::nn::pool::{AvgPool2dConfig, MaxPool2dConfig};
 use burn::nn::{BatchNormConfig, LinearConfig, PaddingConfig2d};
 use burn::optim::GradientsParams;
 use burn::prelude::*;
@@ -228,6 +230,14 @@ enum Op {
         inputs: usize,
         outputs: usize,
     },
+    /// densenet121's transitions: 2x2 stride-2 average pooling.
+    AvgPool {
+        c: usize,
+    },
+    /// A dense layer's concatenation of its input (`c` channels) with its 32 new ones.
+    Cat {
+        c: usize,
+    },
 }
 
 /// The distinct layers of one resnet18 training step (student + decoder, batch 8, 224x224) as
@@ -268,14 +278,28 @@ fn step_layers() -> Vec<(Op, usize, usize)> {
         1,
         1,
     ));
-    layers.push((
+    layers.extend(decoder_layers());
+    layers
+}
+
+/// The decoder's layers (the same behind every student): its first linear layer, then its
+/// upsampling blocks.
+fn decoder_layers() -> Vec<(Op, usize, usize)> {
+    let conv = |cin, cout, k, stride, bias| Op::Conv {
+        cin,
+        cout,
+        k,
+        stride,
+        bias,
+    };
+    let mut layers = vec![(
         Op::Linear {
             inputs: 1000,
             outputs: 6272,
         },
         1,
         1,
-    ));
+    )];
     let leaky = |c| Op::BnAct { c, leaky: true };
     for (cin, cout, side) in [
         (128, 64, 7),
@@ -297,6 +321,74 @@ fn step_layers() -> Vec<(Op, usize, usize)> {
     layers
 }
 
+/// The distinct layers of one densenet121 training step (student + decoder, batch 8, 224x224),
+/// as [`step_layers`]: per dense layer a batch norm + ReLU over all previous features, the 1x1
+/// bottleneck to 128 channels, a batch norm + ReLU, the 3x3 convolution to 32 and the
+/// concatenation; per transition a batch norm + ReLU, a 1x1 convolution halving the channels and
+/// 2x2 average pooling. Its global pooling and the losses are left out.
+fn densenet121_layers() -> Vec<(Op, usize, usize)> {
+    let conv = |cin, cout, k, bias| Op::Conv {
+        cin,
+        cout,
+        k,
+        stride: 1,
+        bias,
+    };
+    let bn = |c| Op::BnAct { c, leaky: false };
+    let mut layers: Vec<(Op, usize, usize)> = Vec::new();
+    let mut add = |op: Op, side: usize| {
+        let name = case_name(op, side);
+        match layers
+            .iter_mut()
+            .find(|(o, s, _)| case_name(*o, *s) == name)
+        {
+            Some(entry) => entry.2 += 1,
+            None => layers.push((op, side, 1)),
+        }
+    };
+    add(
+        Op::Conv {
+            cin: 3,
+            cout: 64,
+            k: 7,
+            stride: 2,
+            bias: false,
+        },
+        224,
+    );
+    add(bn(64), 112);
+    add(Op::MaxPool { c: 64 }, 112);
+    let (mut c, mut side) = (64, 56);
+    for (i, block) in [6, 12, 24, 16].into_iter().enumerate() {
+        for layer in 0..block {
+            let cin = c + 32 * layer;
+            add(bn(cin), side);
+            add(conv(cin, 128, 1, false), side);
+            add(bn(128), side);
+            add(conv(128, 32, 3, false), side);
+            add(Op::Cat { c: cin }, side);
+        }
+        c += 32 * block;
+        if i < 3 {
+            add(bn(c), side);
+            add(conv(c, c / 2, 1, false), side);
+            add(Op::AvgPool { c: c / 2 }, side);
+            c /= 2;
+            side /= 2;
+        }
+    }
+    add(bn(c), side);
+    add(
+        Op::Linear {
+            inputs: c,
+            outputs: 1000,
+        },
+        1,
+    );
+    layers.extend(decoder_layers());
+    layers
+}
+
 fn case_name(op: Op, side: usize) -> String {
     match op {
         Op::Conv {
@@ -313,6 +405,8 @@ fn case_name(op: Op, side: usize) -> String {
         Op::MaxPool { c } => format!("maxpool3x3s2/{c}ch-{side}px"),
         Op::Upsample { c } => format!("upsample2x/{c}ch-{side}px"),
         Op::Linear { inputs, outputs } => format!("linear/{inputs}-{outputs}"),
+        Op::AvgPool { c } => format!("avgpool2x2s2/{c}ch-{side}px"),
+        Op::Cat { c } => format!("cat/{c}+32ch-{side}px"),
     }
 }
 
@@ -404,6 +498,22 @@ fn time_layer(op: Op, side: usize, ad: &Device, burn_only: bool) -> f64 {
                 backward(y, &x)
             })
         }
+        Op::AvgPool { c } => {
+            let pool = AvgPool2dConfig::new([2, 2]).with_strides([2, 2]).init();
+            let x = input(vec![n, c, side, side]);
+            timed(|| backward(pool.forward(x.clone()), &x))
+        }
+        Op::Cat { c } => {
+            let x = input(vec![n, c, side, side]);
+            let new = input(vec![n, 32, side, side]);
+            timed(|| {
+                let grads = Tensor::cat(vec![x.clone(), new.clone()], 1)
+                    .sum()
+                    .backward();
+                keep_grad(x.grad(&grads));
+                keep_grad(new.grad(&grads));
+            })
+        }
         Op::Linear { inputs, outputs } => {
             let linear = LinearConfig::new(inputs, outputs).init(ad);
             let x: Tensor<2> =
@@ -416,12 +526,21 @@ fn time_layer(op: Op, side: usize, ad: &Device, burn_only: bool) -> f64 {
     }
 }
 
-/// `--layers`: the per-layer profile of one resnet18 training step.
+/// `--layers [densenet121]`: the per-layer profile of one resnet18 (or densenet121) training
+/// step.
 fn layers() {
     let burn_only = std::env::args().any(|a| a == "--burn");
+    let student = if std::env::args().any(|a| a == "densenet121") {
+        "densenet121"
+    } else {
+        "resnet18"
+    };
     let ad = Device::flex().autodiff();
     ad.seed(0);
-    let layers = step_layers();
+    let layers = match student {
+        "densenet121" => densenet121_layers(),
+        _ => step_layers(),
+    };
     let names: Vec<String> = layers
         .iter()
         .map(|&(op, side, _)| case_name(op, side))
@@ -433,7 +552,7 @@ fn layers() {
         .collect();
     let theirs = torch_side(&["--layers".into(), serde_json::to_string(&specs).unwrap()]);
     println!(
-        "Per-layer forward+backward of a resnet18 training step (batch {LAYER_BATCH}, 224x224), \
+        "Per-layer forward+backward of a {student} training step (batch {LAYER_BATCH}, 224x224), \
          {} on flex ({} rayon threads) against PyTorch; ms per call, x calls per step",
         if burn_only {
             "Burn's own layers"

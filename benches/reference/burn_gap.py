@@ -43,6 +43,18 @@ def main():
             print(f"{case:<50} {ms:10.2f} ms")
 
 
+class Cat(nn.Module):
+    """A dense layer's concatenation of its input with 32 new channels (a parameter here, so
+    that zero_grad clears its gradient)."""
+
+    def __init__(self, n, side):
+        super().__init__()
+        self.new = nn.Parameter(torch.randn(n, 32, side, side))
+
+    def forward(self, x):
+        return torch.cat([x, self.new], 1)
+
+
 def layer_cases(layers, args):
     """Forward+backward (input gradient included) of each layer, as burn_gap.rs builds it."""
     results = []
@@ -62,6 +74,12 @@ def layer_cases(layers, args):
             shape = (n, spec["c"], side, side)
         elif op == "upsample":
             module = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True)
+            shape = (n, spec["c"], side, side)
+        elif op == "avg_pool":
+            module = nn.AvgPool2d(2, stride=2)
+            shape = (n, spec["c"], side, side)
+        elif op == "cat":
+            module = Cat(n, side)
             shape = (n, spec["c"], side, side)
         elif op == "linear":
             module = nn.Linear(spec["inputs"], spec["outputs"])
