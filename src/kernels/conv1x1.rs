@@ -19,8 +19,8 @@ use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
 use super::autodiff::{self, ConvGradients};
-use super::conv3x3::{add_bias, matmul, parallel_chunks};
-use super::{contiguous_f32, dims4, flex_f32};
+use super::conv3x3::{add_bias, matmul, matmul_to, parallel_chunks};
+use super::{assume_written, contiguous_f32, dims4, flex_f32, unwritten, written};
 
 /// The kernels, on the backends that have them: flex, and autodiff over flex.
 #[backend_extension(Autodiff, Flex)]
@@ -46,7 +46,7 @@ fn options() -> ConvOptions<2> {
 /// Runs `job(image, chunk)` for each image's `chunk` of `out` (`per_image` values each), on
 /// rayon's threads with single-threaded products when there are enough images, else in turn with
 /// multi-threaded products (the `bool` passed to `job`).
-fn per_image(out: &mut [f32], per_image: usize, job: impl Fn(usize, &mut [f32], bool) + Sync) {
+fn per_image<T: Send>(out: &mut [T], per_image: usize, job: impl Fn(usize, &mut [T], bool) + Sync) {
     let images = out.len() / per_image.max(1);
     if parallel_chunks(images) {
         out.par_chunks_mut(per_image)
@@ -74,25 +74,18 @@ fn flex_forward(x: FlexTensor, weight: FlexTensor, bias: Option<FlexTensor>) -> 
         x.as_slice::<f32>().unwrap(),
         weight.as_slice::<f32>().unwrap(),
     );
-    let mut out = vec![0.0f32; n * cout * hw];
+    let mut out = unwritten(n * cout * hw);
     if !out.is_empty() {
         per_image(&mut out, cout * hw, |i, out, threads| {
-            add_bias(out, bias, hw);
             let x = &xs[i * cin * hw..][..cin * hw];
             let shape = [cout, hw, cin];
-            matmul(
-                shape,
-                out,
-                bias.is_some(),
-                ws,
-                [cin, 1],
-                x,
-                [hw, 1],
-                threads,
-            );
+            matmul_to(shape, out, ws, [cin, 1], x, [hw, 1], threads);
+            // SAFETY: the product wrote every value of the image.
+            add_bias(unsafe { assume_written(out) }, bias, hw);
         });
     }
-    flex_f32(out, [n, cout, h, w])
+    // SAFETY: the images' products cover `out`.
+    flex_f32(unsafe { written(out) }, [n, cout, h, w])
 }
 
 impl Conv1x1Backend for Flex {
@@ -162,24 +155,16 @@ impl Conv1x1Backend for Flex {
             grad.as_slice::<f32>().unwrap(),
             weight.as_slice::<f32>().unwrap(),
         );
-        let mut dx = vec![0.0f32; n * cin * hw];
+        let mut dx = unwritten(n * cin * hw);
         if !dx.is_empty() {
             // dX_n [Cin, HW] = W^T [Cin, Cout] x dY_n [Cout, HW]
             per_image(&mut dx, cin * hw, |i, dx, threads| {
                 let g = &gs[i * cout * hw..][..cout * hw];
-                matmul(
-                    [cin, hw, cout],
-                    dx,
-                    false,
-                    ws,
-                    [1, cin],
-                    g,
-                    [hw, 1],
-                    threads,
-                );
+                matmul_to([cin, hw, cout], dx, ws, [1, cin], g, [hw, 1], threads);
             });
         }
-        flex_f32(dx, [n, cin, h, w])
+        // SAFETY: the images' products cover `dx`.
+        flex_f32(unsafe { written(dx) }, [n, cin, h, w])
     }
 }
 

@@ -19,6 +19,8 @@
 //! or without autodiff) and float32, and Burn's own `Conv2d::forward` for every other backend,
 //! shape and dtype, so wgpu and CUDA are untouched.
 
+use std::mem::MaybeUninit;
+
 use burn::backend::AutodiffBackend;
 use burn::backend::autodiff::Autodiff;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -37,12 +39,14 @@ use super::padded::{self, Conv};
 use super::{channel_rows, contiguous_f32, dims4, direct, flex_f32, is_flex, winograd};
 
 /// Whether the weight gradient is the padded kernel's sum over the pixels rather than im2col and
-/// one matrix product per few images: for images of 28x28 and more with few channels. Measured
+/// one matrix product per few images: for images of 14x14 and more with few channels. Measured
 /// on the development machine (batch 8): the padded kernel was 15-35% faster for 32 and 64
 /// channels at 28x28 and 56x56 and 96 at 28x28, even with 128 at 28x28, and 15-30% slower for
-/// 128 and 256 channels at 56x56, 256 and 512 at 28x28, 256 at 14x14.
+/// 128 and 256 channels at 56x56, 256 and 512 at 28x28, 256 at 14x14. At 14x14 it took 0.51x
+/// the time for 128 to 32 channels (densenet121's), 0.65x for 64 to 64, 0.92x for 128 to 64 and
+/// 1.16x for 128 to 128; at 7x7, 1.19x for 128 to 32 and 2.4-2.7x for 256 and 512 channels.
 fn padded_weight_grad(hw: usize, cin: usize, cout: usize) -> bool {
-    hw >= 28 * 28 && cin * cout < 128 * 128 && padded::weight_grad_applies(cout)
+    hw >= 14 * 14 && cin * cout < 128 * 128 && padded::weight_grad_applies(cout)
 }
 
 /// The two kernels, on the backends that have them: flex, and autodiff over flex.
@@ -153,30 +157,78 @@ pub(super) fn parallel_chunks(chunks: usize) -> bool {
 /// column strides.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn matmul(
-    [m, n, k]: [usize; 3],
+    shape: [usize; 3],
     dst: &mut [f32],
     accumulate: bool,
     lhs: &[f32],
-    [lhs_rs, lhs_cs]: [usize; 2],
+    lhs_strides: [usize; 2],
     rhs: &[f32],
-    [rhs_rs, rhs_cs]: [usize; 2],
+    rhs_strides: [usize; 2],
+    parallel: bool,
+) {
+    // SAFETY: `dst` is initialised, so gemm may read it when it accumulates.
+    let dst = unsafe { &mut *(dst as *mut [f32] as *mut [MaybeUninit<f32>]) };
+    gemm_into(
+        shape,
+        dst,
+        accumulate,
+        [lhs, rhs],
+        [lhs_strides, rhs_strides],
+        parallel,
+    );
+}
+
+/// `dst = lhs x rhs` as [`matmul`], into a buffer nothing has written yet: gemm only writes it.
+pub(super) fn matmul_to(
+    shape: [usize; 3],
+    dst: &mut [MaybeUninit<f32>],
+    lhs: &[f32],
+    lhs_strides: [usize; 2],
+    rhs: &[f32],
+    rhs_strides: [usize; 2],
+    parallel: bool,
+) {
+    gemm_into(
+        shape,
+        dst,
+        false,
+        [lhs, rhs],
+        [lhs_strides, rhs_strides],
+        parallel,
+    );
+}
+
+/// [`matmul`] and [`matmul_to`]: gemm reads `dst` only where `accumulate` is set, and the
+/// callers pass an initialised `dst` then.
+fn gemm_into(
+    [m, n, k]: [usize; 3],
+    dst: &mut [MaybeUninit<f32>],
+    accumulate: bool,
+    [lhs, rhs]: [&[f32]; 2],
+    [[lhs_rs, lhs_cs], [rhs_rs, rhs_cs]]: [[usize; 2]; 2],
     parallel: bool,
 ) {
     assert!(dst.len() >= m * n);
     assert!(m == 0 || k == 0 || (m - 1) * lhs_rs + (k - 1) * lhs_cs < lhs.len());
     assert!(k == 0 || n == 0 || (k - 1) * rhs_rs + (n - 1) * rhs_cs < rhs.len());
+    if !accumulate && k == 0 {
+        // An empty sum: gemm would leave `dst` as it is.
+        dst[..m * n].fill(MaybeUninit::new(0.0));
+        return;
+    }
     let parallelism = if parallel {
         gemm::Parallelism::Rayon(0)
     } else {
         gemm::Parallelism::None
     };
-    // SAFETY: the asserts above keep every element gemm reads or writes inside the slices.
+    // SAFETY: the asserts above keep every element gemm reads or writes inside the slices; it
+    // reads `dst` only when `accumulate` is set.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst.as_mut_ptr(),
+            dst.as_mut_ptr().cast::<f32>(),
             1,
             n as isize,
             accumulate,

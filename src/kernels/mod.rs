@@ -64,6 +64,15 @@ fn unwritten(len: usize) -> Vec<MaybeUninit<f32>> {
     buffer
 }
 
+/// A part of an [`unwritten`] buffer as the floats its caller wrote there.
+///
+/// # Safety
+/// Every value of `part` has been written.
+unsafe fn assume_written(part: &mut [MaybeUninit<f32>]) -> &mut [f32] {
+    // SAFETY: same layout; the caller wrote every value.
+    unsafe { &mut *(part as *mut [MaybeUninit<f32>] as *mut [f32]) }
+}
+
 /// `buffer` as the floats its caller wrote.
 ///
 /// # Safety
