@@ -23,7 +23,7 @@ use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
-use super::{unwritten, written};
+use super::{assume_written, unwritten, written};
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
@@ -42,6 +42,10 @@ const TAP_GROUP: usize = 9;
 /// Below this many positions per image, the weight gradient sums every image of an input channel
 /// in one pass (one reduction per channel rather than per channel and image).
 const SMALL_PLANE: usize = 1024;
+/// Pairs of output channels per job of the weight gradient, and input channels per block its
+/// pairs go through together on large planes (16 padded 56x56 planes are 216 kB).
+const PAIRS_PER_JOB: usize = 4;
+const WG_CI_BLOCK: usize = 16;
 
 /// Whether the CPU has AVX-512 (foundation), which these kernels need.
 pub fn available() -> bool {
@@ -153,13 +157,20 @@ impl Layout {
 
     /// `images` [planes, H, W] in phase planes [planes, stride]: zero borders and tails.
     fn scatter(&self, conv: &Conv, images: &[f32], planes: usize) -> Vec<f32> {
-        let mut out = vec![0.0f32; planes * self.stride];
-        if conv.h * conv.w > 0 {
-            out.par_chunks_mut(self.stride)
-                .zip(images.par_chunks(conv.h * conv.w))
-                .for_each(|(dst, src)| self.scatter_plane(conv, src, dst));
+        if conv.h * conv.w == 0 {
+            return vec![0.0f32; planes * self.stride];
         }
-        out
+        // Zeroed plane by plane on rayon's threads, not by the allocator on the calling thread.
+        let mut out = unwritten(planes * self.stride);
+        out.par_chunks_mut(self.stride)
+            .zip(images.par_chunks(conv.h * conv.w))
+            .for_each(|(dst, src)| {
+                dst.fill(MaybeUninit::new(0.0));
+                // SAFETY: just written.
+                self.scatter_plane(conv, src, unsafe { assume_written(dst) })
+            });
+        // SAFETY: every plane of `stride` values was filled.
+        unsafe { written(out) }
     }
 
     /// One image plane `src` [H, W] into its (zeroed) phase planes `dst`.
@@ -430,15 +441,7 @@ pub fn input_grad(
             });
         }
     }
-    let mut padded = vec![0.0f32; n * cout * reads];
-    padded
-        .par_chunks_mut(reads)
-        .zip(grad.par_chunks(ho * wo))
-        .for_each(|(dst, src)| {
-            for (y, line) in src.chunks(wo).enumerate() {
-                dst[(y + top) * row + left..][..wo].copy_from_slice(line);
-            }
-        });
+    let padded = padded_planes(grad, [n * cout, ho, wo], reads, |y| (y + top) * row + left);
     // Each phase's pass writes that phase's pixels. With a kernel narrower than the stride, some
     // phases have no tap, and their pixels a zero gradient.
     let mut dx = if k >= s {
@@ -451,6 +454,31 @@ pub fn input_grad(
     // each phase has taps, and its pass writes every pixel of the phase (rows and columns of
     // `phase_range`); the other buffer starts zeroed.
     unsafe { written(dx) }
+}
+
+/// The `count` planes [H, W] of `planes` each in `len` zeroed values, row `y` from `start(y)` on,
+/// zeroed and copied on rayon's threads.
+fn padded_planes(
+    planes: &[f32],
+    [count, h, w]: [usize; 3],
+    len: usize,
+    start: impl Fn(usize) -> usize + Sync,
+) -> Vec<f32> {
+    assert_eq!(planes.len(), count * h * w);
+    if h * w == 0 || len == 0 {
+        return vec![0.0; count * len];
+    }
+    let mut out = unwritten(count * len);
+    out.par_chunks_mut(len)
+        .zip(planes.par_chunks(h * w))
+        .for_each(|(dst, src)| {
+            dst.fill(MaybeUninit::new(0.0));
+            for (y, line) in src.chunks(w).enumerate() {
+                dst[start(y)..][..w].write_copy_of_slice(line);
+            }
+        });
+    // SAFETY: every plane of `len` values was filled.
+    unsafe { written(out) }
 }
 
 /// What a forward block starts its sums from.
@@ -548,14 +576,7 @@ pub fn weight_grad(x: &[f32], grad: &[f32], conv: Conv, [n, cin, cout]: [usize; 
     let xp = layout.scatter(&conv, x, n * cin);
     // The gradient at the computed positions, zero in the cropped columns and after the last
     // row: those positions add nothing.
-    let mut gp = vec![0.0f32; n * cout * positions];
-    gp.par_chunks_mut(positions)
-        .zip(grad.par_chunks(ho * wo))
-        .for_each(|(dst, src)| {
-            for (y, line) in src.chunks(wo).enumerate() {
-                dst[y * row..][..wo].copy_from_slice(line);
-            }
-        });
+    let gp = padded_planes(grad, [n * cout, ho, wo], positions, |y| y * row);
     // The taps in groups of 9, the last one filled up with tap 0 (its sums are dropped).
     let groups: Vec<[usize; TAP_GROUP]> = layout
         .offsets
@@ -563,43 +584,57 @@ pub fn weight_grad(x: &[f32], grad: &[f32], conv: Conv, [n, cin, cout]: [usize; 
         .map(|g| std::array::from_fn(|i| g.get(i).copied().unwrap_or(g[0])))
         .collect();
     let small = positions < SMALL_PLANE;
-    dw.par_chunks_mut(2 * cin * taps)
+    // Jobs of a few pairs of output channels, each reading a block of input channels once for
+    // all its pairs while the block is in the cache.
+    let pair_len = 2 * cin * taps;
+    let per_job = (cout / 2)
+        .div_ceil(2 * rayon::current_num_threads())
+        .clamp(1, PAIRS_PER_JOB);
+    dw.par_chunks_mut(per_job * pair_len)
         .enumerate()
-        .for_each(|(pair, dw)| {
-            let mut add = |ci: usize, group: usize, sums: [[f32; TAP_GROUP]; 2]| {
+        .for_each(|(job, dw)| {
+            let pairs = job * per_job..job * per_job + dw.len() / pair_len;
+            let mut add = |pair: usize, ci: usize, group: usize, sums: [[f32; TAP_GROUP]; 2]| {
                 let first = group * TAP_GROUP;
                 let len = TAP_GROUP.min(taps - first);
+                let dw = &mut dw[(pair - pairs.start) * pair_len..];
                 for (lane, sums) in sums.iter().enumerate() {
                     let dst = &mut dw[lane * cin * taps + ci * taps + first..][..len];
                     dst.iter_mut().zip(sums).for_each(|(d, s)| *d += s);
                 }
             };
-            let g = &gp[2 * pair * positions..];
             if small {
                 // Every image at once: [image][2 channels of the pair] `cout` planes apart.
-                for ci in 0..cin {
-                    for (index, group) in groups.iter().enumerate() {
-                        let images = [n, cout * positions, cin * stride];
-                        // SAFETY: `weight_grad_applies` checked AVX-512.
-                        let sums = unsafe {
-                            weight_grad_pair(g, &xp[ci * stride..], group, positions, images)
-                        };
-                        add(ci, index, sums);
+                for pair in pairs.clone() {
+                    let g = &gp[2 * pair * positions..];
+                    for ci in 0..cin {
+                        for (index, group) in groups.iter().enumerate() {
+                            let images = [n, cout * positions, cin * stride];
+                            // SAFETY: `weight_grad_applies` checked AVX-512.
+                            let sums = unsafe {
+                                weight_grad_pair(g, &xp[ci * stride..], group, positions, images)
+                            };
+                            add(pair, ci, index, sums);
+                        }
                     }
                 }
                 return;
             }
             for image in 0..n {
-                let g = &g[image * cout * positions..];
                 let x = &xp[image * cin * stride..];
-                for ci in 0..cin {
-                    for (index, group) in groups.iter().enumerate() {
-                        let images = [1, 0, 0];
-                        // SAFETY: as above.
-                        let sums = unsafe {
-                            weight_grad_pair(g, &x[ci * stride..], group, positions, images)
-                        };
-                        add(ci, index, sums);
+                for block in (0..cin).step_by(WG_CI_BLOCK) {
+                    for pair in pairs.clone() {
+                        let g = &gp[(image * cout + 2 * pair) * positions..];
+                        for ci in block..(block + WG_CI_BLOCK).min(cin) {
+                            for (index, group) in groups.iter().enumerate() {
+                                let images = [1, 0, 0];
+                                // SAFETY: as above.
+                                let sums = unsafe {
+                                    weight_grad_pair(g, &x[ci * stride..], group, positions, images)
+                                };
+                                add(pair, ci, index, sums);
+                            }
+                        }
                     }
                 }
             }
