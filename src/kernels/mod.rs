@@ -7,6 +7,7 @@
 
 mod autodiff;
 pub mod batch_norm;
+pub mod cat;
 pub mod conv1x1;
 pub mod conv3x3;
 mod direct;

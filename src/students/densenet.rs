@@ -9,6 +9,7 @@ use burn::nn::pool::{AvgPool2d, AvgPool2dConfig, MaxPool2d, MaxPool2dConfig};
 use burn::nn::{BatchNorm, Initializer, Linear, LinearConfig, PaddingConfig2d};
 use burn::prelude::*;
 
+use crate::kernels::cat::cat_channels;
 use crate::kernels::conv3x3::conv2d;
 use crate::kernels::pool::max_pool2d;
 
@@ -117,7 +118,7 @@ impl DenseBlock {
         let mut features = x;
         for layer in &self.layers {
             let new = layer.forward(features.clone());
-            features = Tensor::cat(vec![features, new], 1);
+            features = cat_channels(features, new);
         }
         features
     }
