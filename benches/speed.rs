@@ -9,7 +9,11 @@
 //! ```
 //!
 //! Every case runs `--warmup` untimed iterations, then `--iters` timed ones, and reports
-//! images/s = batch x iters / seconds. Cases: each teacher's forward pass (batch 8), each
+//! images/s = batch x iters / seconds. The PyTorch reference of a case runs right after ours
+//! (one `bench.py` process per case), so that both sides of a ratio meet the machine in the
+//! same state: on the shared 2-core development machine, speed drifted by 20-40% within minutes.
+//! With `--rounds R`, every case is timed R times in turn, and the table gives the median of
+//! each side and of the per-round ratios. Cases: each teacher's forward pass (batch 8), each
 //! student's full training step (forward, both losses, backward, Adam, the loss read back;
 //! batch 8 and 32, from cached teacher z-scores as our runs train), evaluation scoring (batch 32),
 //! one epoch of the CPU demo per student (ours only), and with `--end-to-end` one CIFAR-sized
@@ -45,6 +49,9 @@ struct Args {
     /// Untimed iterations before them.
     #[arg(long, default_value_t = 1)]
     warmup: usize,
+    /// Times every case this many times, ours then PyTorch's each time, and reports medians.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    rounds: u32,
     /// Only the cases whose names start with one of these prefixes (comma-separated), e.g.
     /// `teacher/,train/resnet18` (cases: teacher/<net>/b8, train/<student>/b8|b32,
     /// score/<student>/b32, demo-epoch/<student>).
@@ -120,14 +127,30 @@ fn selected(args: &Args, case: &str) -> bool {
     args.only.is_empty() || args.only.iter().any(|p| case.starts_with(p.as_str()))
 }
 
+/// The names of the cases `--only` selects, in the order they run.
+fn case_names(args: &Args) -> Vec<String> {
+    let mut names: Vec<String> = TeacherFamily::ALL
+        .into_iter()
+        .map(|f| format!("teacher/{}/b8", TeacherId::new(f, TeacherSize::Full).name()))
+        .collect();
+    for kind in StudentKind::ALL {
+        let name = torch_name(kind);
+        names.extend([8, 32].map(|b| format!("train/{name}/b{b}")));
+        names.push(format!("score/{name}/b32"));
+    }
+    names.extend(StudentKind::ALL.map(|k| format!("demo-epoch/{}", torch_name(k))));
+    names.retain(|c| selected(args, c));
+    names
+}
+
 /// The teachers at 224x224 whatever `--image-size` says: their ONNX exports are traced at that
 /// size (vgg19's pooling before its classifier is fixed there), and runs use them only there.
-fn teacher_cases(args: &Args, device: &Device, out: &mut Vec<Timing>) {
+fn teacher_cases(args: &Args, device: &Device, want: &str, out: &mut Vec<Timing>) {
     let s = 224;
     for family in TeacherFamily::ALL {
         let id = TeacherId::new(family, TeacherSize::Full);
         let case = format!("teacher/{}/b8", id.name());
-        if !selected(args, &case) {
+        if case != want {
             continue;
         }
         let teacher = match Teacher::load(id, &WeightsLocation::Build, device) {
@@ -150,12 +173,12 @@ fn teacher_cases(args: &Args, device: &Device, out: &mut Vec<Timing>) {
     }
 }
 
-fn student_cases(args: &Args, device: &Device, out: &mut Vec<Timing>) {
+fn student_cases(args: &Args, device: &Device, want: &str, out: &mut Vec<Timing>) {
     let s = args.image_size;
     for kind in StudentKind::ALL {
         for batch in [8, 32] {
             let case = format!("train/{}/b{batch}", torch_name(kind));
-            if !selected(args, &case) {
+            if case != want {
                 continue;
             }
             let ad = device.clone().autodiff();
@@ -196,7 +219,7 @@ fn student_cases(args: &Args, device: &Device, out: &mut Vec<Timing>) {
             }
         }
         let case = format!("score/{}/b32", torch_name(kind));
-        if !selected(args, &case) {
+        if case != want {
             continue;
         }
         device.seed(1);
@@ -284,7 +307,10 @@ fn phases(
 }
 
 /// One epoch of the CPU demo (its data, tiny teachers, 32x32) per student, evaluation included.
-fn demo_cases(args: &Args, device: &Device, out: &mut Vec<Timing>) {
+fn demo_cases(device: &Device, want: &str, out: &mut Vec<Timing>) {
+    if !want.starts_with("demo-epoch/") {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let spec = DemoSpec {
@@ -297,7 +323,7 @@ fn demo_cases(args: &Args, device: &Device, out: &mut Vec<Timing>) {
     let cache = dir.path().join("cache");
     for kind in StudentKind::ALL {
         let case = format!("demo-epoch/{}", torch_name(kind));
-        if !selected(args, &case) {
+        if case != want {
             continue;
         }
         let request = |out: &str| TrainRequest {
@@ -362,12 +388,20 @@ fn reference_cases(args: &Args, cases: &[String]) -> Vec<(String, f64)> {
         .args(["--iters", &args.iters.to_string()])
         .args(["--warmup", &args.warmup.to_string()])
         .args(["--device", &args.torch_device])
-        .args(["--only", &cases.join(",")])
-        .stderr(Stdio::inherit());
+        .args(["--only", &cases.join(",")]);
     let output = match cmd.output() {
-        Ok(o) if o.status.success() => o,
+        Ok(o) if o.status.success() => {
+            // Its versions and settings, once.
+            static HEADER: std::sync::Once = std::sync::Once::new();
+            HEADER.call_once(|| print!("{}", String::from_utf8_lossy(&o.stderr)));
+            o
+        }
         Ok(o) => {
-            println!("the PyTorch reference failed ({})", o.status);
+            println!(
+                "the PyTorch reference failed ({}):\n{}",
+                o.status,
+                String::from_utf8_lossy(&o.stderr)
+            );
             return Vec::new();
         }
         Err(e) => {
@@ -570,54 +604,136 @@ fn main() {
         std::process::exit(2)
     });
     println!(
-        "mtad speed: {} (rayon threads {}), inputs {s}x{s}, {} warm-up + {} timed iterations",
+        "mtad speed: {} (rayon threads {}), inputs {s}x{s}, {} warm-up + {} timed iterations, \
+         {} round(s)",
         device,
         rayon::current_num_threads(),
         args.warmup,
         args.iters,
+        args.rounds,
         s = args.image_size
     );
-    let mut ours = Vec::new();
-    teacher_cases(&args, &device.device, &mut ours);
-    student_cases(&args, &device.device, &mut ours);
-    demo_cases(&args, &device.device, &mut ours);
+    let py = python(&args);
+    let reference = !args.no_reference && has_torch(&py);
+    if !args.no_reference && !reference {
+        println!("{py} cannot import torch and torchvision: no PyTorch reference (--python)");
+    } else if reference {
+        println!(
+            "PyTorch reference: {py} benches/reference/bench.py, each case right after ours \
+             (the line below it)"
+        );
+    }
+    // Per case, ours then the reference's, once per round.
+    let cases = case_names(&args);
+    let mut ours: Vec<Timing> = Vec::new();
+    let mut theirs: Vec<(String, f64)> = Vec::new();
+    for _ in 0..args.rounds {
+        for case in &cases {
+            let timed = ours.len();
+            teacher_cases(&args, &device.device, case, &mut ours);
+            student_cases(&args, &device.device, case, &mut ours);
+            demo_cases(&device.device, case, &mut ours);
+            if !reference || case.starts_with("demo-epoch") || ours.len() == timed {
+                continue;
+            }
+            let rate = reference_cases(&args, std::slice::from_ref(case));
+            if let Some((_, v)) = rate.iter().find(|(c, _)| c == case) {
+                println!("{:<26} {v:>10.2} img/s PyTorch", "");
+            }
+            theirs.extend(rate);
+        }
+    }
     println!(
         "peak RSS of this process so far: {:.0} MiB",
         peak_rss_mib("self").unwrap_or(f64::NAN)
     );
-
-    let py = python(&args);
-    let reference = !args.no_reference && has_torch(&py);
-    if !args.no_reference && !reference {
-        println!("\n{py} cannot import torch and torchvision: no PyTorch reference (--python)");
-    }
-    let comparable: Vec<String> = ours
+    let ours = medians(&cases, &ours, &theirs);
+    let torch: Vec<(String, f64)> = ours
         .iter()
-        .map(|t| t.case.clone())
-        .filter(|c| !c.starts_with("demo-epoch"))
+        .filter_map(|m| Some((m.case.clone(), m.torch?)))
         .collect();
-    if reference && !comparable.is_empty() {
-        println!("\nPyTorch reference ({py}, benches/reference/bench.py), same cases:");
-        let theirs = reference_cases(&args, &comparable);
+    let ours_timings: Vec<Timing> = ours
+        .iter()
+        .map(|m| Timing {
+            case: m.case.clone(),
+            images_per_s: m.ours,
+        })
+        .collect();
+    if reference && !torch.is_empty() {
+        let per_round = if args.rounds > 1 {
+            format!(", medians of {} rounds", args.rounds)
+        } else {
+            String::new()
+        };
         println!(
-            "\n{:<26} {:>12} {:>12} {:>14}",
+            "\n{:<26} {:>12} {:>12} {:>14}{per_round}",
             "case", "ours img/s", "torch img/s", "ours/torch"
         );
-        for t in &ours {
-            let r = theirs.iter().find(|(c, _)| *c == t.case).map(|(_, v)| *v);
+        for m in &ours {
             println!(
                 "{:<26} {:>12.2} {:>12} {:>14}",
-                t.case,
-                t.images_per_s,
-                r.map_or("-".into(), |v| format!("{v:.2}")),
-                r.map_or("-".into(), |v| format!("{:.2}x", t.images_per_s / v))
+                m.case,
+                m.ours,
+                m.torch.map_or("-".into(), |v| format!("{v:.2}")),
+                m.ratio.map_or("-".into(), |r| format!("{r:.2}x"))
             );
         }
-        estimate_protocol(&ours, &theirs);
+        estimate_protocol(&ours_timings, &torch);
     }
     if args.end_to_end {
         end_to_end(&args, reference);
     }
+}
+
+/// One case's medians over the rounds: ours, PyTorch's, and the ratio (median of the rounds'
+/// ratios, each from ours and PyTorch's timing of the same round).
+struct Medians {
+    case: String,
+    ours: f64,
+    torch: Option<f64>,
+    ratio: Option<f64>,
+}
+
+fn median(mut values: Vec<f64>) -> Option<f64> {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(values[n / 2]),
+        _ => Some((values[n / 2 - 1] + values[n / 2]) / 2.0),
+    }
+}
+
+/// Per case, in `cases`' order: the medians of `ours` and `theirs`, whose k-th timings of a case
+/// come from the same round.
+fn medians(cases: &[String], ours: &[Timing], theirs: &[(String, f64)]) -> Vec<Medians> {
+    cases
+        .iter()
+        .filter_map(|case| {
+            let mine: Vec<f64> = ours
+                .iter()
+                .filter(|t| t.case == *case)
+                .map(|t| t.images_per_s)
+                .collect();
+            let torch: Vec<f64> = theirs
+                .iter()
+                .filter(|(c, _)| c == case)
+                .map(|(_, v)| *v)
+                .collect();
+            // Paired by round only when every round has both (else no ratio).
+            let ratios = if torch.len() == mine.len() {
+                mine.iter().zip(&torch).map(|(a, b)| a / b).collect()
+            } else {
+                Vec::new()
+            };
+            Some(Medians {
+                case: case.clone(),
+                ours: median(mine)?,
+                torch: median(torch),
+                ratio: median(ratios),
+            })
+        })
+        .collect()
 }
 
 /// The reference's protocol on one CIFAR-10 class (5,000 training and 10,000 test images, 500
