@@ -11,7 +11,7 @@
 //! frameworks, then the layer kinds sorted by the time each loses against PyTorch
 //! (`--layers densenet121`: the same for densenet121's step). Our side runs
 //! the layers as the models do, with our own CPU kernels where they apply (`src/kernels`:
-//! convolutions, batch norm + activation, max pooling, upsampling); add `--burn` for Burn's own
+//! convolutions, batch norm + activation, pooling, upsampling); add `--burn` for Burn's own
 //! layers throughout.
 //!
 //! ```text
@@ -35,7 +35,7 @@ use burn::tensor::module::interpolate;
 use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
 use multi_teacher_ad::decoder::upsample2x;
 use multi_teacher_ad::kernels::conv3x3::conv2d;
-use multi_teacher_ad::kernels::pool::max_pool2d;
+use multi_teacher_ad::kernels::pool::{avg_pool2d, max_pool2d};
 use multi_teacher_ad::students::{Activation, batch_norm, batch_norm_act};
 use multi_teacher_ad::training::adam::Adam;
 use serde_json::json;
@@ -501,7 +501,14 @@ fn time_layer(op: Op, side: usize, ad: &Device, burn_only: bool) -> f64 {
         Op::AvgPool { c } => {
             let pool = AvgPool2dConfig::new([2, 2]).with_strides([2, 2]).init();
             let x = input(vec![n, c, side, side]);
-            timed(|| backward(pool.forward(x.clone()), &x))
+            timed(|| {
+                let y = if burn_only {
+                    pool.forward(x.clone())
+                } else {
+                    avg_pool2d(&pool, x.clone())
+                };
+                backward(y, &x)
+            })
         }
         Op::Cat { c } => {
             let x = input(vec![n, c, side, side]);

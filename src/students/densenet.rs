@@ -11,7 +11,7 @@ use burn::prelude::*;
 
 use crate::kernels::cat::cat_channels;
 use crate::kernels::conv3x3::conv2d;
-use crate::kernels::pool::max_pool2d;
+use crate::kernels::pool::{avg_pool2d, max_pool2d};
 
 use super::Activation::Relu;
 use super::{batch_norm_act, norm};
@@ -134,8 +134,10 @@ impl Transition {
     }
 
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        self.pool
-            .forward(conv2d(&self.conv, batch_norm_act(&self.norm, x, Relu)))
+        avg_pool2d(
+            &self.pool,
+            conv2d(&self.conv, batch_norm_act(&self.norm, x, Relu)),
+        )
     }
 }
 
