@@ -379,41 +379,64 @@ fn has_torch(python: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-/// The reference's images/s per case, from `bench.py --json`.
-fn reference_cases(args: &Args, cases: &[String]) -> Vec<(String, f64)> {
-    let py = python(args);
-    let mut cmd = Command::new(&py);
-    cmd.arg(reference_dir().join("bench.py"))
-        .args(["--json", "--image-size", &args.image_size.to_string()])
-        .args(["--iters", &args.iters.to_string()])
-        .args(["--warmup", &args.warmup.to_string()])
-        .args(["--device", &args.torch_device])
-        .args(["--only", &cases.join(",")]);
-    let output = match cmd.output() {
-        Ok(o) if o.status.success() => {
-            // Its versions and settings, once.
-            static HEADER: std::sync::Once = std::sync::Once::new();
-            HEADER.call_once(|| print!("{}", String::from_utf8_lossy(&o.stderr)));
-            o
+/// The PyTorch reference as one warm process (`bench.py --serve`): each case is timed when
+/// asked, right after ours.
+struct Reference {
+    child: std::process::Child,
+    input: Option<std::process::ChildStdin>,
+    output: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl Reference {
+    /// Starts `bench.py --serve` for `cases`, or says why it could not.
+    fn start(args: &Args, cases: &[String]) -> Result<Self, String> {
+        let mut child = Command::new(python(args))
+            .arg(reference_dir().join("bench.py"))
+            .args(["--serve", "--image-size", &args.image_size.to_string()])
+            .args(["--iters", &args.iters.to_string()])
+            .args(["--warmup", &args.warmup.to_string()])
+            .args(["--device", &args.torch_device])
+            .args(["--only", &cases.join(",")])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| format!("the PyTorch reference did not start: {e}"))?;
+        let input = child.stdin.take();
+        let output = std::io::BufReader::new(child.stdout.take().expect("piped"));
+        Ok(Self {
+            child,
+            input,
+            output,
+        })
+    }
+
+    /// PyTorch's images/s for `case`, or why there is none.
+    fn time(&mut self, case: &str) -> Result<f64, String> {
+        use std::io::{BufRead, Write};
+        let input = self.input.as_mut().expect("open until dropped");
+        writeln!(input, "{case}")
+            .and_then(|_| input.flush())
+            .map_err(|e| format!("the PyTorch reference stopped: {e}"))?;
+        let mut line = String::new();
+        match self.output.read_line(&mut line) {
+            Ok(0) | Err(_) => return Err("the PyTorch reference stopped".into()),
+            Ok(_) => {}
         }
-        Ok(o) => {
-            println!(
-                "the PyTorch reference failed ({}):\n{}",
-                o.status,
-                String::from_utf8_lossy(&o.stderr)
-            );
-            return Vec::new();
-        }
-        Err(e) => {
-            println!("the PyTorch reference did not start: {e}");
-            return Vec::new();
-        }
-    };
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter_map(|v| Some((v["case"].as_str()?.to_string(), v["images_per_s"].as_f64()?)))
-        .collect()
+        let value: serde_json::Value = serde_json::from_str(&line)
+            .map_err(|e| format!("the PyTorch reference answered {line:?}: {e}"))?;
+        value["images_per_s"]
+            .as_f64()
+            .ok_or_else(|| format!("the PyTorch reference answered {}", line.trim()))
+    }
+}
+
+impl Drop for Reference {
+    fn drop(&mut self) {
+        // Closing its stdin ends its loop.
+        drop(self.input.take());
+        let _ = self.child.wait();
+    }
 }
 
 /// VmHWM (peak resident set) of a process, in MiB.
@@ -625,6 +648,17 @@ fn main() {
     }
     // Per case, ours then the reference's, once per round.
     let cases = case_names(&args);
+    let comparable: Vec<String> = cases
+        .iter()
+        .filter(|c| !c.starts_with("demo-epoch"))
+        .cloned()
+        .collect();
+    let mut torch_side = match reference && !comparable.is_empty() {
+        true => Reference::start(&args, &comparable)
+            .inspect_err(|e| println!("{e}"))
+            .ok(),
+        false => None,
+    };
     let mut ours: Vec<Timing> = Vec::new();
     let mut theirs: Vec<(String, f64)> = Vec::new();
     for _ in 0..args.rounds {
@@ -633,14 +667,22 @@ fn main() {
             teacher_cases(&args, &device.device, case, &mut ours);
             student_cases(&args, &device.device, case, &mut ours);
             demo_cases(&device.device, case, &mut ours);
-            if !reference || case.starts_with("demo-epoch") || ours.len() == timed {
+            let Some(reference) = torch_side.as_mut() else {
+                continue;
+            };
+            if !comparable.contains(case) || ours.len() == timed {
                 continue;
             }
-            let rate = reference_cases(&args, std::slice::from_ref(case));
-            if let Some((_, v)) = rate.iter().find(|(c, _)| c == case) {
-                println!("{:<26} {v:>10.2} img/s PyTorch", "");
+            match reference.time(case) {
+                Ok(v) => {
+                    println!("{:<26} {v:>10.2} img/s PyTorch", "");
+                    theirs.push((case.clone(), v));
+                }
+                Err(e) => {
+                    println!("{e}");
+                    torch_side = None;
+                }
             }
-            theirs.extend(rate);
         }
     }
     println!(

@@ -163,6 +163,10 @@ def main():
                         help="torch device, e.g. cpu or cuda (default cpu)")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object per case per line instead of a table")
+    parser.add_argument("--serve", action="store_true",
+                        help="read case names from stdin, one per line, and answer each with its "
+                             "JSON line (as --json) until stdin closes: one warm process for a "
+                             "caller that interleaves its own timings (benches/speed.rs)")
     args = parser.parse_args()
 
     if args.image_size <= 0 or args.image_size % 32 != 0:
@@ -183,6 +187,16 @@ def main():
     print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads, "
           f"S={args.image_size}, warmup {args.warmup}, iters {args.iters}, "
           f"decoder {nets.decoder_params(args.image_size):,} parameters", file=sys.stderr)
+    if args.serve:
+        for line in sys.stdin:
+            case = line.strip()
+            if case not in cases:
+                print(json.dumps({"case": case, "error": "unknown or deselected case"}),
+                      flush=True)
+                continue
+            result = run_case(case, args.image_size, args.iters, args.warmup, device)
+            print(json.dumps(result), flush=True)
+        return
     for case in cases:
         result = run_case(case, args.image_size, args.iters, args.warmup, device)
         if args.json:
