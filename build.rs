@@ -8,8 +8,8 @@
 //! The generated code and the weights (`<name>.bpk`) stay in `OUT_DIR/teachers`. The generated
 //! `Model`s are built with `LoadStrategy::None`: the library constructs them with `new()` and loads
 //! the weights itself through burn-store, checking them against the sha256 recorded here in
-//! `OUT_DIR/teachers/manifest.rs`. The generated code's convolutions and max pooling are
-//! rewritten to call `kernels::conv3x3::conv2d` and `kernels::pool::max_pool2d`, so that the
+//! `OUT_DIR/teachers/manifest.rs`. The generated code's convolutions and pooling are rewritten
+//! to call `kernels::conv3x3::conv2d` and `kernels::pool::{max_pool2d, avg_pool2d}`, so that the
 //! teachers use our CPU kernels (see `route_layers`).
 
 use std::{
@@ -123,14 +123,16 @@ fn import(name: &str, onnx: &Path, out: &Path, listed: Option<String>, manifest:
 }
 
 /// The generated code with every `self.conv2dN.forward(x)` replaced by
-/// `crate::kernels::conv3x3::conv2d(&self.conv2dN, x)` and every `self.maxpool2dN.forward(x)` by
-/// `crate::kernels::pool::max_pool2d(&self.maxpool2dN, x)`: our CPU kernels for the
-/// convolutions (with their bias in the same pass) and max pooling, Burn's own layers for every
-/// other shape and backend. burn-onnx names these fields `conv2d<N>` and `maxpool2d<N>`.
-/// Idempotent.
+/// `crate::kernels::conv3x3::conv2d(&self.conv2dN, x)`, every `self.maxpool2dN.forward(x)` by
+/// `crate::kernels::pool::max_pool2d(&self.maxpool2dN, x)` and every
+/// `self.averagepool2dN.forward(x)` by `crate::kernels::pool::avg_pool2d(..)`: our CPU kernels
+/// for the convolutions (with their bias in the same pass) and pooling, Burn's own layers for
+/// every other shape and backend. burn-onnx names these fields `conv2d<N>`, `maxpool2d<N>` and
+/// `averagepool2d<N>`. Idempotent.
 fn route_layers(code: &str) -> String {
     let code = route(code, "conv2d", "crate::kernels::conv3x3::conv2d");
-    route(&code, "maxpool2d", "crate::kernels::pool::max_pool2d")
+    let code = route(&code, "maxpool2d", "crate::kernels::pool::max_pool2d");
+    route(&code, "averagepool2d", "crate::kernels::pool::avg_pool2d")
 }
 
 /// `code` with `self.<field><N>.forward(` replaced by `<function>(&self.<field><N>, `.

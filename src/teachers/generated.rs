@@ -56,11 +56,11 @@ mod tests {
         include_str!(concat!(env!("OUT_DIR"), "/teachers/tiny_densenet.rs")),
     ];
 
-    /// build.rs routes every generated convolution and max pooling through our kernels' entry
-    /// points (a convolution followed by a ReLU through the fused one).
+    /// build.rs routes every generated convolution, max pooling and average pooling through our
+    /// kernels' entry points (a convolution followed by a ReLU through the fused one).
     #[test]
     fn the_generated_convolutions_and_pools_go_through_our_kernels() {
-        let mut pools = 0;
+        let mut pools = std::collections::HashMap::new();
         for code in TINY {
             for (kind, field, functions) in [
                 (
@@ -76,6 +76,11 @@ mod tests {
                     "maxpool2d",
                     &["crate::kernels::pool::max_pool2d"][..],
                 ),
+                (
+                    "AvgPool2d",
+                    "averagepool2d",
+                    &["crate::kernels::pool::avg_pool2d"][..],
+                ),
             ] {
                 let fields = code.matches(&format!(": {kind},")).count();
                 let routed: usize = functions
@@ -89,14 +94,15 @@ mod tests {
                 for i in 1..=fields {
                     assert!(!code.contains(&format!("self.{field}{i}.forward(")));
                 }
-                if kind == "Conv2d" {
-                    assert!(fields > 0);
-                } else {
-                    pools += fields;
+                match kind {
+                    "Conv2d" => assert!(fields > 0),
+                    _ => *pools.entry(kind).or_insert(0) += fields,
                 }
             }
         }
-        assert!(pools > 0, "the tiny teachers have max pooling");
+        for kind in ["MaxPool2d", "AvgPool2d"] {
+            assert!(pools[kind] > 0, "the tiny teachers have {kind}");
+        }
     }
 
     /// build.rs fuses the chains after the convolutions into `kernels::fused`: no ReLU or batch
