@@ -653,11 +653,12 @@ fn main() {
         .filter(|c| !c.starts_with("demo-epoch"))
         .cloned()
         .collect();
-    let mut torch_side = match reference && !comparable.is_empty() {
-        true => Reference::start(&args, &comparable)
+    let mut torch_side = if reference && !comparable.is_empty() {
+        Reference::start(&args, &comparable)
             .inspect_err(|e| println!("{e}"))
-            .ok(),
-        false => None,
+            .ok()
+    } else {
+        None
     };
     let mut ours: Vec<Timing> = Vec::new();
     let mut theirs: Vec<(String, f64)> = Vec::new();
@@ -701,7 +702,7 @@ fn main() {
             images_per_s: m.ours,
         })
         .collect();
-    if reference && !torch.is_empty() {
+    if !ours.is_empty() {
         let per_round = if args.rounds > 1 {
             format!(", medians of {} rounds", args.rounds)
         } else {
@@ -720,7 +721,9 @@ fn main() {
                 m.ratio.map_or("-".into(), |r| format!("{r:.2}x"))
             );
         }
-        estimate_protocol(&ours_timings, &torch);
+        if !torch.is_empty() {
+            estimate_protocol(&ours_timings, &torch);
+        }
     }
     if args.end_to_end {
         end_to_end(&args, reference);

@@ -166,7 +166,8 @@ pub(super) fn matmul(
     rhs_strides: [usize; 2],
     parallel: bool,
 ) {
-    // SAFETY: `dst` is initialised, so gemm may read it when it accumulates.
+    // SAFETY: same layout; `gemm_into` writes only initialised floats into `dst` (so it stays
+    // valid as `[f32]`), and `dst` is initialised where gemm reads it to accumulate.
     let dst = unsafe { &mut *(dst as *mut [f32] as *mut [MaybeUninit<f32>]) };
     gemm_into(
         shape,

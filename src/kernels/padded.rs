@@ -42,9 +42,10 @@ const TAP_GROUP: usize = 9;
 /// Below this many positions per image, the weight gradient sums every image of an input channel
 /// in one pass (one reduction per channel rather than per channel and image).
 const SMALL_PLANE: usize = 1024;
-/// Pairs of output channels per job of the weight gradient, and input channels per block its
-/// pairs go through together on large planes (16 padded 56x56 planes are 216 kB).
+/// Pairs of output channels per job of the weight gradient, at most.
 const PAIRS_PER_JOB: usize = 4;
+/// Input channels per block that a weight-gradient job's pairs go through together on large
+/// planes (16 padded 56x56 planes are 216 kB).
 const WG_CI_BLOCK: usize = 16;
 
 /// Whether the CPU has AVX-512 (foundation), which these kernels need.
