@@ -27,7 +27,7 @@ use burn::prelude::*;
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
-use super::{contiguous_f32, dims4, flex_f32, is_flex, unwritten, written};
+use super::{contiguous_f32, dims4, flex_f32, is_flex, planes_per_job, unwritten, written};
 
 /// The fused batch norm, on flex and autodiff over flex (float32).
 #[backend_extension(Autodiff, Flex)]
@@ -110,11 +110,6 @@ fn vector(values: Vec<f32>) -> FlexTensor {
     tensor.reshape(Shape::from(vec![len]))
 }
 
-/// Planes per rayon job, so that small planes (7x7) are not one job each.
-fn min_planes(l: usize) -> usize {
-    (4096 / l.max(1)).max(1)
-}
-
 impl BatchNormBackend for Flex {
     fn batch_norm_act(
         x: FlexTensor,
@@ -168,7 +163,7 @@ impl BatchNormBackend for Flex {
             out.par_chunks_mut(l)
                 .zip(xs.par_chunks(l))
                 .enumerate()
-                .with_min_len(min_planes(l))
+                .with_min_len(planes_per_job(l, 4096))
                 .for_each(|(i, (out, x))| {
                     let (scale, shift) = affine[i % c];
                     let x = &x[..out.len()];
@@ -242,7 +237,7 @@ impl BatchNormBackend for Flex {
         if l > 0 {
             dx.par_chunks_mut(l)
                 .enumerate()
-                .with_min_len(min_planes(l))
+                .with_min_len(planes_per_job(l, 4096))
                 .for_each(|(i, dx)| {
                     let ch = i % c;
                     let (sum_g, sum_gx) = sums[ch];

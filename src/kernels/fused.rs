@@ -260,7 +260,7 @@ pub fn batch_norm_act(norm: &BatchNorm, inputs: Vec<Tensor<4>>, slope: f64) -> T
         let inputs = flexes.into_iter().map(from_flex).collect();
         return burns(inputs);
     }
-    let planes_per_job = min_planes(plane);
+    let planes_per_job = super::planes_per_job(plane, CHUNK / 4);
     let coefficients = |c: usize| [scale[c], shift[c], slope];
     if let [flex] = flexes.as_mut_slice()
         && let Some(values) = in_place(flex)
@@ -307,11 +307,6 @@ pub fn batch_norm_act(norm: &BatchNorm, inputs: Vec<Tensor<4>>, slope: f64) -> T
     // SAFETY: every plane of every image was written from its input's plane.
     let values = unsafe { written(out) };
     from_flex(super::flex_f32(values, [n, channels, h, w]))
-}
-
-/// Planes per rayon job, so that small planes (7x7) are not one job each.
-fn min_planes(plane: usize) -> usize {
-    (CHUNK / 4 / plane.max(1)).max(1)
 }
 
 #[cfg(test)]

@@ -65,6 +65,12 @@ fn unwritten(len: usize) -> Vec<MaybeUninit<f32>> {
     buffer
 }
 
+/// Planes of `plane` values per rayon job, so that a job covers about `values` values and small
+/// planes (7x7) are not one job each.
+fn planes_per_job(plane: usize, values: usize) -> usize {
+    (values / plane.max(1)).max(1)
+}
+
 /// A part of an [`unwritten`] buffer as the floats its caller wrote there.
 ///
 /// # Safety

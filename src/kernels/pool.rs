@@ -26,7 +26,7 @@ use burn::prelude::*;
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
-use super::{contiguous_f32, dims4, flex_f32, is_flex, unwritten, written};
+use super::{contiguous_f32, dims4, flex_f32, is_flex, planes_per_job, unwritten, written};
 
 /// The pooling window: kernel, stride and padding (on both sides) per axis, [height, width].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -280,11 +280,6 @@ pub trait AvgPoolBackend: Backend {
     fn avg_pool2x2_backward(grad: FloatTensor<Self>, input: [usize; 2]) -> FloatTensor<Self>;
 }
 
-/// Planes per rayon job, so that small planes (7x7) are not one job each.
-fn planes_per_job(plane: usize) -> usize {
-    (4096 / plane.max(1)).max(1)
-}
-
 impl AvgPoolBackend for Flex {
     fn avg_pool2x2(x: FlexTensor) -> FlexTensor {
         assert_eq!(x.dtype(), DType::F32, "avg_pool2d routes float32 only");
@@ -296,7 +291,7 @@ impl AvgPoolBackend for Flex {
         if ho * wo > 0 {
             out.par_chunks_mut(ho * wo)
                 .zip(xs.par_chunks(h * w))
-                .with_min_len(planes_per_job(h * w))
+                .with_min_len(planes_per_job(h * w, 4096))
                 .for_each(|(out, plane)| {
                     for (oy, out) in out.chunks_mut(wo).enumerate() {
                         let (top, bottom) =
@@ -326,7 +321,7 @@ impl AvgPoolBackend for Flex {
         if h * w > 0 {
             dx.par_chunks_mut(h * w)
                 .enumerate()
-                .with_min_len(planes_per_job(h * w))
+                .with_min_len(planes_per_job(h * w, 4096))
                 .for_each(|(i, dx)| {
                     let g = &gs[i * ho * wo..][..ho * wo];
                     for (y, row) in dx.chunks_mut(w).enumerate() {
