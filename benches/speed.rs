@@ -690,19 +690,8 @@ fn main() {
         "peak RSS of this process so far: {:.0} MiB",
         peak_rss_mib("self").unwrap_or(f64::NAN)
     );
-    let ours = medians(&cases, &ours, &theirs);
-    let torch: Vec<(String, f64)> = ours
-        .iter()
-        .filter_map(|m| Some((m.case.clone(), m.torch?)))
-        .collect();
-    let ours_timings: Vec<Timing> = ours
-        .iter()
-        .map(|m| Timing {
-            case: m.case.clone(),
-            images_per_s: m.ours,
-        })
-        .collect();
-    if !ours.is_empty() {
+    let table = medians(&cases, &ours, &theirs);
+    if !table.is_empty() {
         let per_round = if args.rounds > 1 {
             format!(", medians of {} rounds", args.rounds)
         } else {
@@ -712,7 +701,7 @@ fn main() {
             "\n{:<26} {:>12} {:>12} {:>14}{per_round}",
             "case", "ours img/s", "torch img/s", "ours/torch"
         );
-        for m in &ours {
+        for m in &table {
             println!(
                 "{:<26} {:>12.2} {:>12} {:>14}",
                 m.case,
@@ -721,8 +710,8 @@ fn main() {
                 m.ratio.map_or("-".into(), |r| format!("{r:.2}x"))
             );
         }
-        if !torch.is_empty() {
-            estimate_protocol(&ours_timings, &torch);
+        if table.iter().any(|m| m.torch.is_some()) {
+            estimate_protocol(&table);
         }
     }
     if args.end_to_end {
@@ -785,10 +774,11 @@ fn medians(cases: &[String], ours: &[Timing], theirs: &[(String, f64)]) -> Vec<M
 /// epochs, an evaluation every 50) estimated from the per-image rates measured above: ours runs
 /// the teachers once per image and scores the normal training images too at each evaluation (for
 /// nor); the reference's way runs the teachers on every epoch's images and at every evaluation.
-fn estimate_protocol(ours: &[Timing], theirs: &[(String, f64)]) {
+fn estimate_protocol(rates: &[Medians]) {
     let get = |list: &dyn Fn(&str) -> Option<f64>, case: &str| list(case);
-    let mine = |case: &str| ours.iter().find(|t| t.case == case).map(|t| t.images_per_s);
-    let torch = |case: &str| theirs.iter().find(|(c, _)| c == case).map(|(_, v)| *v);
+    let find = |case: &str| rates.iter().find(|m| m.case == case);
+    let mine = |case: &str| find(case).map(|m| m.ours);
+    let torch = |case: &str| find(case).and_then(|m| m.torch);
     let ensemble = |rate: &dyn Fn(&str) -> Option<f64>| -> Option<f64> {
         let mut inverse = 0.0;
         for t in ["resnet152", "vgg19", "densenet201"] {
