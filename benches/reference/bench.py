@@ -4,8 +4,9 @@ Every case is timed the same way: W warm-up iterations, then I timed iterations 
 time.perf_counter (wall clock); the figure is images per second = batch * I / elapsed.
 
 Cases (select with --only, comma-separated name prefixes):
-  teacher/<t>/b8      t in resnet152, vgg19, densenet201: eval-mode forward of [8, 3, S, S] to
-                      the 1000 logits under torch.inference_mode().
+  teacher/<t>/b8      t in resnet152, vgg19, densenet201: eval-mode forward of [8, 3, 224, 224]
+                      to the 1000 logits under torch.inference_mode(), at 224 whatever
+                      --image-size says (ours run at 224 only: their exports are traced there).
   train/<s>/b8, b32   s in resnet18, vgg11, densenet121: one training step as our TrainStep in
                       src/training/model.rs does it, from cached teacher z-scores (no teacher
                       forward): z_T = sum_i softmax(w)_i z_i, x_T = Decoder(z_T),
@@ -35,6 +36,7 @@ import torch  # noqa: E402
 import reference_nets as nets  # noqa: E402
 
 TEACHER_BATCH = 8
+TEACHER_SIZE = 224
 TRAIN_BATCHES = (8, 32)
 SCORE_BATCH = 32
 
@@ -116,7 +118,7 @@ def make_step(case, size, device):
     kind, net, b = case.split("/")
     batch = int(b[1:])
     if kind == "teacher":
-        return batch, teacher_case(net, batch, size, device)
+        return batch, teacher_case(net, batch, TEACHER_SIZE, device)
     if kind == "train":
         return batch, train_case(net, batch, size, device)
     return batch, score_case(net, batch, size, device)
