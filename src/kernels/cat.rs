@@ -5,7 +5,7 @@
 //! backward. Burn's CPU backend (flex) copies them on the calling thread while rayon's threads
 //! wait, and its backward pass hands out strided views of the gradient, which the convolutions'
 //! gradients then copy on the calling thread too. A per-thread `perf` profile of the densenet121
-//! training step put those copies at about a tenth of the calling thread's samples. Here both
+//! training step put those copies at about a seventh of the calling thread's samples. Here both
 //! directions copy image by image on rayon's threads, and the gradient's parts come out
 //! contiguous. [`cat_channels`] routes float32 flex tensors here and leaves the rest to Burn.
 
