@@ -373,6 +373,10 @@ impl Conv3x3Backend for Flex {
         let (hw, k) = (h * w, cin * 9);
         let xs = x.as_slice::<f32>().unwrap();
         let gs = grad.as_slice::<f32>().unwrap();
+        if winograd::weight_grad_applies(cin, cout, h, w) {
+            let dw = winograd::weight_grad(xs, gs, [n, cin, cout, h, w]);
+            return flex_f32(dw, [cout, cin, 3, 3]);
+        }
         if padded_weight_grad(h * w, cin, cout) {
             let dw = padded::weight_grad(xs, gs, Conv::same3x3(h, w), [n, cin, cout]);
             return flex_f32(dw, [cout, cin, 3, 3]);
@@ -646,7 +650,7 @@ mod tests {
             (2, 4, 8, 56, 57),
             // Enough input channels for the strided gradients' patch matrices.
             (2, 128, 8, 6, 6),
-            // Enough channels and pixels for Winograd's products (forward and input gradient).
+            // Enough channels and pixels for Winograd's products (all three passes).
             (2, 64, 72, 15, 14),
         ] {
             // 3x3 same and 1x1 convolutions, with and without a bias.
