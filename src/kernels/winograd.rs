@@ -46,9 +46,10 @@ pub fn weight_grad_applies(cin: usize, cout: usize, h: usize, w: usize) -> bool 
 /// `U = G g G^T` for every (output, input) channel pair of `weight` [Cout, Cin, 3, 3]:
 /// [Cout][16][Cin], one output channel per rayon job (for 512 channels, 4 million values).
 fn transform_weights(weight: &[f32], cin: usize, cout: usize) -> Vec<f32> {
-    let mut u = vec![0.0f32; cout * POSITIONS * cin];
+    let mut u = unwritten(cout * POSITIONS * cin);
     if cin == 0 {
-        return u;
+        // SAFETY: nothing to write.
+        return unsafe { written(u) };
     }
     u.par_chunks_mut(POSITIONS * cin)
         .zip(weight.par_chunks(cin * 9))
@@ -66,12 +67,13 @@ fn transform_weights(weight: &[f32], cin: usize, cout: usize) -> Vec<f32> {
                 for (y, [a, b, c]) in t.into_iter().enumerate() {
                     let row = [a, 0.5 * (a + b + c), 0.5 * (a - b + c), c];
                     for (x, value) in row.into_iter().enumerate() {
-                        u[(y * 4 + x) * cin + ci] = value;
+                        u[(y * 4 + x) * cin + ci] = std::mem::MaybeUninit::new(value);
                     }
                 }
             }
         });
-    u
+    // SAFETY: each output channel's chunk gets all 16 positions of each of its input channels.
+    unsafe { written(u) }
 }
 
 /// A raw pointer to the output that the jobs write to disjoint parts of.
@@ -166,16 +168,18 @@ pub fn weight_grad(x: &[f32], grad: &[f32], [n, cin, cout, h, w]: [usize; 5]) ->
     let threads = rayon::current_num_threads();
     let count = tile_rows.div_ceil((target / tw).max(1)).div_ceil(threads) * threads;
     let blocks = blocks(tile_rows, tile_rows.div_ceil(count.min(tile_rows)));
+    // One job per thread, each summing its blocks into its own [16][Cout][Cin].
     let sums = blocks
-        .into_par_iter()
-        .fold(
-            || (vec![0.0f32; POSITIONS * pairs], Vec::new(), Vec::new()),
-            |(mut m, mut v, mut g), rows| {
+        .par_chunks(blocks.len().div_ceil(threads))
+        .map(|job| {
+            let mut m = vec![0.0f32; POSITIONS * pairs];
+            let (mut v, mut g) = (Vec::new(), Vec::new());
+            for rows in job {
                 let tiles = rows.len() * tw;
                 v.resize(POSITIONS * cin * tiles, 0.0);
                 g.resize(POSITIONS * cout * tiles, 0.0);
                 transform_inputs(x, &mut v, rows.clone(), [cin, h, w, tiles]);
-                transform_grads(grad, &mut g, rows, [cout, h, w, tiles]);
+                transform_grads(grad, &mut g, rows.clone(), [cout, h, w, tiles]);
                 for p in 0..POSITIONS {
                     matmul(
                         [cout, cin, tiles],
@@ -188,10 +192,9 @@ pub fn weight_grad(x: &[f32], grad: &[f32], [n, cin, cout, h, w]: [usize; 5]) ->
                         false,
                     );
                 }
-                (m, v, g)
-            },
-        )
-        .map(|(m, _, _)| m)
+            }
+            m
+        })
         .reduce_with(|mut a, b| {
             a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
             a
@@ -228,29 +231,26 @@ fn transform_grads(
     [cout, h, w, tiles]: [usize; 4],
 ) {
     let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
-    // Two gradient rows, zero-padded to 2 tw columns.
+    // The four rows of `u`, zero from column w to 2 tw (written once: the loop below writes only
+    // columns 0..w). A row outside the plane reads zeros.
     let width = 2 * tw;
-    let mut pair = vec![0.0f32; 2 * width];
     let mut u = vec![0.0f32; 4 * width];
+    let zeros = vec![0.0f32; w];
     for (r, row) in rows.enumerate() {
         let (image, ty) = (row / th, row % th);
         for co in 0..cout {
             let plane = &grad[(image * cout + co) * h * w..][..h * w];
-            for (k, line) in pair.chunks_mut(width).enumerate() {
-                let y = 2 * ty + k;
-                if y < h {
-                    line[..w].copy_from_slice(&plane[y * w..][..w]);
-                    line[w..].fill(0.0);
-                } else {
-                    line.fill(0.0);
-                }
-            }
-            let (r0, r1) = pair.split_at(width);
+            let line = |k: usize| match 2 * ty + k {
+                y if y < h => &plane[y * w..][..w],
+                _ => &zeros[..],
+            };
+            let (r0, r1) = (line(0), line(1));
             // Vertically, A dY: the four rows of `u`.
             let (u0, rest) = u.split_at_mut(width);
             let (u1, rest) = rest.split_at_mut(width);
             let (u2, u3) = rest.split_at_mut(width);
-            for j in 0..width {
+            let (u0, u1, u2, u3) = (&mut u0[..w], &mut u1[..w], &mut u2[..w], &mut u3[..w]);
+            for j in 0..w {
                 u0[j] = r0[j];
                 u1[j] = r0[j] + r1[j];
                 u2[j] = r0[j] - r1[j];
@@ -281,29 +281,27 @@ fn transform_inputs(
     [cin, h, w, tiles]: [usize; 4],
 ) {
     let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
-    // Four input rows, zero-padded by one on the left and to 2 tw + 2 columns.
+    // The four rows of `u` have a zero column on the left and zeros from column w + 1 to 2 tw + 2,
+    // written once: the loop below writes only columns 1..=w. Rows outside the plane read zeros.
     let width = 2 * tw + 2;
-    let mut padded = vec![0.0f32; 4 * width];
     let mut u = vec![0.0f32; 4 * width];
+    let zeros = vec![0.0f32; w];
     for (r, row) in rows.clone().enumerate() {
         let (image, ty) = (row / th, row % th);
         for ci in 0..cin {
             let plane = &x[(image * cin + ci) * h * w..][..h * w];
-            for (k, line) in padded.chunks_mut(width).enumerate() {
-                line.fill(0.0);
-                let y = (2 * ty + k).wrapping_sub(1);
-                if y < h {
-                    line[1..=w].copy_from_slice(&plane[y * w..][..w]);
-                }
-            }
-            let (p0, rest) = padded.split_at(width);
-            let (p1, rest) = rest.split_at(width);
-            let (p2, p3) = rest.split_at(width);
+            let line = |k: usize| match (2 * ty + k).checked_sub(1) {
+                Some(y) if y < h => &plane[y * w..][..w],
+                _ => &zeros[..],
+            };
+            let (p0, p1, p2, p3) = (line(0), line(1), line(2), line(3));
             // Vertically, B^T d: the four rows of `u`.
             let (u0, rest) = u.split_at_mut(width);
             let (u1, rest) = rest.split_at_mut(width);
             let (u2, u3) = rest.split_at_mut(width);
-            for j in 0..width {
+            let (u0, u1) = (&mut u0[1..=w], &mut u1[1..=w]);
+            let (u2, u3) = (&mut u2[1..=w], &mut u3[1..=w]);
+            for j in 0..w {
                 u0[j] = p0[j] - p2[j];
                 u1[j] = p1[j] + p2[j];
                 u2[j] = p2[j] - p1[j];
