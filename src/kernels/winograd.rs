@@ -201,24 +201,26 @@ pub fn weight_grad(x: &[f32], grad: &[f32], [n, cin, cout, h, w]: [usize; 5]) ->
         })
         .expect("at least one block");
     let mut dw = vec![0.0f32; pairs * 9];
-    dw.par_chunks_mut(cin * 9).enumerate().for_each(|(co, kernels)| {
-        for (ci, g) in kernels.chunks_mut(9).enumerate() {
-            let at = |p: usize| sums[p * pairs + co * cin + ci];
-            // G^T X: 3 rows of 4, then (.) G along each row.
-            let mut t = [[0.0f32; 4]; 3];
-            for q in 0..4 {
-                let (a, b, c, d) = (at(q), at(4 + q), at(8 + q), at(12 + q));
-                t[0][q] = a + 0.5 * (b + c);
-                t[1][q] = 0.5 * (b - c);
-                t[2][q] = 0.5 * (b + c) + d;
+    dw.par_chunks_mut(cin * 9)
+        .enumerate()
+        .for_each(|(co, kernels)| {
+            for (ci, g) in kernels.chunks_mut(9).enumerate() {
+                let at = |p: usize| sums[p * pairs + co * cin + ci];
+                // G^T X: 3 rows of 4, then (.) G along each row.
+                let mut t = [[0.0f32; 4]; 3];
+                for q in 0..4 {
+                    let (a, b, c, d) = (at(q), at(4 + q), at(8 + q), at(12 + q));
+                    t[0][q] = a + 0.5 * (b + c);
+                    t[1][q] = 0.5 * (b - c);
+                    t[2][q] = 0.5 * (b + c) + d;
+                }
+                for (y, [a, b, c, d]) in t.into_iter().enumerate() {
+                    g[3 * y] = a + 0.5 * (b + c);
+                    g[3 * y + 1] = 0.5 * (b - c);
+                    g[3 * y + 2] = 0.5 * (b + c) + d;
+                }
             }
-            for (y, [a, b, c, d]) in t.into_iter().enumerate() {
-                g[3 * y] = a + 0.5 * (b + c);
-                g[3 * y + 1] = 0.5 * (b - c);
-                g[3 * y + 2] = 0.5 * (b + c) + d;
-            }
-        }
-    });
+        });
     dw
 }
 
@@ -468,7 +470,11 @@ mod tests {
                 / scale;
             assert!(error < 1e-5, "{dims:?}: error {error}");
         }
-        assert!(weight_grad(&[], &[], [0, 4, 4, 8, 8]).iter().all(|&v| v == 0.0));
+        assert!(
+            weight_grad(&[], &[], [0, 4, 4, 8, 8])
+                .iter()
+                .all(|&v| v == 0.0)
+        );
         assert_eq!(weight_grad(&[], &[], [2, 4, 4, 0, 8]).len(), 4 * 4 * 9);
     }
 
