@@ -389,6 +389,7 @@ unsafe fn transform_outputs(
 
 #[cfg(test)]
 mod tests {
+    use super::super::relative_error;
     use super::*;
 
     fn values(len: usize, seed: u32) -> Vec<f32> {
@@ -429,13 +430,7 @@ mod tests {
             let bias = values(cout, 3);
             for bias in [None, Some(&bias[..])] {
                 let want = reference(&x, &weight, bias, dims);
-                let got = forward(&x, &weight, bias, dims);
-                let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-                let error = want
-                    .iter()
-                    .zip(&got)
-                    .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()))
-                    / scale;
+                let error = relative_error(&want, &forward(&x, &weight, bias, dims), 0.0);
                 assert!(
                     error < 1e-5,
                     "{dims:?} bias {}: error {error}",
@@ -460,14 +455,7 @@ mod tests {
             let grad = values(n * cout * h * w, 4);
             let weight = vec![0.0; cout * cin * 9];
             let (_, want) = super::super::direct::tests::naive(&x, &weight, &grad, dims);
-            let got = weight_grad(&x, &grad, dims);
-            assert_eq!(got.len(), want.len());
-            let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-            let error = want
-                .iter()
-                .zip(&got)
-                .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()))
-                / scale;
+            let error = relative_error(&want, &weight_grad(&x, &grad, dims), 0.0);
             assert!(error < 1e-5, "{dims:?}: error {error}");
         }
         assert!(
