@@ -32,7 +32,10 @@ const SLOTS: usize = 256;
 /// Bytes of free blocks kept at most by [`BlockCache::new`], and at most an eighth of the
 /// machine's memory. On the development machine (24 GiB, so 2.9 GiB kept) a CIFAR-10 run of
 /// densenet121 at batch 32 and 224x224 peaked at 6.98 GB; with 4 GiB it peaked at 7.89 GB, with
-/// 2 GiB at 6.32 GB, but then the batch-32 training steps ran 5-15% slower.
+/// 2 GiB at 6.32 GB, but then the batch-32 training steps ran 5-15% slower. (Those were before
+/// [`BlockCache`] cut larger free blocks down for smaller requests; since then the same run peaks
+/// at 5.48 GB with 2.9 GiB, and at 8.0 and 9.0 GB with caps of 4 and 8 GiB, measured before the
+/// cut-down too, so the cap was left as it is.)
 pub const DEFAULT_CAP: usize = 4 << 30;
 
 /// A global allocator that keeps freed large blocks for reuse (see the module's documentation).

@@ -45,6 +45,8 @@ use super::{channel_rows, contiguous_f32, dims4, direct, flex_f32, is_flex, wino
 /// 128 and 256 channels at 56x56, 256 and 512 at 28x28, 256 at 14x14. At 14x14 it took 0.51x
 /// the time for 128 to 32 channels (densenet121's), 0.65x for 64 to 64, 0.92x for 128 to 64 and
 /// 1.16x for 128 to 128; at 7x7, 1.19x for 128 to 32 and 2.4-2.7x for 256 and 512 channels.
+/// Winograd's weight gradient ([`winograd::weight_grad_applies`]) is checked first, so this
+/// takes the rest: fewer than 32 channels (in the models), or planes narrower than 7 pixels.
 fn padded_weight_grad(hw: usize, cin: usize, cout: usize) -> bool {
     hw >= 14 * 14 && cin * cout < 128 * 128 && padded::weight_grad_applies(cout)
 }

@@ -9,6 +9,9 @@
 //! the 16 positions, one matrix product `M = U [Cout, Cin] x V [Cin, tiles]`, done by `gemm` per
 //! block of tiles small enough to stay in the cache; the transforms are cheap passes around it.
 //!
+//! The weight gradient ([`weight_grad`]) is the same algorithm transposed: per position, one
+//! product of the transformed output gradients [Cout, tiles] and inputs [tiles, Cin].
+//!
 //! The products run at the same rate as the direct kernels of [`super::padded`], with 2.25 times
 //! fewer multiplications; the results differ from the direct convolution by rounding only (the
 //! transforms' coefficients are 0, ±1/2 and ±1), about 1e-6 relative.
