@@ -789,6 +789,9 @@ mod tests {
             .init(&device);
         assert_eq!(applies(&grouped), None);
         assert!(is_flex(&device) && is_flex(&device.clone().autodiff()));
+        // 512 channels on 7x7 take im2col; fewer channels or larger planes keep the padded kernel.
+        assert!(gemm_on_small_planes(512, 512, 7 * 7) && gemm_on_small_planes(1024, 512, 4));
+        assert!(!gemm_on_small_planes(256, 512, 7 * 7) && !gemm_on_small_planes(512, 512, 14 * 14));
     }
 
     #[test]
