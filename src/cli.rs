@@ -1,19 +1,65 @@
 //! The command line of `mtad`: commands and options. Every option is explained in `--help`.
+//! Part of the binary: the library never imports from here.
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 
-use crate::device::DeviceChoice;
-use crate::students::StudentKind;
-use crate::training::run::TeacherChoice;
+use multi_teacher_ad::config::TrainSettings;
+use multi_teacher_ad::data::DatasetKind;
+use multi_teacher_ad::device::DeviceChoice;
+
+/// The exit codes, as `--help` and the README list them.
+pub mod exit {
+    /// Everything asked for was done.
+    pub const SUCCESS: u8 = 0;
+    /// An error stopped the command (its message says what and which file).
+    pub const ERROR: u8 = 1;
+    /// The command line was wrong (clap's code; clap exits with it itself).
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub const USAGE: u8 = 2;
+    /// Some inputs could not be read (`detect`: the others were scored).
+    pub const UNREADABLE: u8 = 3;
+    /// `detect --fail-on-anomaly` found an anomalous image.
+    pub const ANOMALY: u8 = 4;
+}
+
+const EXIT_CODES: &str = "Exit codes: 0 success; 1 error; 2 usage error; 3 some inputs could not \
+be read (detect); 4 anomalies found (detect --fail-on-anomaly).
+
+Logging: -v/-q or RUST_LOG (e.g. RUST_LOG=debug); progress bars on standard error when it is a \
+terminal; results on standard output.";
 
 /// Multi-teacher knowledge distillation for anomaly detection (MVTec AD, CIFAR-10, your folders).
 #[derive(Debug, Parser)]
-#[command(name = "mtad", version, about, long_about = None)]
+#[command(name = "mtad", version, about, long_about = None, after_help = EXIT_CODES)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
+    /// More log detail on standard error (-v debug, -vv trace); RUST_LOG overrides.
+    #[arg(short, long, global = true, action = ArgAction::Count)]
+    pub verbose: u8,
+    /// Less log detail (-q warnings and errors only, -qq errors only).
+    #[arg(short, long, global = true, action = ArgAction::Count, conflicts_with = "verbose")]
+    pub quiet: u8,
+}
+
+/// How results are printed on standard output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum Format {
+    /// Lines and tables for a person.
+    #[default]
+    Text,
+    /// One JSON document, for scripts.
+    Json,
+}
+
+/// `--format`, for the commands whose results scripts read.
+#[derive(Debug, Clone, Args)]
+pub struct FormatArgs {
+    /// How to print the results: `text` or `json` (one JSON document on standard output).
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
 }
 
 #[derive(Debug, Subcommand)]
@@ -52,19 +98,6 @@ pub enum Command {
     DemoData(DemoDataArgs),
 }
 
-/// The kinds of dataset the tool reads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DatasetKind {
-    /// MVTec AD: `<category>/train/good`, `<category>/test/<good|defect>`,
-    /// `<category>/ground_truth/<defect>/*_mask.png`, the 15 categories.
-    Mvtec,
-    /// One-class CIFAR-10: `cifar-10-batches-py` (or `cifar-10-batches-bin`) or its parent.
-    Cifar10,
-    /// Your own data in the MVTec layout, any category and defect names, masks optional.
-    Folder,
-}
-
 /// `--device`, shared by every command that computes.
 #[derive(Debug, Clone, Args)]
 pub struct DeviceArgs {
@@ -96,6 +129,8 @@ pub struct InspectArgs {
     /// The dataset's root folder.
     #[arg(long, value_name = "DIR")]
     pub data_root: PathBuf,
+    #[command(flatten)]
+    pub format: FormatArgs,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -127,37 +162,12 @@ pub struct TeachersArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct TrainArgs {
-    /// What kind of dataset --data-root holds.
-    #[arg(long, value_enum)]
-    pub dataset: DatasetKind,
-    /// The dataset's root folder (MVTec/folder: the folder of categories; CIFAR-10:
-    /// cifar-10-batches-py, cifar-10-batches-bin or their parent).
-    #[arg(long, value_name = "DIR")]
-    pub data_root: PathBuf,
-    /// Student architecture: resnet (resnet18), vgg (vgg11) or densenet (densenet121).
-    #[arg(long, value_enum, default_value_t = StudentKind::Resnet)]
-    pub student: StudentKind,
-    /// Normal classes to train, one after the other: `all`, indices and ranges (`0-14`,
-    /// `3,5-7`) or names (`bottle,screw`; CIFAR-10: `airplane,cat`; folder: category names).
-    #[arg(long, default_value = "all")]
-    pub classes: String,
-    /// Training epochs per class.
-    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..))]
-    pub epochs: u32,
-    /// Evaluate (ROC AUC on the test set, keep the best models, checkpoint) every N epochs and
-    /// at the last epoch.
-    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..))]
-    pub eval_every: u32,
-    /// CIFAR-10 batch size for training and evaluation. MVTec/folder batches are always the
-    /// reference's 4 images, each giving 16 random crops (64 inputs).
-    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(2..=4096))]
-    pub batch_size: u32,
-    /// Adam learning rate (PyTorch defaults otherwise: betas 0.9/0.999, eps 1e-8).
-    #[arg(long, default_value_t = 1e-3)]
-    pub lr: f64,
-    /// Seed of the data order and the random crops (the networks' initialisation is random).
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    #[command(flatten)]
+    pub settings: TrainSettings,
+    /// Read the settings from a TOML or JSON file (keys: the long options' names, with `-` or
+    /// `_`, e.g. `epochs = 100`, `data_root = "/data/mvtec"`); options given here override it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// Run directory to write. Without --cover an existing directory is kept and a numeric
     /// suffix is added (`models/exp_1`), as the reference does.
     #[arg(long, value_name = "DIR", default_value = "models/exp")]
@@ -165,36 +175,14 @@ pub struct TrainArgs {
     /// Write into --out even if it exists (files of the same name are replaced).
     #[arg(long, conflicts_with = "resume")]
     pub cover: bool,
-    /// Continue an interrupted run in --out from its last checkpoint (same options as the first
-    /// time); finished classes are skipped.
+    /// Continue an interrupted run in --out from its last checkpoint; its settings are read from
+    /// `--out`'s config.json (no other option is needed); finished classes are skipped.
     #[arg(long)]
     pub resume: bool,
-    /// Also keep the models of every evaluation in `<class>/epoch-<N>/` (the best evaluation's
-    /// are always kept, with all scoring needs, in `<class>/model.mtad`).
-    #[arg(long)]
-    pub save_model: bool,
-    /// Teachers: `all` (the method), `resnet152` (single-teacher ablation) or `none` (no-teacher
-    /// ablation: an autoencoder scored by AS_rec).
-    #[arg(long, value_enum, default_value_t = TeacherChoice::All)]
-    pub teachers: TeacherChoice,
-    /// Side of the network inputs. The method uses 224; smaller multiples of 32 (with
-    /// --tiny-teachers) make quick CPU trials. MVTec images are resized and cut to scale
-    /// (224 -> 1024 images, stride 200; 32 -> 148, stride 29).
-    #[arg(long, default_value_t = 224, value_parser = clap::value_parser!(u32).range(32..=1024))]
-    pub image_size: u32,
-    /// MVTec/folder: draw N crop offsets per image once and cache their teacher embeddings, so
-    /// the teachers never run during training (default: the reference's fresh random crops,
-    /// teachers run on every batch).
-    #[arg(long, value_name = "N")]
-    pub crop_pool: Option<u32>,
-    /// MVTec/folder: random crops per training batch of 4 images (each offset cuts all 4).
-    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
-    pub crops_per_batch: u32,
-    /// Folder of the teacher-embedding caches, shared by runs.
-    #[arg(long, value_name = "DIR", default_value = "models/cache")]
-    pub cache_dir: PathBuf,
-    #[command(flatten)]
-    pub teacher_source: TeacherArgs,
+    /// Folder holding the teachers' `<name>.bpk` weights (default: the build's). Also read from
+    /// the environment variable MTAD_TEACHER_WEIGHTS.
+    #[arg(long, env = "MTAD_TEACHER_WEIGHTS", value_name = "DIR")]
+    pub teacher_weights: Option<PathBuf>,
     #[command(flatten)]
     pub device: DeviceArgs,
 }
@@ -213,6 +201,8 @@ pub struct InferArgs {
     pub teacher_weights: Option<PathBuf>,
     #[command(flatten)]
     pub device: DeviceArgs,
+    #[command(flatten)]
+    pub format: FormatArgs,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -275,6 +265,11 @@ pub struct DetectArgs {
     /// image as `<name>_residual.png`.
     #[arg(long)]
     pub residuals: bool,
+    /// Exit with code 4 when any image is anomalous (for scripts and CI gates).
+    #[arg(long)]
+    pub fail_on_anomaly: bool,
+    #[command(flatten)]
+    pub format: FormatArgs,
     /// Folder holding the teachers' `<name>.bpk` weights (default: the build's). Also read from
     /// the environment variable MTAD_TEACHER_WEIGHTS.
     #[arg(long, env = "MTAD_TEACHER_WEIGHTS", value_name = "DIR")]
@@ -328,6 +323,44 @@ mod tests {
             }
         }
         check(&Cli::command());
+    }
+
+    #[test]
+    fn train_settings_are_the_flags_and_every_setting_is_a_flag() {
+        let cli = Cli::try_parse_from([
+            "mtad",
+            "train",
+            "--dataset",
+            "folder",
+            "--data-root",
+            "d",
+            "--eval-every",
+            "7",
+            "--tiny-teachers",
+        ])
+        .unwrap();
+        let Some(Command::Train(args)) = cli.command else {
+            panic!("not train")
+        };
+        assert_eq!(args.settings.eval_every, 7);
+        assert!(args.settings.tiny_teachers);
+        let train = Cli::command();
+        let train = train.find_subcommand("train").unwrap();
+        for key in TrainSettings::keys() {
+            assert!(
+                train.get_arguments().any(|a| a.get_id() == key.as_str()),
+                "the setting {key} is not a flag of train"
+            );
+        }
+    }
+
+    #[test]
+    fn exit_codes_are_in_the_help_and_usage_errors_use_clap_s() {
+        let usage = Cli::try_parse_from(["mtad", "train", "--epochs", "zero"]).unwrap_err();
+        assert_eq!(usage.exit_code(), i32::from(exit::USAGE));
+        let help = Cli::command().render_long_help().to_string();
+        assert!(help.contains("3 some inputs could not"), "{help}");
+        assert!(help.contains("4 anomalies found"), "{help}");
     }
 
     #[test]

@@ -1,17 +1,17 @@
 //! Multi-Teacher Knowledge Distillation based Anomaly Detection, on Burn.
 //!
-//! See `README.md` for the tool and `shared/METHOD.md` of the project for the exact method.
+//! See `README.md` for the tool and `docs/METHOD.md` of the project for the exact method.
 
 pub mod alloc;
-pub mod cli;
+pub mod config;
 pub mod data;
 pub mod decoder;
-pub mod detect;
 pub mod device;
 pub mod error;
+pub mod inference;
 pub mod kernels;
 pub mod output;
-pub mod report;
+pub mod progress;
 pub mod scoring;
 pub mod students;
 pub mod teachers;

@@ -1,30 +1,39 @@
 //! `mtad`: parses the command line, picks a device, runs the command and prints its results.
+//! Results go to standard output (text or `--format json`); logs and progress to standard error.
 
+mod cli;
+mod logging;
+
+use std::path::Path;
 use std::process::ExitCode;
-
-use anyhow::{Context, Result};
-use std::io::IsTerminal;
 use std::time::Instant;
 
-use clap::Parser;
+use anyhow::{Context, Result};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, CommandFactory, FromArgMatches};
+use std::io::IsTerminal;
+
+use cli::{
+    Cli, Command, DemoArgs, DemoDataArgs, DetectArgs, DeviceArgs, EnsembleArgs, Format, InferArgs,
+    InspectArgs, ReportArgs, TeacherArgs, TeachersArgs, TrainArgs, exit,
+};
 use multi_teacher_ad::{
-    cli::{
-        Cli, Command, DatasetKind, DemoArgs, DemoDataArgs, DetectArgs, DeviceArgs, EnsembleArgs,
-        InferArgs, InspectArgs, ReportArgs, TeacherArgs, TeachersArgs, TrainArgs,
-    },
+    config::TrainSettings,
     data::{
+        DatasetKind,
         demo::{DEMO_CATEGORIES, DemoSpec, write_demo_dataset},
         inspect::{inspect_cifar, inspect_folder},
     },
-    detect::{Detector, Heatmaps, ScoreColumn},
     device::{DeviceChoice, select_device},
+    inference::detect::{Detector, Heatmaps, ScoreColumn},
+    inference::ensemble,
     students::StudentKind,
     teachers::{
         GET_REAL_TEACHERS, TeacherSize, WeightsLocation,
         check::{check_teachers, compiled_teachers},
     },
-    training::ensemble,
-    training::run::{Prepared, RunSummary, TrainRequest, prepare},
+    training::prepare::{Prepared, TrainRequest, prepare},
+    training::run::RunSummary,
 };
 
 /// Large blocks kept for reuse across training steps (`multi_teacher_ad::alloc`).
@@ -32,17 +41,19 @@ use multi_teacher_ad::{
 static ALLOCATOR: multi_teacher_ad::alloc::BlockCache = multi_teacher_ad::alloc::BlockCache::new();
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match run(cli) {
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    logging::init(cli.verbose as i8 - cli.quiet as i8);
+    match run(cli, &matches) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            tracing::error!("{e:#}");
+            ExitCode::from(exit::ERROR)
         }
     }
 }
 
-fn run(cli: Cli) -> Result<ExitCode> {
+fn run(cli: Cli, matches: &ArgMatches) -> Result<ExitCode> {
     match cli.command {
         None => {
             println!(
@@ -58,7 +69,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 },
             })
         }
-        Some(Command::Train(args)) => train(&args),
+        Some(Command::Train(args)) => train(&args, matches.subcommand_matches("train")),
         Some(Command::Demo(args)) => demo(&args),
         Some(Command::Infer(args)) => infer(&args),
         Some(Command::Ensemble(args)) => ensemble(&args),
@@ -68,6 +79,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Some(Command::Teachers(args)) => teachers(&args),
         Some(Command::DemoData(args)) => demo_data(&args),
     }
+}
+
+/// Prints `value` as one JSON document on standard output.
+fn print_json(value: &serde_json::Value) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
 }
 
 fn teacher_source(args: &TeacherArgs) -> (TeacherSize, WeightsLocation) {
@@ -90,7 +107,7 @@ fn weights_location(dir: &Option<std::path::PathBuf>) -> WeightsLocation {
 
 fn teachers(args: &TeachersArgs) -> Result<ExitCode> {
     let device = select_device(args.device.device)?;
-    println!("device: {device}");
+    tracing::info!("device: {device}");
     println!("compiled in: {}", compiled_teachers().join(", "));
     let (size, weights) = teacher_source(&args.teachers);
     if size == TeacherSize::Tiny {
@@ -111,7 +128,7 @@ fn teachers(args: &TeachersArgs) -> Result<ExitCode> {
         println!("\n{GET_REAL_TEACHERS}");
     }
     Ok(if checks.iter().all(|c| c.all_finite) {
-        ExitCode::SUCCESS
+        ExitCode::from(exit::SUCCESS)
     } else {
         ExitCode::FAILURE
     })
@@ -123,11 +140,17 @@ fn inspect(args: &InspectArgs) -> Result<ExitCode> {
         DatasetKind::Folder => inspect_folder(&args.data_root, false),
         DatasetKind::Cifar10 => inspect_cifar(&args.data_root),
     };
-    println!("{report}");
+    match args.format.format {
+        Format::Text => println!("{report}"),
+        Format::Json => print_json(&serde_json::json!({
+            "usable": report.is_usable(),
+            "report": report,
+        }))?,
+    }
     Ok(if report.is_usable() {
-        ExitCode::SUCCESS
+        ExitCode::from(exit::SUCCESS)
     } else {
-        ExitCode::FAILURE
+        ExitCode::from(exit::ERROR)
     })
 }
 
@@ -145,55 +168,73 @@ fn demo_data(args: &DemoDataArgs) -> Result<ExitCode> {
         args.out.display(),
         args.seed
     );
-    Ok(ExitCode::SUCCESS)
+    Ok(ExitCode::from(exit::SUCCESS))
 }
 
-fn train(args: &TrainArgs) -> Result<ExitCode> {
+/// The settings of `mtad train`: its options, over those of `--config FILE`, over (with
+/// `--resume`) those the run was started with.
+fn train_settings(args: &TrainArgs, matches: Option<&ArgMatches>) -> Result<TrainSettings> {
+    let explicit = |key: &str| {
+        matches.is_some_and(|m| {
+            matches!(
+                m.value_source(key),
+                Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+            )
+        })
+    };
+    let mut settings = args.settings.clone();
+    if let Some(file) = &args.config {
+        settings = settings
+            .merged_with_file(file, &explicit, false)
+            .with_context(|| format!("reading the settings in {}", file.display()))?;
+    }
+    let run_config = args.out.join("config.json");
+    if args.resume && run_config.is_file() {
+        settings = settings
+            .merged_with_file(&run_config, &explicit, true)
+            .with_context(|| format!("reading the run's settings in {}", run_config.display()))?;
+    }
+    Ok(settings)
+}
+
+fn train(args: &TrainArgs, matches: Option<&ArgMatches>) -> Result<ExitCode> {
     let device = select_device(args.device.device)?;
-    println!("device: {device}");
-    let (size, weights) = teacher_source(&args.teacher_source);
+    tracing::info!("device: {device}");
     let request = TrainRequest {
-        dataset: args.dataset,
-        data_root: args.data_root.clone(),
-        student: args.student,
-        classes: args.classes.clone(),
-        epochs: args.epochs as usize,
-        eval_every: args.eval_every as usize,
-        batch_size: args.batch_size as usize,
-        lr: args.lr,
-        seed: args.seed,
-        image_size: args.image_size as usize,
-        crop_pool: args.crop_pool.map(|n| n as usize),
-        crops_per_batch: args.crops_per_batch as usize,
-        teachers: args.teachers,
-        tiny_teachers: size == TeacherSize::Tiny,
-        teacher_weights: weights,
-        save_model: args.save_model,
+        settings: train_settings(args, matches)?,
+        teacher_weights: weights_location(&args.teacher_weights),
         out: args.out.clone(),
         cover: args.cover,
         resume: args.resume,
-        cache_dir: args.cache_dir.clone(),
         device: device.device.clone(),
         device_name: device.to_string(),
         plain: !std::io::stdout().is_terminal(),
     };
     let prepared = prepare(request).context("before training")?;
-    println!("writing to {}", prepared.out.display());
+    log_to(&prepared.out);
+    tracing::info!("writing to {}", prepared.out.display());
     if let Some(note) = prepared.config.reduced() {
-        println!("NOTE: {note}");
+        tracing::warn!("NOTE: {note}");
     }
     let summary = prepared.run()?;
     print_summary(&summary);
-    if summary.config.tiny_teachers {
+    if summary.config.settings.tiny_teachers {
         println!("\n{GET_REAL_TEACHERS}");
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(ExitCode::from(exit::SUCCESS))
+}
+
+/// Copies the log into `<dir>/run.log` from now on (a warning if that cannot be done).
+fn log_to(dir: &Path) {
+    if let Err(e) = logging::log_to_run_folder(dir) {
+        tracing::warn!("cannot write {}: {e}", dir.join("run.log").display());
+    }
 }
 
 fn print_summary(summary: &RunSummary) {
     println!(
         "\n{} student, {} classes, {:.0} s: image ROC AUC of each class's best evaluation",
-        summary.config.student,
+        summary.config.settings.student,
         summary.classes.len(),
         summary.seconds
     );
@@ -251,7 +292,7 @@ fn print_teacher_counts(summaries: &[RunSummary]) {
 
 fn report(args: &ReportArgs) -> Result<ExitCode> {
     let out = args.out.clone().unwrap_or_else(|| args.run.join("report"));
-    let (path, classes) = multi_teacher_ad::report::write_report(&args.run, &out)
+    let (path, classes) = multi_teacher_ad::output::report::write_report(&args.run, &out)
         .with_context(|| format!("reporting on {}", args.run.display()))?;
     let missing: Vec<&str> = classes
         .iter()
@@ -270,13 +311,13 @@ fn report(args: &ReportArgs) -> Result<ExitCode> {
         classes.iter().filter(|c| c.roc.is_some()).count(),
         out.display()
     );
-    Ok(ExitCode::SUCCESS)
+    Ok(ExitCode::from(exit::SUCCESS))
 }
 
 fn demo(args: &DemoArgs) -> Result<ExitCode> {
     let started = Instant::now();
     let device = select_device(args.device.device)?;
-    println!("device: {device}");
+    tracing::info!("device: {device}");
     println!(
         "This demo uses the TINY RANDOM teachers (small untrained networks shipped for tests), \
          not the ImageNet teachers of the method, 32x32 inputs, 4 crops per batch and a few \
@@ -300,19 +341,17 @@ fn demo(args: &DemoArgs) -> Result<ExitCode> {
     let epochs = args.epochs as usize;
     let mut summaries = Vec::new();
     for student in StudentKind::ALL {
-        let request = TrainRequest {
-            student,
-            epochs,
-            eval_every: epochs,
-            cover: true,
-            device_name: device.to_string(),
-            ..TrainRequest::tiny_folder(
-                &args.data,
-                &args.out.join(student.name()),
-                &args.out.join("cache"),
-                device.device.clone(),
-            )
-        };
+        let mut request = TrainRequest::tiny_folder(
+            &args.data,
+            &args.out.join(student.name()),
+            &args.out.join("cache"),
+            device.device.clone(),
+        );
+        request.settings.student = student;
+        request.settings.epochs = epochs;
+        request.settings.eval_every = epochs;
+        request.cover = true;
+        request.device_name = device.to_string();
         let summary = prepare(request)
             .context("preparing the demo")?
             .run()
@@ -325,7 +364,7 @@ fn demo(args: &DemoArgs) -> Result<ExitCode> {
     );
     print!("{:<10}", "category");
     for s in &summaries {
-        print!(" {:>19}", format!("{} ", s.config.student));
+        print!(" {:>19}", format!("{} ", s.config.settings.student));
     }
     println!();
     let rows = summaries[0].classes.len();
@@ -356,11 +395,12 @@ fn demo(args: &DemoArgs) -> Result<ExitCode> {
         println!();
     }
     for s in &summaries {
-        let (report, _) = multi_teacher_ad::report::write_report(&s.out, &s.out.join("report"))
-            .with_context(|| format!("reporting on {}", s.out.display()))?;
+        let (report, _) =
+            multi_teacher_ad::output::report::write_report(&s.out, &s.out.join("report"))
+                .with_context(|| format!("reporting on {}", s.out.display()))?;
         println!(
             "{} run: {} (report: {})",
-            s.config.student,
+            s.config.settings.student,
             s.out.display(),
             report.display()
         );
@@ -375,34 +415,60 @@ fn demo(args: &DemoArgs) -> Result<ExitCode> {
         "then train, e.g.: mtad train --dataset mvtec --data-root DIR --student resnet \
          --classes bottle --out models/bottle"
     );
-    Ok(ExitCode::SUCCESS)
+    Ok(ExitCode::from(exit::SUCCESS))
 }
 
 fn infer(args: &InferArgs) -> Result<ExitCode> {
     let device = select_device(args.device.device)?;
-    println!("device: {device}");
+    tracing::info!("device: {device}");
+    log_to(&args.run);
     let weights = weights_location(&args.teacher_weights);
     let prepared = Prepared::for_run(&args.run, args.data_root.clone(), &weights, device.device)
         .with_context(|| format!("opening the run {}", args.run.display()))?;
     if let Some(note) = prepared.config.reduced() {
-        println!("NOTE: {note}");
+        tracing::warn!("NOTE: {note}");
     }
     let rows = prepared.infer()?;
     let n = rows.len().max(1) as f64;
-    println!(
-        "mean of {} classes: oracle {:.4}, nor {:.4}",
-        rows.len(),
-        rows.iter().map(|r| r.evaluation.oracle().0).sum::<f64>() / n,
-        rows.iter().map(|r| r.evaluation.nor).sum::<f64>() / n
-    );
-    println!(
-        "wrote {}",
-        args.run
-            .join("infer")
-            .join(format!("Eval_{}.csv", prepared.config.student))
-            .display()
-    );
-    Ok(ExitCode::SUCCESS)
+    let mean_oracle = rows.iter().map(|r| r.evaluation.oracle().0).sum::<f64>() / n;
+    let mean_nor = rows.iter().map(|r| r.evaluation.nor).sum::<f64>() / n;
+    let path = args
+        .run
+        .join("infer")
+        .join(format!("Eval_{}.csv", prepared.config.settings.student));
+    match args.format.format {
+        Format::Text => {
+            for r in &rows {
+                println!(
+                    "{:<14} oracle {:.4}, nor {:.4}{}",
+                    r.name,
+                    r.evaluation.oracle().0,
+                    r.evaluation.nor,
+                    r.evaluation
+                        .pixel_nor
+                        .map_or(String::new(), |p| format!(", pixel AUROC (nor) {p:.4}"))
+                );
+            }
+            println!(
+                "mean of {} classes: oracle {mean_oracle:.4}, nor {mean_nor:.4}",
+                rows.len()
+            );
+            println!("wrote {}", path.display());
+        }
+        Format::Json => print_json(&serde_json::json!({
+            "classes": rows.iter().map(|r| serde_json::json!({
+                "index": r.index,
+                "name": r.name,
+                "epoch": r.epoch,
+                "oracle": r.evaluation.oracle().0,
+                "nor": r.evaluation.nor,
+                "pixel_nor": r.evaluation.pixel_nor,
+            })).collect::<Vec<_>>(),
+            "mean": {"oracle": mean_oracle, "nor": mean_nor},
+            "table": path,
+        }))?,
+    }
+    Ok(ExitCode::from(exit::SUCCESS))
 }
 
 fn ensemble(args: &EnsembleArgs) -> Result<ExitCode> {
@@ -424,22 +490,19 @@ fn ensemble(args: &EnsembleArgs) -> Result<ExitCode> {
         rows.iter().map(|r| r.evaluation.nor).sum::<f64>() / n
     );
     println!("wrote {}", path.display());
-    Ok(ExitCode::SUCCESS)
+    Ok(ExitCode::from(exit::SUCCESS))
 }
 
 fn detect(args: &DetectArgs) -> Result<ExitCode> {
     let device = select_device(args.device.device)?;
-    println!("device: {device}");
+    tracing::info!("device: {device}");
     let weights = weights_location(&args.teacher_weights);
     let column = ScoreColumn::parse(&args.column)?;
     let (detector, default_out) = match (&args.model, &args.run, &args.class) {
         (Some(model), _, _) => (
             Detector::from_artifact(model, column, args.threshold, &weights, device.device)
                 .with_context(|| format!("loading {}", model.display()))?,
-            model
-                .parent()
-                .unwrap_or(std::path::Path::new("."))
-                .join("detect"),
+            model.parent().unwrap_or(Path::new(".")).join("detect"),
         ),
         (None, Some(run), Some(class)) => (
             Detector::load(run, class, column, args.threshold, &weights, device.device)
@@ -448,50 +511,72 @@ fn detect(args: &DetectArgs) -> Result<ExitCode> {
         ),
         _ => anyhow::bail!("give --model FILE, or --run DIR and --class NAME"),
     };
-    println!(
-        "threshold {:.6} ({})",
-        detector.threshold,
-        if args.threshold.is_some() {
-            "given"
-        } else {
-            "flags about 1% of the normal training images"
-        }
-    );
     let out = args.out.clone().unwrap_or(default_out);
+    log_to(&out);
+    let threshold_source = if args.threshold.is_some() {
+        "given"
+    } else {
+        "flags about 1% of the normal training images"
+    };
+    tracing::info!("threshold {:.6} ({threshold_source})", detector.threshold);
     let heatmaps = match (args.no_heatmaps, args.residuals) {
         (true, _) => Heatmaps::None,
         (false, false) => Heatmaps::Scores,
         (false, true) => Heatmaps::ScoresAndResiduals,
     };
     let detections = detector.run(&args.paths, &out, heatmaps)?;
-    let mut failed = 0;
-    for d in &detections {
-        match &d.outcome {
-            Ok(s) => println!(
-                "{:<10} {:>12.6}  {}",
-                if s.anomalous { "ANOMALOUS" } else { "normal" },
-                s.score,
-                d.path.display()
-            ),
-            Err(e) => {
-                failed += 1;
-                println!("{:<10} {:>12}  {e}", "ERROR", "");
-            }
-        }
-    }
+    let failed = detections.iter().filter(|d| d.outcome.is_err()).count();
     let anomalous = detections
         .iter()
         .filter(|d| matches!(&d.outcome, Ok(s) if s.anomalous))
         .count();
-    println!(
-        "{} images: {anomalous} anomalous, {} normal, {failed} unreadable; wrote {}",
-        detections.len(),
-        detections.len() - anomalous - failed,
-        out.join("detections.csv").display()
-    );
-    Ok(if failed == 0 {
-        ExitCode::SUCCESS
+    let table = out.join("detections.csv");
+    match args.format.format {
+        Format::Text => {
+            for d in &detections {
+                match &d.outcome {
+                    Ok(s) => println!(
+                        "{:<10} {:>12.6}  {}",
+                        if s.anomalous { "ANOMALOUS" } else { "normal" },
+                        s.score,
+                        d.path.display()
+                    ),
+                    Err(e) => println!("{:<10} {:>12}  {e}", "ERROR", ""),
+                }
+            }
+            println!(
+                "{} images: {anomalous} anomalous, {} normal, {failed} unreadable; wrote {}",
+                detections.len(),
+                detections.len() - anomalous - failed,
+                table.display()
+            );
+        }
+        Format::Json => print_json(&serde_json::json!({
+            "threshold": detector.threshold,
+            "threshold_source": threshold_source,
+            "images": detections.iter().map(|d| match &d.outcome {
+                Ok(s) => serde_json::json!({
+                    "path": d.path,
+                    "decision": if s.anomalous { "anomalous" } else { "normal" },
+                    "score": s.score,
+                    "as_z": s.as_z,
+                    "as_cossim": s.as_cossim,
+                    "as_rec": s.as_rec,
+                    "heatmap": s.heatmap,
+                    "residual": s.residual,
+                }),
+                Err(e) => serde_json::json!({"path": d.path, "decision": "error", "error": e}),
+            }).collect::<Vec<_>>(),
+            "anomalous": anomalous,
+            "unreadable": failed,
+            "table": table,
+        }))?,
+    }
+    Ok(if failed > 0 {
+        ExitCode::from(exit::UNREADABLE)
+    } else if args.fail_on_anomaly && anomalous > 0 {
+        ExitCode::from(exit::ANOMALY)
     } else {
-        ExitCode::from(2)
+        ExitCode::from(exit::SUCCESS)
     })
 }

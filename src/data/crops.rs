@@ -16,6 +16,8 @@ pub const IMAGE_SIZE: usize = 1024;
 pub const CROP_SIZE: usize = 224;
 pub const STRIDE: usize = 200;
 pub const CROPS_PER_BATCH: usize = 16;
+/// Images per MVTec training batch (the reference's `batch_size=4`).
+pub const MVTEC_IMAGES_PER_BATCH: usize = 4;
 
 /// A small seeded generator (SplitMix64): the same seed gives the same crops everywhere.
 #[derive(Debug, Clone)]

@@ -20,20 +20,21 @@ use super::{
 };
 
 /// How bad a problem is: errors make the dataset unusable.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Severity {
     Error,
     Warning,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Problem {
     pub severity: Severity,
     pub message: String,
 }
 
 /// What one category (or CIFAR class) holds.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct CategoryReport {
     pub name: String,
     pub train: usize,
@@ -50,7 +51,7 @@ pub struct CategoryReport {
 }
 
 /// The result of inspecting a dataset.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct InspectReport {
     pub kind: String,
     pub root: PathBuf,

@@ -1,5 +1,33 @@
-//! Files the tool writes. Every file is written atomically: to a temporary name in the same
-//! folder, flushed to disk, then renamed, so an interrupted run never leaves a half-written file.
+//! The run folder's formats, each with one reader and one writer: `config.json` and each
+//! class's `progress.json` ([`run_folder`]), the reference's CSV tables ([`tables`]), the score
+//! files ([`scores`]), the model artifact ([`artifact`]) and the report ([`report`]).
+//!
+//! Every file is written atomically: to a temporary name in the same folder, flushed to disk,
+//! then renamed, so an interrupted run never leaves a half-written file.
+//!
+//! ```text
+//! <out>/config.json                 every setting, the teachers and their sha256s
+//! <out>/finTS_<student>.csv         Normal Class, Class Name, Epoch, AUC (oracle), nor
+//! <out>/Eval_<student>.csv          per class: the 69 columns, nor, oracle; then a mean row
+//! <out>/<class>/teacher_stats.bin   the class's teacher normalisation
+//! <out>/<class>/model.mtad          the best evaluation's models, statistics, normalisation and
+//!                                   threshold in one file (see `artifact`)
+//! <out>/<class>/scores_test.csv     per test input: path, patch, label, AS_z, AS_cossim, AS_rec
+//! <out>/<class>/scores_train.csv    the same for the normal training inputs (for nor)
+//! <out>/<class>/progress.json       evaluations so far and the latest checkpoint
+//! <out>/<class>/checkpoint/         model/optim/scheduler-<epoch>.bpk (no teacher weights),
+//!                                   removed when the class is finished
+//! <out>/<class>/burn/               Burn's training logs
+//! <out>/run.log                     the log of every command run on the folder
+//! ```
+
+pub mod artifact;
+pub mod detections;
+pub mod plots;
+pub mod report;
+pub mod run_folder;
+pub mod scores;
+pub mod tables;
 
 use std::{
     fs,
@@ -7,7 +35,22 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use serde::{Deserialize, Serialize};
+
 use crate::{Error, Result};
+
+/// Writes `value` as pretty JSON to `path`, atomically.
+pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
+    let text = serde_json::to_string_pretty(value)
+        .map_err(|e| Error::invalid_file(path, e.to_string()))?;
+    write_atomic(path, text.as_bytes())
+}
+
+/// Reads a JSON file; errors name the file.
+pub fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
+    let text = fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::invalid_file(path, e.to_string()))
+}
 
 /// Writes `bytes` to `path` atomically, creating the parent folder if needed.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {

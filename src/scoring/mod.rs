@@ -3,6 +3,7 @@
 pub mod evaluation;
 pub mod pixel;
 pub mod roc_auc;
+pub mod threshold;
 
 pub use roc_auc::{roc_auc, roc_curve};
 

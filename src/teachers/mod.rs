@@ -381,6 +381,39 @@ impl TeacherEnsemble {
     }
 }
 
+/// Which teachers a run distils from.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+    Default,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum TeacherChoice {
+    /// resnet152, vgg19 and densenet201 with the learned softmax weighting (the method).
+    #[default]
+    All,
+    /// resnet152 alone, no weighting (the reference's single-teacher ablation).
+    Resnet152,
+    /// No teacher: student and decoder form an autoencoder scored by AS_rec (ablation).
+    None,
+}
+
+impl TeacherChoice {
+    pub fn families(self) -> Vec<TeacherFamily> {
+        match self {
+            Self::All => TeacherFamily::ALL.to_vec(),
+            Self::Resnet152 => vec![TeacherFamily::Resnet],
+            Self::None => Vec::new(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -51,7 +51,7 @@ pub trait ClassSession: Send {
     /// The checkpoint of `epoch` is complete on disk.
     fn checkpointed(&mut self, epoch: usize) -> Result<()>;
     /// Training ended without error: mark the class complete; returns its progress.
-    fn finish(&mut self) -> Result<super::run::ClassProgress>;
+    fn finish(&mut self) -> Result<crate::output::run_folder::ClassProgress>;
     /// An epoch finished training, with its mean losses.
     fn epoch_trained(&mut self, epoch: usize, losses: &EpochLosses);
 }
@@ -144,7 +144,7 @@ impl<R: Checkpoint> Checkpointer<R> for AtomicCheckpointer {
                     .map_err(|e| CheckpointerError::Unknown(e.to_string()))
             });
         if let Err(e) = &result {
-            eprintln!("error: checkpoint {} of epoch {epoch}: {e}", self.name);
+            tracing::error!("checkpoint {} of epoch {epoch}: {e}", self.name);
         }
         self.saves.finished(result.is_ok());
         result
@@ -302,7 +302,7 @@ impl SupervisedLearningStrategy<MtadModel> for EvalEveryStrategy {
                     ),
                 )));
                 if abort_at == Some((epoch, iteration)) {
-                    eprintln!("{ABORT_ENV}: aborting at epoch {epoch}, step {iteration}");
+                    tracing::warn!("{ABORT_ENV}: aborting at epoch {epoch}, step {iteration}");
                     std::process::abort();
                 }
                 if interrupter.should_stop() {

@@ -2,8 +2,12 @@
 #![allow(dead_code)] // each test binary uses a different part
 
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use burn::prelude::*;
+use multi_teacher_ad::data::demo::{DemoSpec, write_demo_dataset};
+use multi_teacher_ad::training::prepare::{TrainRequest, prepare};
+use multi_teacher_ad::training::run::RunSummary;
 
 /// The repository root.
 pub fn repo() -> PathBuf {
@@ -83,4 +87,54 @@ pub fn reference_cases(dir: &Path) -> Vec<(ReferenceCase, Vec<f32>, Vec<f32>)> {
 pub fn tensor4(values: &[f32], shape: &[usize], device: &Device) -> Tensor<4> {
     let shape: [usize; 4] = shape.try_into().expect("a 4-d shape");
     Tensor::<4>::from_data(TensorData::new(values.to_vec(), shape), device)
+}
+
+// Tiny training runs and the `mtad` binary (tests/training.rs, tests/inference.rs).
+
+pub fn demo_data(dir: &Path) -> PathBuf {
+    let root = dir.join("data");
+    let spec = DemoSpec {
+        image_size: 64,
+        train: 8,
+        test_good: 2,
+        test_defect: 1,
+        ..DemoSpec::default()
+    };
+    write_demo_dataset(&root, &spec).unwrap();
+    root
+}
+
+pub fn request(data: &Path, out: &Path, cache: &Path) -> TrainRequest {
+    let mut r = TrainRequest::tiny_folder(data, out, cache, Device::flex());
+    r.settings.classes = "weave".into();
+    r.settings.epochs = 2;
+    r.settings.eval_every = 1;
+    r.settings.seed = 5;
+    r
+}
+
+pub fn run(request: TrainRequest) -> RunSummary {
+    prepare(request).unwrap().run().unwrap()
+}
+
+pub fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Data lines of a CSV (no `#` note, no header).
+pub fn rows(text: &str) -> Vec<Vec<String>> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .skip(1)
+        .map(|l| l.split(',').map(str::to_string).collect())
+        .collect()
+}
+
+pub fn mtad(args: &[&str], abort_at: Option<&str>) -> std::process::Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_mtad"));
+    cmd.args(args);
+    if let Some(at) = abort_at {
+        cmd.env("MTAD_ABORT_AT", at);
+    }
+    cmd.output().unwrap()
 }

@@ -10,13 +10,15 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use crate::cli::DatasetKind;
-use crate::output::{png_bytes, write_atomic};
+use super::artifact::{ARTIFACT_FILE, Artifact, Header};
+use super::plots::{self, Curve};
+use super::run_folder::{ClassProgress, class_dir, read_config};
+use super::scores::read_scores;
+use super::{read_json, write_atomic};
+use crate::data::DatasetKind;
 use crate::scoring::evaluation::{column_mixes, column_names, group_max};
 use crate::scoring::roc_curve;
 use crate::students::StudentKind;
-use crate::training::artifact::{ARTIFACT_FILE, Artifact, Header};
-use crate::training::run::{ClassProgress, class_dir, read_config, read_json, read_scores};
 use crate::{Error, Result};
 
 /// The reference's published image AUROC (mean over classes), from METHOD.md.
@@ -55,7 +57,7 @@ pub struct ClassReport {
 pub fn write_report(run: &Path, out: &Path) -> Result<(PathBuf, Vec<ClassReport>)> {
     let config = read_config(run)?;
     let mut classes = Vec::new();
-    for &c in &config.classes {
+    for &c in &config.class_indices {
         let name = config.class_names[c].clone();
         let dir = class_dir(run, &name);
         let path = dir.join(ARTIFACT_FILE);
@@ -69,7 +71,7 @@ pub fn write_report(run: &Path, out: &Path) -> Result<(PathBuf, Vec<ClassReport>
         }
         let header = Artifact::read_header(&path)?;
         let roc = out.join(format!("roc_{}.png", file_safe(&name)));
-        write_atomic(&roc, &roc_png(&dir, &header)?)?;
+        write_atomic(&roc, &roc_png(&dir, &name, &header)?)?;
         classes.push(ClassReport {
             name,
             header: Some(header),
@@ -96,9 +98,9 @@ pub fn write_report(run: &Path, out: &Path) -> Result<(PathBuf, Vec<ClassReport>
         md,
         "- dataset: {:?} at `{}`\n- student: {}\n- teachers: {} ({})\n- epochs: {}, \
          evaluation every {}, lr {}, seed {}\n- image size {}{}\n- written by mtad {}\n",
-        c.dataset,
-        c.data_root.display(),
-        c.student,
+        c.dataset(),
+        c.data_root().display(),
+        c.settings.student,
         if c.teacher_names.is_empty() {
             "none (autoencoder ablation)".to_string()
         } else {
@@ -109,12 +111,12 @@ pub fn write_report(run: &Path, out: &Path) -> Result<(PathBuf, Vec<ClassReport>
             .map(|s| format!("sha256 {}", &s[..12.min(s.len())]))
             .collect::<Vec<_>>()
             .join(", "),
-        c.epochs,
-        c.eval_every,
-        c.lr,
-        c.seed,
-        c.image_size,
-        if c.dataset == DatasetKind::Cifar10 {
+        c.settings.epochs,
+        c.settings.eval_every,
+        c.settings.lr,
+        c.settings.seed,
+        c.settings.image_size,
+        if c.dataset() == DatasetKind::Cifar10 {
             String::new()
         } else {
             format!(
@@ -209,7 +211,10 @@ pub fn write_report(run: &Path, out: &Path) -> Result<(PathBuf, Vec<ClassReport>
     }
 
     let _ = writeln!(md, "## Against the published results\n");
-    match (published(c.dataset, c.student), published_others(c.dataset)) {
+    match (
+        published(c.dataset(), c.settings.student),
+        published_others(c.dataset()),
+    ) {
         (Some(ours), Some((multi, best))) => {
             let _ = writeln!(
                 md,
@@ -219,7 +224,7 @@ pub fn write_report(run: &Path, out: &Path) -> Result<(PathBuf, Vec<ClassReport>
                  published, best | {best} |\n",
                 mean(&oracles),
                 mean(&nors),
-                c.student
+                c.settings.student
             );
             let _ = writeln!(
                 md,
@@ -289,7 +294,7 @@ fn file_safe(name: &str) -> String {
 }
 
 /// The ROC curves of a class's best evaluation, from its test scores.
-fn roc_png(dir: &Path, header: &Header) -> Result<Vec<u8>> {
+fn roc_png(dir: &Path, class: &str, header: &Header) -> Result<Vec<u8>> {
     let file = read_scores(&dir.join("scores_test.csv"))?;
     let (groups, labels) = file.image_groups();
     let normaliser = &header.best.normaliser;
@@ -298,62 +303,25 @@ fn roc_png(dir: &Path, header: &Header) -> Result<Vec<u8>> {
     let n = file.scores.len();
     let nor: Vec<f64> = (0..n).map(|i| normaliser.score(&file.scores, i)).collect();
     let oracle: Vec<f64> = (0..n).map(|i| file.scores.mixed(i, &mix)).collect();
+    let evaluation = &header.best.evaluation;
     let curves = [
-        (
-            roc_curve(&group_max(&nor, &groups, labels.len()), &labels)?,
-            [31, 119, 180],
-        ),
-        (
-            roc_curve(&group_max(&oracle, &groups, labels.len()), &labels)?,
-            [255, 127, 14],
-        ),
+        Curve {
+            label: format!("nor, leakage-free (AUC {:.3})", evaluation.nor),
+            points: roc_curve(&group_max(&nor, &groups, labels.len()), &labels)?,
+            rgb: [31, 119, 180],
+        },
+        Curve {
+            label: format!(
+                "oracle: {} (AUC {:.3})",
+                column_names()[column],
+                evaluation.oracle().0
+            ),
+            points: roc_curve(&group_max(&oracle, &groups, labels.len()), &labels)?,
+            rgb: [255, 127, 14],
+        },
     ];
-    plot(&curves)
-}
-
-/// A 440x440 PNG: the unit square with a 20% grid, the chance diagonal and the curves.
-fn plot(curves: &[(Vec<(f64, f64)>, [u8; 3])]) -> Result<Vec<u8>> {
-    const SIZE: u32 = 440;
-    const MARGIN: f64 = 20.0;
-    let side = SIZE as f64 - 2.0 * MARGIN;
-    let mut img = image::RgbImage::from_pixel(SIZE, SIZE, image::Rgb([255, 255, 255]));
-    let to_px = |(x, y): (f64, f64)| (MARGIN + x * side, MARGIN + (1.0 - y) * side);
-    let line = |img: &mut image::RgbImage, a: (f64, f64), b: (f64, f64), rgb: [u8; 3], w: f64| {
-        let (a, b) = (to_px(a), to_px(b));
-        let steps = ((b.0 - a.0).abs().max((b.1 - a.1).abs()) * 2.0)
-            .ceil()
-            .max(1.0) as usize;
-        for s in 0..=steps {
-            let t = s as f64 / steps as f64;
-            let (x, y) = (a.0 + t * (b.0 - a.0), a.1 + t * (b.1 - a.1));
-            let r = (w / 2.0).floor() as i64;
-            for dy in -r..=r {
-                for dx in -r..=r {
-                    let (px, py) = (x.round() as i64 + dx, y.round() as i64 + dy);
-                    if (0..SIZE as i64).contains(&px) && (0..SIZE as i64).contains(&py) {
-                        img.put_pixel(px as u32, py as u32, image::Rgb(rgb));
-                    }
-                }
-            }
-        }
-    };
-    for i in 0..=5 {
-        let v = i as f64 / 5.0;
-        let grey = if i == 0 || i == 5 {
-            [90, 90, 90]
-        } else {
-            [225, 225, 225]
-        };
-        line(&mut img, (v, 0.0), (v, 1.0), grey, 1.0);
-        line(&mut img, (0.0, v), (1.0, v), grey, 1.0);
-    }
-    line(&mut img, (0.0, 0.0), (1.0, 1.0), [160, 160, 160], 1.0);
-    for (points, rgb) in curves {
-        for w in points.windows(2) {
-            line(&mut img, w[0], w[1], *rgb, 3.0);
-        }
-    }
-    png_bytes(&img, "a ROC curve")
+    let title = format!("{class}: image ROC, epoch {}", header.best.epoch);
+    plots::roc_png(&title, &curves)
 }
 
 #[cfg(test)]
@@ -371,14 +339,5 @@ mod tests {
             Some("0.920")
         );
         assert_eq!(published(DatasetKind::Folder, StudentKind::Vgg), None);
-    }
-
-    #[test]
-    fn a_perfect_curve_runs_up_the_left_side() {
-        let png = plot(&[(vec![(0.0, 0.0), (0.0, 1.0), (1.0, 1.0)], [0, 0, 255])]).unwrap();
-        let img = image::load_from_memory(&png).unwrap().to_rgb8();
-        // Left edge, half way up: blue; the bottom right corner: not blue.
-        assert_eq!(img.get_pixel(20, 220).0, [0, 0, 255]);
-        assert_ne!(img.get_pixel(410, 410).0, [0, 0, 255]);
     }
 }

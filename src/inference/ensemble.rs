@@ -5,19 +5,12 @@
 
 use std::path::{Path, PathBuf};
 
-use super::run::{EvalRow, TrainConfig, class_dir, eval_table, read_config, read_scores};
-use crate::cli::DatasetKind;
-use crate::output::write_atomic;
+use crate::config::TrainConfig;
+use crate::output::run_folder::{class_dir, read_config};
+use crate::output::scores::read_scores;
+use crate::output::tables::{EvalRow, write_eval_table};
 use crate::scoring::evaluation::{Normaliser, ensemble_scores, evaluate_with_nor};
 use crate::{Error, Result};
-
-fn dataset_name(kind: DatasetKind) -> &'static str {
-    match kind {
-        DatasetKind::Mvtec => "mvtec",
-        DatasetKind::Cifar10 => "cifar10",
-        DatasetKind::Folder => "folder",
-    }
-}
 
 /// Evaluates the ensemble of `runs` (one per student) and writes `<out>/eval_<dataset>.csv`.
 pub fn ensemble(runs: &[PathBuf], out: &Path) -> Result<(Vec<EvalRow>, PathBuf)> {
@@ -32,10 +25,10 @@ pub fn ensemble(runs: &[PathBuf], out: &Path) -> Result<(Vec<EvalRow>, PathBuf)>
         .collect::<Result<Vec<TrainConfig>>>()?;
     let first = &configs[0];
     for (run, c) in runs.iter().zip(&configs).skip(1) {
-        if c.dataset != first.dataset
+        if c.dataset() != first.dataset()
             || c.class_names != first.class_names
-            || c.classes != first.classes
-            || c.image_size != first.image_size
+            || c.class_indices != first.class_indices
+            || c.settings.image_size != first.settings.image_size
         {
             return Err(Error::InvalidArgument(format!(
                 "{} was trained on other data, classes or image size than {}",
@@ -45,12 +38,12 @@ pub fn ensemble(runs: &[PathBuf], out: &Path) -> Result<(Vec<EvalRow>, PathBuf)>
         }
     }
     let mut rows = Vec::new();
-    for &class in &first.classes {
+    for &class in &first.class_indices {
         let name = &first.class_names[class];
         let mut tests = Vec::new();
         let mut nor = Vec::new();
         let mut layout: Option<(Vec<usize>, Vec<u8>)> = None;
-        let mut inputs: Option<Vec<(String, String, String)>> = None;
+        let mut inputs: Option<Vec<(String, Option<usize>, Option<usize>)>> = None;
         for run in runs {
             let dir = class_dir(run, name);
             let test = read_scores(&dir.join("scores_test.csv"))?;
@@ -89,13 +82,15 @@ pub fn ensemble(runs: &[PathBuf], out: &Path) -> Result<(Vec<EvalRow>, PathBuf)>
             evaluation,
         });
     }
-    let students: Vec<String> = configs.iter().map(|c| c.student.to_string()).collect();
-    let mut note = format!("# ensemble of {}", students.join(" + "));
+    let students: Vec<String> = configs
+        .iter()
+        .map(|c| c.settings.student.to_string())
+        .collect();
+    let mut note = format!("ensemble of {}", students.join(" + "));
     if let Some(reduced) = first.reduced() {
         note.push_str(&format!("; {reduced}"));
     }
-    note.push('\n');
-    let path = out.join(format!("eval_{}.csv", dataset_name(first.dataset)));
-    write_atomic(&path, eval_table(&note, &rows).as_bytes())?;
+    let path = out.join(format!("eval_{}.csv", first.dataset().name()));
+    write_eval_table(&path, Some(&note), &rows)?;
     Ok((rows, path))
 }

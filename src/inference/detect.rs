@@ -12,19 +12,25 @@ use std::path::{Path, PathBuf};
 
 use burn::prelude::*;
 
-use crate::cli::DatasetKind;
+use crate::config::TrainConfig;
+use crate::data::DatasetKind;
 use crate::data::FloatImage;
 use crate::data::crops::FullCut;
 use crate::data::folder::{decode_rgb8, is_image, list_images, sorted_subfolders};
 use crate::data::transform::{center_crop, crop, normalize_rgb8, resize_bilinear};
+use crate::output::artifact::{ARTIFACT_FILE, Artifact};
+use crate::output::detections::write_detections;
+use crate::output::run_folder::{class_dir, read_config};
 use crate::output::{png_bytes, write_atomic};
+use crate::progress::Progress;
 use crate::scoring::Mix;
 use crate::scoring::evaluation::{Normaliser, RawScores, column_mixes, column_names, group_max};
+use crate::scoring::threshold::calibrate;
 use crate::teachers::{TeacherStatistics, WeightsLocation};
-use crate::training::artifact::{ARTIFACT_FILE, Artifact};
-use crate::training::inputs::{TeacherRunner, images_tensor, z_scores_host};
+use crate::training::inputs::images_tensor;
 use crate::training::model::{InputBatch, MtadModel};
-use crate::training::run::{TrainConfig, class_dir, csv_field, load_teachers, read_config};
+use crate::training::prepare::load_teachers;
+use crate::training::teacher_runner::{TeacherRunner, z_scores_host};
 use crate::{Error, Result};
 
 /// Which score decides.
@@ -73,7 +79,7 @@ pub struct Detection {
     pub outcome: std::result::Result<Scored, String>,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Scored {
     pub score: f64,
     pub anomalous: bool,
@@ -109,20 +115,6 @@ pub struct Detector {
     device: Device,
 }
 
-/// Threshold that about `rate` of the normal `scores` exceed: the value with
-/// `floor(rate * n)` scores strictly above it.
-pub fn calibrate(scores: &[f64], rate: f64) -> Result<f64> {
-    if scores.is_empty() {
-        return Err(Error::InvalidArgument(
-            "no normal training scores to calibrate a threshold on".into(),
-        ));
-    }
-    let mut sorted = scores.to_vec();
-    sorted.sort_by(|a, b| b.total_cmp(a));
-    let above = ((rate * sorted.len() as f64).floor() as usize).min(sorted.len() - 1);
-    Ok(sorted[above])
-}
-
 impl Detector {
     /// Loads class `class` (name or index) of the run in `run` (its `<class>/model.mtad`).
     pub fn load(
@@ -135,13 +127,13 @@ impl Detector {
     ) -> Result<Self> {
         let config = read_config(run)?;
         let index = config
-            .classes
+            .class_indices
             .iter()
             .copied()
             .find(|&c| config.class_names[c] == class || c.to_string() == class)
             .ok_or_else(|| {
                 let trained: Vec<&str> = config
-                    .classes
+                    .class_indices
                     .iter()
                     .map(|&c| config.class_names[c].as_str())
                     .collect();
@@ -166,7 +158,12 @@ impl Detector {
         let artifact = Artifact::read(path)?;
         let header = &artifact.header;
         let config = header.config.clone();
-        let runner = load_teachers(config.teachers, config.tiny_teachers, weights, &device)?;
+        let runner = load_teachers(
+            config.settings.teachers,
+            config.settings.tiny_teachers,
+            weights,
+            &device,
+        )?;
         let stats = artifact.statistics(runner.as_deref())?;
         let model = artifact.model(&device)?;
         let normaliser = header.best.normaliser;
@@ -202,17 +199,17 @@ impl Detector {
         let (w, h) = rgb.dimensions();
         let image = normalize_rgb8(rgb.as_raw(), w as usize, h as usize)?;
         let c = &self.config;
-        if c.dataset == DatasetKind::Cifar10 {
+        if c.dataset() == DatasetKind::Cifar10 {
             let resized = resize_bilinear(&image, c.cifar_resize, c.cifar_resize)?;
-            let input = center_crop(&resized, c.image_size, c.image_size)?;
+            let input = center_crop(&resized, c.settings.image_size, c.settings.image_size)?;
             return Ok((input.clone(), vec![input], vec![(0, 0)]));
         }
         let full = resize_bilinear(&image, c.full_size, c.full_size)?;
-        let cut = FullCut::new(c.full_size, c.image_size, c.stride)?;
+        let cut = FullCut::new(c.full_size, c.settings.image_size, c.stride)?;
         let offsets = cut.offsets();
         let patches = offsets
             .iter()
-            .map(|&(y, x)| crop(&full, y, x, c.image_size, c.image_size))
+            .map(|&(y, x)| crop(&full, y, x, c.settings.image_size, c.settings.image_size))
             .collect::<Result<Vec<_>>>()?;
         Ok((full, patches, offsets))
     }
@@ -260,7 +257,7 @@ impl Detector {
                     &full,
                     &patch_scores,
                     &offsets,
-                    self.config.image_size,
+                    self.config.settings.image_size,
                     self.threshold,
                 )?;
                 write_atomic(&out, &png)?;
@@ -271,7 +268,7 @@ impl Detector {
         let residual = match dir.filter(|_| heatmaps == Heatmaps::ScoresAndResiduals) {
             Some(dir) => {
                 let out = dir.join(heatmap_name(path, "residual"));
-                let side = self.config.image_size;
+                let side = self.config.settings.image_size;
                 let squared = (self.model.reconstruct(images.clone()) - images)
                     .powi_scalar(2)
                     .mean_dim(1)
@@ -316,9 +313,11 @@ impl Detector {
             }
         }
         let heatmap_dir = out.join("heatmaps");
+        let progress = Progress::start("scoring images", files.len() as u64);
         let detections: Vec<Detection> = files
             .into_iter()
             .map(|path| {
+                progress.advance(1);
                 let outcome = if path.is_file() && !is_image(&path) {
                     Err("not an image file this build reads".to_string())
                 } else {
@@ -328,39 +327,19 @@ impl Detector {
                 Detection { path, outcome }
             })
             .collect();
-        let mut csv = format!(
-            "# {} class, column {}, threshold {:e}{}\npath,score,decision,AS_z,AS_cossim,AS_rec,heatmap,residual,error\n",
-            self.config.student,
-            match self.column {
-                ScoreColumn::Nor => "nor".to_string(),
-                ScoreColumn::Mix(i, _) => column_names()[i].clone(),
-            },
+        let column = match self.column {
+            ScoreColumn::Nor => "nor".to_string(),
+            ScoreColumn::Mix(i, _) => column_names()[i].clone(),
+        };
+        let note = format!(
+            "{} class, column {column}, threshold {:e}{}",
+            self.config.settings.student,
             self.threshold,
             self.config
                 .reduced()
                 .map_or(String::new(), |n| format!("; {n}"))
         );
-        for d in &detections {
-            let path = csv_field(&d.path.display().to_string());
-            match &d.outcome {
-                Ok(s) => csv.push_str(&format!(
-                    "{path},{:e},{},{:e},{:e},{:e},{},{},\n",
-                    s.score,
-                    if s.anomalous { "anomalous" } else { "normal" },
-                    s.as_z,
-                    s.as_cossim,
-                    s.as_rec,
-                    s.heatmap
-                        .as_ref()
-                        .map_or(String::new(), |h| csv_field(&h.display().to_string())),
-                    s.residual
-                        .as_ref()
-                        .map_or(String::new(), |h| csv_field(&h.display().to_string()))
-                )),
-                Err(e) => csv.push_str(&format!("{path},,error,,,,,,{}\n", csv_field(e))),
-            }
-        }
-        write_atomic(&out.join("detections.csv"), csv.as_bytes())?;
+        write_detections(&out.join("detections.csv"), &note, &detections)?;
         Ok(detections)
     }
 }
@@ -482,16 +461,6 @@ fn overlay_png(image: &FloatImage, map: &[f64], low: f64, high: f64) -> Result<V
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_default_threshold_flags_about_one_percent() {
-        let scores: Vec<f64> = (0..200).map(f64::from).collect();
-        let t = calibrate(&scores, 0.01).unwrap();
-        assert_eq!(scores.iter().filter(|&&s| s > t).count(), 2);
-        // Fewer than 100 images: none of them is flagged.
-        assert_eq!(calibrate(&[3.0, 1.0, 2.0], 0.01).unwrap(), 3.0);
-        assert!(calibrate(&[], 0.01).is_err());
-    }
 
     #[test]
     fn columns_parse_by_name() {

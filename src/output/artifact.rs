@@ -24,19 +24,21 @@ use burn::prelude::*;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::inputs::TeacherRunner;
-use super::model::{MtadModel, MtadModelConfig};
-use super::run::{BestRecord, TrainConfig};
-use crate::detect::calibrate;
-use crate::output::write_atomic_parts;
+use super::run_folder::BestRecord;
+use super::write_atomic_parts;
+use crate::config::TrainConfig;
 use crate::scoring::evaluation::{RawScores, group_max};
+use crate::scoring::threshold::calibrate;
 use crate::teachers::{TeacherStatistics, hex};
+use crate::training::model::{MtadModel, MtadModelConfig};
+use crate::training::teacher_runner::TeacherRunner;
 use crate::{Error, Result};
 
 /// File name of a class's artifact inside its class folder.
 pub const ARTIFACT_FILE: &str = "model.mtad";
 const MAGIC: &[u8] = b"MTAD-MODEL\n";
-const VERSION: u32 = 1;
+/// 2: the run settings in the header are `config.json`'s since the settings were declared once.
+const VERSION: u32 = 2;
 /// Share of normal training images the default threshold flags.
 pub const DEFAULT_FLAG_RATE: f64 = 0.01;
 
@@ -261,8 +263,12 @@ impl Artifact {
     /// The student, decoder and weighting, in inference mode.
     pub fn model(&self, device: &Device) -> Result<MtadModel> {
         let c = &self.header.config;
-        let model =
-            MtadModelConfig::new(c.student, c.image_size, c.teacher_names.len()).init(device)?;
+        let model = MtadModelConfig::new(
+            c.settings.student,
+            c.settings.image_size,
+            c.teacher_names.len(),
+        )
+        .init(device)?;
         let model = MtadModel {
             student: self.load(model.student, STUDENT)?,
             decoder: self.load(model.decoder, DECODER)?,

@@ -1,0 +1,323 @@
+//! The settings of a training run, declared once.
+//!
+//! [`TrainSettings`] is both the `mtad train` options (clap) and the settings part of a run's
+//! `config.json` (serde): the same field names are the long flags (`eval_every` is
+//! `--eval-every`), the keys of a `--config FILE` (TOML or JSON) and the keys of `config.json`.
+//! [`TrainConfig`] is what a run resolved from them (class indices, geometry, teachers) and is
+//! what `config.json` holds.
+
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+use clap::builder::RangedU64ValueParser;
+use serde::{Deserialize, Serialize};
+
+use crate::data::DatasetKind;
+use crate::data::crops::{CROP_SIZE, CROPS_PER_BATCH};
+use crate::students::StudentKind;
+use crate::teachers::TeacherChoice;
+use crate::{Error, Result};
+
+/// Every setting a user chooses for a training run.
+#[derive(Debug, Clone, PartialEq, Args, Serialize, Deserialize)]
+pub struct TrainSettings {
+    /// What kind of dataset --data-root holds (required, here or in --config FILE).
+    #[arg(long, value_enum)]
+    pub dataset: Option<DatasetKind>,
+    /// The dataset's root folder (MVTec/folder: the folder of categories; CIFAR-10:
+    /// cifar-10-batches-py, cifar-10-batches-bin or their parent). Required, here or in
+    /// --config FILE.
+    #[arg(long, value_name = "DIR")]
+    pub data_root: Option<PathBuf>,
+    /// Student architecture: resnet (resnet18), vgg (vgg11) or densenet (densenet121).
+    #[arg(long, value_enum, default_value_t = StudentKind::Resnet)]
+    pub student: StudentKind,
+    /// Normal classes to train, one after the other: `all`, indices and ranges (`0-14`,
+    /// `3,5-7`) or names (`bottle,screw`; CIFAR-10: `airplane,cat`; folder: category names).
+    #[arg(long, default_value = "all")]
+    pub classes: String,
+    /// Training epochs per class.
+    #[arg(long, default_value_t = 500, value_parser = RangedU64ValueParser::<usize>::new().range(1..))]
+    pub epochs: usize,
+    /// Evaluate (ROC AUC on the test set, keep the best models, checkpoint) every N epochs and
+    /// at the last epoch.
+    #[arg(long, default_value_t = 50, value_parser = RangedU64ValueParser::<usize>::new().range(1..))]
+    pub eval_every: usize,
+    /// CIFAR-10 batch size for training and evaluation. MVTec/folder batches are always the
+    /// reference's 4 images, each giving 16 random crops (64 inputs).
+    #[arg(long, default_value_t = 32, value_parser = RangedU64ValueParser::<usize>::new().range(2..=4096))]
+    pub batch_size: usize,
+    /// Adam learning rate (PyTorch defaults otherwise: betas 0.9/0.999, eps 1e-8).
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f64,
+    /// Seed of the data order and the random crops (the networks' initialisation is random).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Side of the network inputs. The method uses 224; smaller multiples of 32 (with
+    /// --tiny-teachers) make quick CPU trials. MVTec images are resized and cut to scale
+    /// (224 -> 1024 images, stride 200; 32 -> 148, stride 29).
+    #[arg(long, default_value_t = 224, value_parser = RangedU64ValueParser::<usize>::new().range(32..=1024))]
+    pub image_size: usize,
+    /// MVTec/folder: draw N crop offsets per image once and cache their teacher embeddings, so
+    /// the teachers never run during training (default: the reference's fresh random crops,
+    /// teachers run on every batch).
+    #[arg(long, value_name = "N")]
+    pub crop_pool: Option<usize>,
+    /// MVTec/folder: random crops per training batch of 4 images (each offset cuts all 4).
+    #[arg(long, default_value_t = CROPS_PER_BATCH, value_parser = RangedU64ValueParser::<usize>::new().range(1..=1024))]
+    pub crops_per_batch: usize,
+    /// Teachers: `all` (the method), `resnet152` (single-teacher ablation) or `none` (no-teacher
+    /// ablation: an autoencoder scored by AS_rec).
+    #[arg(long, value_enum, default_value_t = TeacherChoice::All)]
+    pub teachers: TeacherChoice,
+    /// Use the tiny random fixture teachers instead of the real ImageNet ones (quick CPU trials;
+    /// every output of such a run says so).
+    #[arg(long)]
+    pub tiny_teachers: bool,
+    /// Also keep the models of every evaluation in `<class>/epoch-<N>/` (the best evaluation's
+    /// are always kept, with all scoring needs, in `<class>/model.mtad`).
+    #[arg(long)]
+    pub save_model: bool,
+    /// Folder of the teacher-embedding caches, shared by runs.
+    #[arg(long, value_name = "DIR", default_value = "models/cache")]
+    pub cache_dir: PathBuf,
+}
+
+impl TrainSettings {
+    /// The settings' names: the keys of `--config FILE` and the flags' ids.
+    pub fn keys() -> Vec<String> {
+        let value = serde_json::to_value(Self::tiny_folder(Path::new("."), Path::new(".")))
+            .expect("settings serialise");
+        value
+            .as_object()
+            .expect("settings are an object")
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    /// A quick CPU trial on a folder dataset: every class, the tiny teachers, 32x32 inputs,
+    /// 4 crops per batch, 3 epochs evaluated at the end (the demo and the tests start here).
+    pub fn tiny_folder(data_root: &Path, cache_dir: &Path) -> Self {
+        Self {
+            dataset: Some(DatasetKind::Folder),
+            data_root: Some(data_root.to_path_buf()),
+            student: StudentKind::Resnet,
+            classes: "all".into(),
+            epochs: 3,
+            eval_every: 3,
+            batch_size: 32,
+            lr: 1e-3,
+            seed: 0,
+            image_size: 32,
+            crop_pool: None,
+            crops_per_batch: 4,
+            teachers: TeacherChoice::All,
+            tiny_teachers: true,
+            save_model: false,
+            cache_dir: cache_dir.to_path_buf(),
+        }
+    }
+
+    /// These settings with `file`'s values for every key that `explicit` does not name (the
+    /// flags given on the command line win over the file). `file` holds TOML or JSON (by its
+    /// extension; JSON otherwise); keys that are not settings are refused, except the resolved
+    /// fields of a run's `config.json` when `allow_run_config` is set.
+    pub fn merged_with_file(
+        &self,
+        file: &Path,
+        explicit: &dyn Fn(&str) -> bool,
+        allow_run_config: bool,
+    ) -> Result<Self> {
+        let text = std::fs::read_to_string(file).map_err(|e| Error::io(file, e))?;
+        let values: serde_json::Map<String, serde_json::Value> = if file
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("toml"))
+        {
+            let table: toml::Table =
+                toml::from_str(&text).map_err(|e| Error::invalid_file(file, e.to_string()))?;
+            serde_json::to_value(table)
+                .ok()
+                .and_then(|v| v.as_object().cloned())
+                .ok_or_else(|| Error::invalid_file(file, "not a table of settings"))?
+        } else {
+            serde_json::from_str(&text).map_err(|e| Error::invalid_file(file, e.to_string()))?
+        };
+        let keys = Self::keys();
+        let resolved = TrainConfig::resolved_keys();
+        let mut merged = serde_json::to_value(self).expect("settings serialise");
+        let object = merged.as_object_mut().expect("settings are an object");
+        for (key, value) in values {
+            let key = key.replace('-', "_");
+            if keys.contains(&key) {
+                if !explicit(&key) {
+                    object.insert(key, value);
+                }
+            } else if !(allow_run_config && resolved.contains(&key.as_str())) {
+                return Err(Error::invalid_file(
+                    file,
+                    format!("`{key}` is not a setting (settings: {})", keys.join(", ")),
+                ));
+            }
+        }
+        serde_json::from_value(merged).map_err(|e| Error::invalid_file(file, e.to_string()))
+    }
+}
+
+/// Every setting of a run, with what was resolved from them; saved as `config.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    /// The settings as chosen (`dataset` and `data_root` are always set in a run's config).
+    #[serde(flatten)]
+    pub settings: TrainSettings,
+    /// The classes to train, as indices into `class_names`.
+    pub class_indices: Vec<usize>,
+    /// Every class of the dataset, in index order.
+    pub class_names: Vec<String>,
+    /// MVTec/folder: side of the resized images (1024) and full-cut stride (200).
+    pub full_size: usize,
+    pub stride: usize,
+    /// CIFAR: side of the resize before the centre crop (256).
+    pub cifar_resize: usize,
+    pub teacher_names: Vec<String>,
+    pub teacher_sha256: Vec<String>,
+    pub device: String,
+    /// `mtad` version that wrote the run.
+    pub version: String,
+}
+
+impl TrainConfig {
+    /// The kind of dataset (present in every config a run wrote or read: see `read_config`).
+    pub fn dataset(&self) -> DatasetKind {
+        self.settings
+            .dataset
+            .expect("a run's config names its dataset (checked when it is made or read)")
+    }
+
+    /// The dataset's root folder (present in every run's config, as `dataset`).
+    pub fn data_root(&self) -> &Path {
+        self.settings
+            .data_root
+            .as_deref()
+            .expect("a run's config names its data root (checked when it is made or read)")
+    }
+
+    /// The keys of `config.json` that are resolved, not chosen.
+    pub fn resolved_keys() -> [&'static str; 9] {
+        [
+            "class_indices",
+            "class_names",
+            "full_size",
+            "stride",
+            "cifar_resize",
+            "teacher_names",
+            "teacher_sha256",
+            "device",
+            "version",
+        ]
+    }
+
+    /// Whether this run deviates from the method's teachers or resolution, said in every output.
+    pub fn reduced(&self) -> Option<String> {
+        let s = &self.settings;
+        let mut notes = Vec::new();
+        if s.tiny_teachers {
+            notes.push("TINY RANDOM TEACHERS (not the ImageNet ones)".to_string());
+        }
+        if s.crops_per_batch != CROPS_PER_BATCH && self.dataset() != DatasetKind::Cifar10 {
+            notes.push(format!(
+                "{} crops per batch (the method uses {CROPS_PER_BATCH})",
+                s.crops_per_batch
+            ));
+        }
+        if s.image_size != CROP_SIZE {
+            notes.push(format!(
+                "reduced image size {} (the method uses {CROP_SIZE})",
+                s.image_size
+            ));
+        }
+        (!notes.is_empty()).then(|| notes.join("; "))
+    }
+
+    /// Settings that must match for `--resume` to continue a run: the names of those that
+    /// differ.
+    pub fn resumable_from(&self, other: &TrainConfig) -> std::result::Result<(), String> {
+        let mut a = self.clone();
+        let mut b = other.clone();
+        for c in [&mut a, &mut b] {
+            c.device = String::new();
+            c.version = String::new();
+            c.settings.cache_dir = PathBuf::new();
+            c.settings.data_root = None;
+        }
+        if a == b {
+            Ok(())
+        } else {
+            let ja = serde_json::to_value(&a).unwrap_or_default();
+            let jb = serde_json::to_value(&b).unwrap_or_default();
+            let differing: Vec<String> = ja
+                .as_object()
+                .into_iter()
+                .flatten()
+                .filter(|(k, v)| jb.get(k.as_str()) != Some(v))
+                .map(|(k, _)| k.clone())
+                .collect();
+            Err(differing.join(", "))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    #[test]
+    fn a_file_fills_what_the_flags_do_not_give() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = TrainSettings::tiny_folder(Path::new("data"), Path::new("cache"));
+        let toml = write(
+            dir.path(),
+            "run.toml",
+            "epochs = 7\nstudent = \"vgg\"\neval-every = 2\ndata_root = \"/d\"\n",
+        );
+        let explicit = |k: &str| k == "epochs";
+        let merged = base.merged_with_file(&toml, &explicit, false).unwrap();
+        assert_eq!(merged.epochs, 3, "a flag on the command line wins");
+        assert_eq!(merged.student, StudentKind::Vgg);
+        assert_eq!(merged.eval_every, 2);
+        assert_eq!(merged.data_root, Some(PathBuf::from("/d")));
+        let json = write(dir.path(), "run.json", r#"{"lr": 0.5, "seed": 9}"#);
+        let merged = base.merged_with_file(&json, &|_| false, false).unwrap();
+        assert_eq!((merged.lr, merged.seed), (0.5, 9));
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = TrainSettings::tiny_folder(Path::new("data"), Path::new("cache"));
+        let typo = write(dir.path(), "typo.toml", "epoch = 7\n");
+        let err = base
+            .merged_with_file(&typo, &|_| false, false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("typo.toml") && err.contains("`epoch`"),
+            "{err}"
+        );
+        let bad = write(dir.path(), "bad.json", r#"{"epochs": "many"}"#);
+        let err = base
+            .merged_with_file(&bad, &|_| false, false)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("bad.json"), "{err}");
+        let resolved = write(dir.path(), "config.json", r#"{"class_names": ["a"]}"#);
+        assert!(base.merged_with_file(&resolved, &|_| false, false).is_err());
+        assert!(base.merged_with_file(&resolved, &|_| false, true).is_ok());
+    }
+}

@@ -1,0 +1,79 @@
+//! The run folder's layout and its JSON files: `config.json` and each class's `progress.json`.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::{read_json, write_json};
+use crate::config::TrainConfig;
+use crate::scoring::evaluation::{ClassEvaluation, Normaliser};
+use crate::{Error, Result};
+
+/// The `config.json` of a run directory.
+pub fn read_config(run: &Path) -> Result<TrainConfig> {
+    let path = run.join("config.json");
+    if !path.is_file() {
+        return Err(Error::InvalidArgument(format!(
+            "{} is not a run directory (no config.json)",
+            run.display()
+        )));
+    }
+    let config: TrainConfig = read_json(&path)?;
+    if config.settings.dataset.is_none() || config.settings.data_root.is_none() {
+        return Err(Error::invalid_file(&path, "no dataset or data_root"));
+    }
+    Ok(config)
+}
+
+/// Writes a run's `config.json`.
+pub fn write_config(run: &Path, config: &TrainConfig) -> Result<()> {
+    write_json(&run.join("config.json"), config)
+}
+
+/// One evaluation of a class.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalRecord {
+    pub epoch: usize,
+    /// The oracle AUC (max over the 69 columns) and the leakage-free AUC.
+    pub oracle: f64,
+    pub nor: f64,
+}
+
+/// The best evaluation of a class, with what scoring needs besides the models.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BestRecord {
+    pub epoch: usize,
+    pub evaluation: ClassEvaluation,
+    pub normaliser: Normaliser,
+}
+
+/// `progress.json` of a class.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ClassProgress {
+    pub index: usize,
+    pub name: String,
+    /// The latest complete checkpoint.
+    pub checkpoint_epoch: Option<usize>,
+    pub history: Vec<EvalRecord>,
+    pub best: Option<BestRecord>,
+    pub complete: bool,
+}
+
+/// A class's folder name in the run directory.
+pub fn class_dir(out: &Path, name: &str) -> PathBuf {
+    out.join(name)
+}
+
+/// A class's `progress.json`, if it has one.
+pub fn read_progress(dir: &Path) -> Result<Option<ClassProgress>> {
+    let path = dir.join("progress.json");
+    if !path.exists() {
+        return Ok(None);
+    }
+    read_json(&path).map(Some)
+}
+
+/// Writes a class's `progress.json`.
+pub fn write_progress(dir: &Path, progress: &ClassProgress) -> Result<()> {
+    write_json(&dir.join("progress.json"), progress)
+}

@@ -1,0 +1,270 @@
+//! Everything a run checks and opens before training starts: options, dataset and classes,
+//! teachers, output and cache folders; the result is a [`Prepared`] run.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use burn::prelude::*;
+
+use super::teacher_runner::TeacherRunner;
+use crate::config::{TrainConfig, TrainSettings};
+use crate::data::DatasetKind;
+use crate::data::cifar::{self, Cifar10};
+use crate::data::crops::{CROP_SIZE, IMAGE_SIZE, STRIDE};
+use crate::data::folder::{Category, FolderDataset};
+use crate::data::mvtec::{self, parse_class_list};
+use crate::output::run_folder::{read_config, write_config};
+use crate::teachers::{TeacherChoice, TeacherEnsemble, TeacherSize, WeightsLocation};
+use crate::{Error, Result};
+
+/// What the user asked for; [`prepare`] checks it and resolves it into a [`TrainConfig`].
+#[derive(Debug, Clone)]
+pub struct TrainRequest {
+    pub settings: TrainSettings,
+    pub teacher_weights: WeightsLocation,
+    pub out: PathBuf,
+    pub cover: bool,
+    pub resume: bool,
+    pub device: Device,
+    pub device_name: String,
+    /// Print plain progress lines (otherwise Burn's TUI shows progress on a terminal).
+    pub plain: bool,
+}
+
+impl TrainRequest {
+    /// A quick CPU trial on a folder dataset ([`TrainSettings::tiny_folder`]) written to `out`,
+    /// with plain progress lines; the fields are public to change any of it.
+    pub fn tiny_folder(data_root: &Path, out: &Path, cache_dir: &Path, device: Device) -> Self {
+        Self {
+            settings: TrainSettings::tiny_folder(data_root, cache_dir),
+            teacher_weights: WeightsLocation::Build,
+            out: out.to_path_buf(),
+            cover: false,
+            resume: false,
+            device_name: format!("{device:?}"),
+            device,
+            plain: true,
+        }
+    }
+}
+
+/// A checked run, ready to train.
+pub struct Prepared {
+    pub config: TrainConfig,
+    pub out: PathBuf,
+    pub(crate) data: DataSet,
+    pub(crate) runner: Option<Arc<TeacherRunner>>,
+    pub(crate) device: Device,
+    pub(crate) plain: bool,
+    pub(crate) resume: bool,
+}
+
+pub(crate) enum DataSet {
+    Cifar(Arc<Cifar10>),
+    Folder(Vec<Category>),
+}
+
+pub(crate) fn invalid(message: impl Into<String>) -> Error {
+    Error::InvalidArgument(message.into())
+}
+
+/// Checks everything a run needs before any training: options, dataset, classes, teachers and
+/// output directory. Errors name what is wrong.
+pub fn prepare(request: TrainRequest) -> Result<Prepared> {
+    let r = &request;
+    let s = &r.settings;
+    let dataset = s.dataset.ok_or_else(|| {
+        invalid("--dataset is missing: give it, or a --config FILE that sets `dataset`")
+    })?;
+    let data_root = s.data_root.clone().ok_or_else(|| {
+        invalid("--data-root is missing: give it, or a --config FILE that sets `data_root`")
+    })?;
+    if s.epochs == 0 {
+        return Err(invalid("--epochs must be at least 1"));
+    }
+    if s.eval_every == 0 {
+        return Err(invalid("--eval-every must be at least 1"));
+    }
+    if s.batch_size < 2 {
+        return Err(invalid(
+            "--batch-size must be at least 2 (batch norm needs two inputs)",
+        ));
+    }
+    if !(s.lr.is_finite() && s.lr > 0.0) {
+        return Err(invalid(format!("--lr {} must be a positive number", s.lr)));
+    }
+    if s.image_size < 32 || s.image_size % 32 != 0 {
+        return Err(invalid(format!(
+            "--image-size {} must be a multiple of 32 (the decoder doubles a 1/32 grid five times)",
+            s.image_size
+        )));
+    }
+    if s.crops_per_batch == 0 {
+        return Err(invalid("--crops-per-batch must be at least 1"));
+    }
+    if s.crop_pool == Some(0) {
+        return Err(invalid("--crop-pool must be at least 1"));
+    }
+    if s.image_size != CROP_SIZE && !s.tiny_teachers && s.teachers != TeacherChoice::None {
+        return Err(invalid(format!(
+            "--image-size {} needs --tiny-teachers: the ImageNet teachers see {CROP_SIZE}x{CROP_SIZE} inputs",
+            s.image_size
+        )));
+    }
+    // Geometry, scaled from the reference's 224 / 1024 / 200 / 256.
+    let image_size = s.image_size;
+    let stride = ((image_size * STRIDE) as f64 / CROP_SIZE as f64).round() as usize;
+    let full_size = image_size + 4 * stride;
+    debug_assert!(image_size != CROP_SIZE || full_size == IMAGE_SIZE);
+    let cifar_resize = ((image_size * 256) as f64 / CROP_SIZE as f64).round() as usize;
+
+    let (data, class_names, class_indices) = open_dataset(dataset, &data_root, &s.classes)?;
+    let runner = load_teachers(s.teachers, s.tiny_teachers, &r.teacher_weights, &r.device)?;
+    let (teacher_names, teacher_sha256) = teacher_identity(runner.as_deref());
+
+    let mut settings = s.clone();
+    settings.dataset = Some(dataset);
+    settings.data_root = Some(data_root);
+    let config = TrainConfig {
+        settings,
+        class_indices,
+        class_names,
+        full_size,
+        stride,
+        cifar_resize,
+        teacher_names,
+        teacher_sha256,
+        device: r.device_name.clone(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+    };
+
+    // Output directory.
+    let out = if r.resume {
+        let saved = read_config(&r.out)?;
+        config.resumable_from(&saved).map_err(|fields| {
+            invalid(format!(
+                "--resume {}: the run was started with other settings ({fields}); give the same \
+                 options as the first time (or none: they are read from its config.json), or \
+                 start a new run",
+                r.out.display()
+            ))
+        })?;
+        r.out.clone()
+    } else if r.cover || !r.out.exists() {
+        r.out.clone()
+    } else {
+        // The reference's behaviour: a numeric suffix rather than overwriting.
+        let base = r.out.display().to_string();
+        (1..)
+            .map(|n| PathBuf::from(format!("{base}_{n}")))
+            .find(|p| !p.exists())
+            .expect("some suffix is free")
+    };
+    check_writable(&out)?;
+    check_writable(&s.cache_dir)?;
+    write_config(&out, &config)?;
+
+    Ok(Prepared {
+        config,
+        out,
+        data,
+        runner,
+        device: r.device.clone(),
+        plain: r.plain,
+        resume: r.resume,
+    })
+}
+
+/// Opens a dataset and resolves `--classes`: the data, every class name, the chosen indices.
+pub(crate) fn open_dataset(
+    kind: DatasetKind,
+    root: &Path,
+    spec: &str,
+) -> Result<(DataSet, Vec<String>, Vec<usize>)> {
+    match kind {
+        DatasetKind::Cifar10 => {
+            let cifar = Cifar10::open(root)?;
+            let classes = parse_class_list(spec, &cifar::CLASSES)?;
+            for &c in &classes {
+                cifar.one_class(c)?;
+            }
+            let names = cifar::CLASSES.iter().map(|s| s.to_string()).collect();
+            Ok((DataSet::Cifar(Arc::new(cifar)), names, classes))
+        }
+        DatasetKind::Mvtec | DatasetKind::Folder => {
+            let folder = FolderDataset::open(root)?;
+            let names: Vec<String> = if kind == DatasetKind::Mvtec {
+                mvtec::CATEGORIES.iter().map(|s| s.to_string()).collect()
+            } else {
+                folder.categories.clone()
+            };
+            let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+            let classes = parse_class_list(spec, &refs)?;
+            let categories = classes
+                .iter()
+                .map(|&c| {
+                    let category = folder.category(&names[c])?;
+                    check_category(&folder.root, &category)?;
+                    Ok(category)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Ok((DataSet::Folder(categories), names, classes))
+        }
+    }
+}
+
+/// The teachers of a run, `None` for the no-teacher ablation.
+pub fn load_teachers(
+    choice: TeacherChoice,
+    tiny: bool,
+    weights: &WeightsLocation,
+    device: &Device,
+) -> Result<Option<Arc<TeacherRunner>>> {
+    let families = choice.families();
+    if families.is_empty() {
+        return Ok(None);
+    }
+    let size = if tiny {
+        TeacherSize::Tiny
+    } else {
+        TeacherSize::Full
+    };
+    let ensemble = TeacherEnsemble::load(size, &families, weights, device)?;
+    Ok(Some(Arc::new(TeacherRunner::new(ensemble, device.clone()))))
+}
+
+/// The teachers' names and sha256s, in order.
+pub(crate) fn teacher_identity(runner: Option<&TeacherRunner>) -> (Vec<String>, Vec<String>) {
+    match runner {
+        Some(runner) => (runner.names().to_vec(), runner.sha256s().to_vec()),
+        None => (Vec::new(), Vec::new()),
+    }
+}
+
+fn check_category(root: &Path, category: &Category) -> Result<()> {
+    let err = |m: String| Error::Dataset {
+        root: root.to_path_buf(),
+        message: format!("category {}: {m}", category.name),
+    };
+    if category.train.len() < 2 {
+        return Err(err(format!(
+            "{} training images; at least 2 are needed",
+            category.train.len()
+        )));
+    }
+    let labels = category.test_labels();
+    if !labels.contains(&0) || !labels.contains(&1) {
+        return Err(err(
+            "the test set needs both good and defect images for a ROC AUC".into(),
+        ));
+    }
+    Ok(())
+}
+
+pub(crate) fn check_writable(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let probe = dir.join(format!(".mtad-write-test-{}", std::process::id()));
+    std::fs::write(&probe, b"ok").map_err(|e| Error::io(dir, e))?;
+    std::fs::remove_file(&probe).map_err(|e| Error::io(&probe, e))?;
+    Ok(())
+}

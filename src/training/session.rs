@@ -1,0 +1,262 @@
+//! The evaluation of one class during training: scores of the test and normal training inputs,
+//! the AUCs, the best model kept in `model.mtad` with its score files, the tables and
+//! `progress.json` rewritten, and the per-epoch losses reported.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use burn::data::dataloader::DataLoader;
+use burn::module::Module;
+
+use super::inputs::{ErrorSlot, InputSet};
+use super::model::{InputBatch, MtadModel};
+use super::strategy::{AtomicCheckpointer, CHECKPOINT_PARTS, ClassSession, EpochLosses};
+use crate::config::TrainConfig;
+use crate::output::artifact::{ARTIFACT_FILE, Artifact, NormalScores};
+use crate::output::run_folder::{BestRecord, ClassProgress, EvalRecord, write_progress};
+use crate::output::scores::write_scores;
+use crate::output::tables::write_tables;
+use crate::output::write_atomic;
+use crate::progress::Progress;
+use crate::scoring::evaluation::{Normaliser, RawScores, column_names, evaluate};
+use crate::scoring::pixel::PixelTruth;
+use crate::teachers::TeacherStatistics;
+use crate::{Error, Result};
+
+/// Evaluation, outputs and progress of one class during training.
+pub(crate) struct Session {
+    pub(crate) config: TrainConfig,
+    pub(crate) out: PathBuf,
+    pub(crate) dir: PathBuf,
+    pub(crate) checkpoint_dir: PathBuf,
+    pub(crate) progress: ClassProgress,
+    pub(crate) test_loader: Arc<dyn DataLoader<InputBatch>>,
+    pub(crate) norm_loader: Arc<dyn DataLoader<InputBatch>>,
+    pub(crate) test_set: Arc<InputSet>,
+    pub(crate) norm_set: Arc<InputSet>,
+    pub(crate) norm_items: Vec<usize>,
+    pub(crate) test_groups: Vec<usize>,
+    pub(crate) test_labels: Vec<u8>,
+    pub(crate) stats: Option<Arc<TeacherStatistics>>,
+    pub(crate) pixels: Option<Arc<PixelTruth>>,
+    pub(crate) batch_errors: ErrorSlot,
+    pub(crate) plain: bool,
+}
+
+/// The pixel AUROC of the `nor` heatmaps of `test`, where the class has masks.
+pub(crate) fn pixel_auroc(
+    pixels: Option<&PixelTruth>,
+    test: &RawScores,
+    normaliser: &Normaliser,
+) -> Result<Option<f64>> {
+    pixels
+        .map(|p| {
+            let nor: Vec<f64> = (0..test.len()).map(|i| normaliser.score(test, i)).collect();
+            p.auroc(&nor)
+        })
+        .transpose()
+}
+
+/// The normal training inputs' scores with the image of each input (inputs of one image are
+/// consecutive), for the artifact's thresholds.
+fn normal_scores(set: &InputSet, items: &[usize], scores: RawScores) -> NormalScores {
+    let mut groups = Vec::with_capacity(items.len());
+    let mut images = 0;
+    for (row, &input) in items.iter().enumerate() {
+        if row == 0 || set.inputs[items[row - 1]].0 != set.inputs[input].0 {
+            images += 1;
+        }
+        groups.push(images - 1);
+    }
+    NormalScores {
+        groups,
+        images,
+        scores,
+    }
+}
+
+/// Scores of every input of a loader, on the host (`what` names them in the progress).
+pub fn score_loader(
+    model: &MtadModel,
+    loader: &dyn DataLoader<InputBatch>,
+    what: &str,
+) -> Result<RawScores> {
+    let mut scores = RawScores::default();
+    let progress = Progress::start(&format!("scoring {what}"), loader.num_items() as u64);
+    for batch in loader.iter() {
+        let batch = batch.map_err(|e| Error::Training(format!("data loader: {e}")))?;
+        let s = model.scores(batch).to_host()?;
+        progress.advance(s.as_z.len() as u64);
+        scores.extend(&s.as_z, &s.as_cossim, &s.as_rec);
+    }
+    Ok(scores)
+}
+
+impl Session {
+    fn name(&self) -> &str {
+        &self.progress.name
+    }
+
+    fn save_models(&self, model: &MtadModel, dir: &Path) -> Result<()> {
+        let save = |bytes: std::result::Result<burn::tensor::Bytes, _>, file: &str| {
+            let bytes: burn::tensor::Bytes = bytes.map_err(|e: burn::store::RecordError| {
+                Error::Training(format!("saving {file}: {e}"))
+            })?;
+            write_atomic(&dir.join(file), &bytes)
+        };
+        save(
+            model.student.clone().into_record().into_bytes(),
+            "student.bpk",
+        )?;
+        save(
+            model.decoder.clone().into_record().into_bytes(),
+            "decoder.bpk",
+        )?;
+        if let Some(w) = &model.weighting {
+            save(w.clone().into_record().into_bytes(), "weighting.bpk")?;
+        }
+        Ok(())
+    }
+}
+
+impl ClassSession for Session {
+    fn evaluate(&mut self, model: &MtadModel, epoch: usize) -> Result<f64> {
+        let started = Instant::now();
+        let test = score_loader(model, self.test_loader.as_ref(), "the test inputs")?;
+        let train = score_loader(
+            model,
+            self.norm_loader.as_ref(),
+            "the normal training inputs",
+        )?;
+        if let Some(e) = self.batch_errors.take() {
+            return Err(e);
+        }
+        for (what, s) in [("test", &test), ("normal training", &train)] {
+            if let Some(i) = s.first_non_finite() {
+                return Err(Error::Training(format!(
+                    "class {}: the score of {what} input {i} is not finite at epoch {epoch}; \
+                     the model diverged (lower --lr and rerun)",
+                    self.name()
+                )));
+            }
+        }
+        let normaliser = Normaliser::fit(&train)?;
+        let mut evaluation = evaluate(&test, &self.test_groups, &self.test_labels, &normaliser)?;
+        evaluation.pixel_nor = pixel_auroc(self.pixels.as_deref(), &test, &normaliser)?;
+        let (oracle, column) = evaluation.oracle();
+        self.progress.history.retain(|r| r.epoch < epoch);
+        self.progress.history.push(EvalRecord {
+            epoch,
+            oracle,
+            nor: evaluation.nor,
+        });
+        let improved = self
+            .progress
+            .best
+            .as_ref()
+            .is_none_or(|b| oracle > b.evaluation.oracle().0);
+        if improved {
+            let record = BestRecord {
+                epoch,
+                evaluation: evaluation.clone(),
+                normaliser,
+            };
+            let all: Vec<usize> = (0..self.test_set.len()).collect();
+            let labels: Vec<u8> = self
+                .test_groups
+                .iter()
+                .map(|&g| self.test_labels[g])
+                .collect();
+            write_scores(
+                &self.dir.join("scores_test.csv"),
+                &self.test_set.described(&all),
+                &labels,
+                &test,
+            )?;
+            write_scores(
+                &self.dir.join("scores_train.csv"),
+                &self.norm_set.described(&self.norm_items),
+                &vec![0; self.norm_items.len()],
+                &train,
+            )?;
+            Artifact::write(
+                &self.dir.join(ARTIFACT_FILE),
+                (self.progress.index, self.name()),
+                &self.config,
+                &record,
+                model,
+                self.stats.as_deref(),
+                normal_scores(&self.norm_set, &self.norm_items, train),
+            )?;
+            self.progress.best = Some(record);
+        }
+        if self.config.settings.save_model {
+            self.save_models(model, &self.dir.join(format!("epoch-{epoch}")))?;
+        }
+        write_tables(&self.out, &self.config, Some(&self.progress))?;
+        if self.plain {
+            tracing::info!(
+                "[{}] epoch {epoch}: AUC oracle {oracle:.4} ({}), leakage-free nor {:.4}{}{} ({:.1} s)",
+                self.name(),
+                column_names()[column],
+                evaluation.nor,
+                evaluation
+                    .pixel_nor
+                    .map_or(String::new(), |p| format!(", pixel AUROC (nor) {p:.4}")),
+                if improved { ", best so far: saved" } else { "" },
+                started.elapsed().as_secs_f64()
+            );
+        }
+        Ok(oracle)
+    }
+
+    fn checkpointed(&mut self, epoch: usize) -> Result<()> {
+        let previous = self.progress.checkpoint_epoch.replace(epoch);
+        write_progress(&self.dir, &self.progress)?;
+        if let Some(old) = previous.filter(|&old| old != epoch) {
+            for part in CHECKPOINT_PARTS {
+                let path = AtomicCheckpointer::path(&self.checkpoint_dir, part, old);
+                let _ = std::fs::remove_file(path);
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self) -> Result<ClassProgress> {
+        self.finish_class()
+    }
+
+    fn epoch_trained(&mut self, epoch: usize, losses: &EpochLosses) {
+        if self.plain {
+            let kd = losses
+                .distillation
+                .map_or(String::new(), |d| format!(", distillation {d:.4}"));
+            tracing::info!(
+                "[{}] epoch {epoch}/{}: loss {:.4} (reconstruction {:.4}{kd}), {} steps, {:.1} s",
+                self.name(),
+                self.config.settings.epochs,
+                losses.total,
+                losses.reconstruction,
+                losses.steps,
+                losses.seconds
+            );
+        }
+    }
+}
+
+impl Session {
+    fn finish_class(&mut self) -> Result<ClassProgress> {
+        self.progress.complete = true;
+        self.progress.checkpoint_epoch = None;
+        write_progress(&self.dir, &self.progress)?;
+        write_tables(&self.out, &self.config, Some(&self.progress))?;
+        // A finished class is never resumed: its checkpoint (for vgg11 about 2 GB of weights
+        // and Adam state) has served its purpose; model.mtad holds the best evaluation.
+        if self.checkpoint_dir.exists() {
+            std::fs::remove_dir_all(&self.checkpoint_dir)
+                .map_err(|e| Error::io(&self.checkpoint_dir, e))?;
+        }
+        Ok(self.progress.clone())
+    }
+}

@@ -1,0 +1,344 @@
+//! Using trained runs on tiny data: `infer`, the ensemble, `detect` and `report`, every command
+//! on the demo runs, and missing or incomplete run directories.
+
+mod common;
+
+use std::path::PathBuf;
+
+use burn::prelude::*;
+use common::{demo_data, mtad, read, request, rows, run};
+use multi_teacher_ad::inference::detect::{Detector, Heatmaps, ScoreColumn};
+use multi_teacher_ad::inference::ensemble;
+use multi_teacher_ad::output::artifact::Artifact;
+use multi_teacher_ad::teachers::WeightsLocation;
+
+#[test]
+fn the_ensemble_combines_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = demo_data(tmp.path());
+    let cache = tmp.path().join("cache");
+    let mut a = request(&data, &tmp.path().join("a"), &cache);
+    a.settings.epochs = 1;
+    let first = run(a.clone());
+    let mut b = a.clone();
+    b.settings.seed = 6;
+    b.out = tmp.path().join("b");
+    run(b);
+    let runs = [tmp.path().join("a"), tmp.path().join("b")];
+
+    // A run with itself: per-kind min-max normalisation is monotone, so the raw columns and
+    // nor keep the run's own AUCs.
+    let same = [runs[0].clone(), runs[0].clone()];
+    let (same_rows, _) = ensemble::ensemble(&same, &tmp.path().join("same")).unwrap();
+    let own = &first.classes[0].evaluation;
+    assert_eq!(same_rows[0].evaluation.aucs[..3], own.aucs[..3]);
+    assert_eq!(same_rows[0].evaluation.nor, own.nor);
+
+    let (ens_rows, path) = ensemble::ensemble(&runs, &tmp.path().join("ens")).unwrap();
+    assert_eq!(ens_rows.len(), 1);
+    assert_eq!(path, tmp.path().join("ens/eval_folder.csv"));
+    let text = read(&path);
+    assert!(text.starts_with("# ensemble of resnet + resnet"), "{text}");
+    assert_eq!(rows(&text).len(), 2);
+
+    let err = ensemble::ensemble(&runs[..1], &tmp.path().join("x")).unwrap_err();
+    assert!(err.to_string().contains("at least two"));
+}
+
+#[test]
+fn detect_scores_new_images_like_the_evaluation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = demo_data(tmp.path());
+    let out = tmp.path().join("run");
+    let mut r = request(&data, &out, &tmp.path().join("cache"));
+    r.settings.epochs = 1;
+    run(r);
+    let load = |threshold: Option<f64>| {
+        Detector::load(
+            &out,
+            "weave",
+            ScoreColumn::Nor,
+            threshold,
+            &WeightsLocation::Build,
+            Device::flex(),
+        )
+        .unwrap()
+    };
+    let detector = load(None);
+    let test_dir = data.join("weave/test");
+    let unreadable = tmp.path().join("broken.png");
+    std::fs::write(&unreadable, b"not a png").unwrap();
+    let det_out = tmp.path().join("detect");
+    let found = detector
+        .run(
+            &[test_dir.clone(), unreadable],
+            &det_out,
+            Heatmaps::ScoresAndResiduals,
+        )
+        .unwrap();
+    assert_eq!(found.len(), 4 + 1);
+    assert!(found[4].outcome.as_ref().unwrap_err().contains("decode"));
+    let csv = read(&det_out.join("detections.csv"));
+    assert_eq!(rows(&csv).len(), 5);
+    assert!(csv.contains(",error,"));
+
+    // The image score is the max over its patches of the leakage-free score, as at evaluation
+    // (scores_test.csv holds the best evaluation's per-patch scores).
+    let artifact = Artifact::read(&out.join("weave/model.mtad")).unwrap();
+    let (min, max) = (
+        artifact.header.best.normaliser.min,
+        artifact.header.best.normaliser.max,
+    );
+    let scores = read(&out.join("weave/scores_test.csv"));
+    for d in &found[..4] {
+        let path = d.path.display().to_string();
+        let expected = scores
+            .lines()
+            .filter(|l| l.contains(&format!(",{path},")))
+            .map(|l| {
+                let f: Vec<f64> = l
+                    .rsplitn(4, ',')
+                    .take(3)
+                    .map(|v| v.parse().unwrap())
+                    .collect();
+                let raw = [f[2], f[1], f[0]];
+                (0..3)
+                    .map(|k| (raw[k] - min[k]) / (max[k] - min[k]))
+                    .sum::<f64>()
+            })
+            .fold(f64::NEG_INFINITY, f64::max);
+        let got = d.outcome.as_ref().unwrap();
+        assert!(
+            (got.score - expected).abs() <= 1e-4 * expected.abs().max(1.0),
+            "{path}: {} vs {expected}",
+            got.score
+        );
+        assert_eq!(got.patch_scores.len(), 25);
+        for map in [&got.heatmap, &got.residual] {
+            let map = image::open(map.as_ref().unwrap()).unwrap();
+            assert_eq!((map.width(), map.height()), (148, 148));
+        }
+    }
+
+    // The model file alone scores the same, from anywhere.
+    let moved = tmp.path().join("elsewhere/weave.mtad");
+    std::fs::create_dir_all(moved.parent().unwrap()).unwrap();
+    std::fs::copy(out.join("weave/model.mtad"), &moved).unwrap();
+    let alone = Detector::from_artifact(
+        &moved,
+        ScoreColumn::Nor,
+        None,
+        &WeightsLocation::Build,
+        Device::flex(),
+    )
+    .unwrap();
+    assert_eq!(alone.threshold, detector.threshold);
+    let again = alone
+        .run(
+            std::slice::from_ref(&test_dir),
+            &tmp.path().join("d2"),
+            Heatmaps::None,
+        )
+        .unwrap();
+    for (a, b) in again.iter().zip(&found) {
+        let (a, b) = (a.outcome.as_ref().unwrap(), b.outcome.as_ref().unwrap());
+        assert_eq!(a.score, b.score);
+        assert!(a.heatmap.is_none());
+    }
+    // ... but not with other teachers than it was trained with.
+    let sha = artifact.header.config.teacher_sha256[0].clone();
+    let bytes = std::fs::read(&moved).unwrap();
+    // A byte search: the artifact starts with a binary length, so offsets in a lossy UTF-8
+    // string can be off.
+    let at = bytes
+        .windows(sha.len())
+        .position(|w| w == sha.as_bytes())
+        .unwrap();
+    let mut changed = bytes.clone();
+    changed[at..at + 64].copy_from_slice("0".repeat(64).as_bytes());
+    std::fs::write(&moved, &changed).unwrap();
+    let err = Detector::from_artifact(
+        &moved,
+        ScoreColumn::Nor,
+        None,
+        &WeightsLocation::Build,
+        Device::flex(),
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(err.contains("trained with the teachers"), "{err}");
+
+    // --threshold really decides.
+    let all = load(Some(f64::NEG_INFINITY))
+        .run(std::slice::from_ref(&test_dir), &det_out, Heatmaps::None)
+        .unwrap();
+    assert!(all.iter().all(|d| d.outcome.as_ref().unwrap().anomalous));
+    let none = load(Some(1e30))
+        .run(std::slice::from_ref(&test_dir), &det_out, Heatmaps::None)
+        .unwrap();
+    assert!(none.iter().all(|d| !d.outcome.as_ref().unwrap().anomalous));
+
+    let err = Detector::load(
+        &out,
+        "grain",
+        ScoreColumn::Nor,
+        None,
+        &WeightsLocation::Build,
+        Device::flex(),
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(
+        err.contains("not trained") && err.contains("weave"),
+        "{err}"
+    );
+
+    // mtad report: the table, the published-numbers section and a ROC curve per class.
+    let run_arg = out.to_str().unwrap();
+    let done = mtad(&["report", "--run", run_arg], None);
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    let report = read(&out.join("report/report.md"));
+    let e = &artifact.header.best.evaluation;
+    let row = format!(
+        "| weave | {} | {:.4} | {} | {:.4} | {:.4} | [roc](roc_weave.png) |",
+        artifact.header.best.epoch,
+        e.oracle().0,
+        multi_teacher_ad::scoring::evaluation::column_names()[e.oracle().1],
+        e.nor,
+        e.pixel_nor.unwrap()
+    );
+    assert!(report.contains(&row), "{row}\n{report}");
+    assert!(report.contains("TINY RANDOM TEACHERS"), "{report}");
+    assert!(
+        report.contains("no published numbers for a folder dataset"),
+        "{report}"
+    );
+    let roc = image::open(out.join("report/roc_weave.png")).unwrap();
+    assert_eq!(
+        (roc.width(), roc.height()),
+        multi_teacher_ad::output::plots::ROC_SIZE
+    );
+
+    // A missing or incomplete run directory is a clear error for every command.
+    let incomplete = tmp.path().join("incomplete");
+    std::fs::create_dir_all(&incomplete).unwrap();
+    let inc = incomplete.to_str().unwrap();
+    let image = data.join("weave/test/good");
+    let image = std::fs::read_dir(&image)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let image = image.to_str().unwrap();
+    for args in [
+        vec!["report", "--run", inc],
+        vec!["infer", "--run", inc],
+        vec!["detect", "--run", inc, "--class", "weave", image],
+    ] {
+        let failed = mtad(&args, None);
+        let err = String::from_utf8_lossy(&failed.stderr);
+        assert!(
+            !failed.status.success() && err.contains("not a run directory"),
+            "{args:?}: {err}"
+        );
+    }
+    std::fs::copy(out.join("config.json"), incomplete.join("config.json")).unwrap();
+    for (args, says) in [
+        (
+            vec!["report", "--run", inc],
+            "no class has a trained model yet",
+        ),
+        (vec!["infer", "--run", inc], "model.mtad does not exist"),
+        (
+            vec!["detect", "--run", inc, "--class", "weave", image],
+            "model.mtad does not exist",
+        ),
+    ] {
+        let failed = mtad(&args, None);
+        let err = String::from_utf8_lossy(&failed.stderr);
+        assert!(
+            !failed.status.success() && err.contains(says),
+            "{args:?}: {err}"
+        );
+    }
+}
+
+#[test]
+fn every_command_works_on_the_demo_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, models) = (tmp.path().join("data"), tmp.path().join("models"));
+    let (data_arg, models_arg) = (data.to_str().unwrap(), models.to_str().unwrap());
+    let demo = mtad(
+        &[
+            "demo", "--epochs", "1", "--data", data_arg, "--out", models_arg, "--device", "cpu",
+        ],
+        None,
+    );
+    let stdout = String::from_utf8_lossy(&demo.stdout);
+    assert!(
+        demo.status.success(),
+        "{}",
+        String::from_utf8_lossy(&demo.stderr)
+    );
+    assert!(stdout.contains("Demo results"), "{stdout}");
+    let runs: Vec<PathBuf> = ["resnet", "vgg", "densenet"]
+        .iter()
+        .map(|s| models.join(s))
+        .collect();
+    for run in &runs {
+        assert!(run.join("report/report.md").is_file());
+        for class in ["weave", "grain", "disc", "washer"] {
+            assert!(run.join(class).join("model.mtad").is_file(), "{class}");
+        }
+    }
+    let ok = |args: &[&str]| {
+        let out = mtad(args, None);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let vgg = runs[1].to_str().unwrap();
+    ok(&["infer", "--run", vgg, "--device", "cpu"]);
+    assert_eq!(
+        read(&runs[1].join("infer/Eval_vgg.csv")),
+        read(&runs[1].join("Eval_vgg.csv"))
+    );
+    let ens = tmp.path().join("ens");
+    let run_args: Vec<&str> = runs.iter().map(|r| r.to_str().unwrap()).collect();
+    let mut args = vec!["ensemble", "--out", ens.to_str().unwrap(), "--runs"];
+    args.extend(&run_args);
+    ok(&args);
+    assert_eq!(rows(&read(&ens.join("eval_folder.csv"))).len(), 4 + 1);
+    let test = data.join("disc/test");
+    ok(&[
+        "detect",
+        "--run",
+        run_args[2],
+        "--class",
+        "disc",
+        test.to_str().unwrap(),
+    ]);
+    let detections = read(&runs[2].join("detect/disc/detections.csv"));
+    let images = std::fs::read_dir(&test)
+        .unwrap()
+        .map(|d| std::fs::read_dir(d.unwrap().path()).unwrap().count())
+        .sum::<usize>();
+    assert_eq!(rows(&detections).len(), images);
+    ok(&[
+        "report",
+        "--run",
+        run_args[0],
+        "--out",
+        tmp.path().join("r").to_str().unwrap(),
+    ]);
+    assert!(tmp.path().join("r/roc_washer.png").is_file());
+}
