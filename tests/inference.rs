@@ -333,6 +333,73 @@ fn every_command_works_on_the_demo_runs() {
         .map(|d| std::fs::read_dir(d.unwrap().path()).unwrap().count())
         .sum::<usize>();
     assert_eq!(rows(&detections).len(), images);
+
+    // Scripts: --format json on standard output, and the exit codes of --help.
+    let json = |args: &[&str]| -> (Option<i32>, serde_json::Value) {
+        let out = mtad(args, None);
+        let value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{args:?}: {e}: {}", String::from_utf8_lossy(&out.stdout)));
+        (out.status.code(), value)
+    };
+    let disc = [
+        "detect",
+        "--run",
+        run_args[2],
+        "--class",
+        "disc",
+        "--device",
+        "cpu",
+    ];
+    let test_arg = test.to_str().unwrap();
+    let mut args = disc.to_vec();
+    args.extend([
+        "--no-heatmaps",
+        "--format",
+        "json",
+        "--fail-on-anomaly",
+        test_arg,
+    ]);
+    let (code, value) = json(&args);
+    let found = value["images"].as_array().unwrap();
+    assert_eq!(found.len(), images);
+    let anomalous = value["anomalous"].as_u64().unwrap();
+    let flagged = found
+        .iter()
+        .filter(|i| i["decision"] == "anomalous")
+        .count();
+    assert_eq!(anomalous as usize, flagged);
+    assert_eq!(code, Some(if anomalous > 0 { 4 } else { 0 }), "{value}");
+    let broken = tmp.path().join("broken.png");
+    std::fs::write(&broken, b"not a png").unwrap();
+    let mut args = disc.to_vec();
+    args.extend([
+        "--no-heatmaps",
+        "--format",
+        "json",
+        broken.to_str().unwrap(),
+    ]);
+    let (code, value) = json(&args);
+    assert_eq!(code, Some(3), "{value}");
+    assert_eq!(value["images"][0]["decision"], "error");
+    assert_eq!(value["unreadable"], 1);
+    let (code, value) = json(&["infer", "--run", vgg, "--device", "cpu", "--format", "json"]);
+    assert_eq!(code, Some(0));
+    assert_eq!(value["classes"].as_array().unwrap().len(), 4);
+    let (code, value) = json(&[
+        "inspect",
+        "--dataset",
+        "folder",
+        "--data-root",
+        data_arg,
+        "--format",
+        "json",
+    ]);
+    assert_eq!(code, Some(0));
+    assert_eq!(value["usable"], true);
+    assert_eq!(value["report"]["categories"].as_array().unwrap().len(), 4);
+    let usage = mtad(&["detect", "--run", vgg, "--format", "yaml"], None);
+    assert_eq!(usage.status.code(), Some(2));
+
     ok(&[
         "report",
         "--run",
