@@ -32,6 +32,7 @@ pub fn init(verbosity: i8) {
         EnvFilter::new(format!("{others},multi_teacher_ad={ours},mtad={ours}"))
     });
     let console = tracing_subscriber::fmt::layer()
+        .with_ansi(std::io::stderr().is_terminal())
         .without_time()
         .with_target(false)
         .with_writer(Stderr)
@@ -150,5 +151,25 @@ impl ProgressTask for Bar {
 impl Drop for Bar {
     fn drop(&mut self) {
         self.0.finish_and_clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_run_log_gets_our_lines_and_those_of_the_log_crate() {
+        init(0);
+        let dir = tempfile::tempdir().unwrap();
+        log_to_run_folder(dir.path()).unwrap();
+        tracing::info!("from tracing");
+        // Burn logs through the `log` crate.
+        log::info!(target: "burn_train", "from log");
+        tracing::debug!("below the run log's level");
+        let text = std::fs::read_to_string(dir.path().join("run.log")).unwrap();
+        assert!(text.contains("from tracing"), "{text}");
+        assert!(text.contains("from log"), "{text}");
+        assert!(!text.contains("below the run log's level"), "{text}");
     }
 }
