@@ -27,6 +27,9 @@ use multi_teacher_ad::{
     device::{DeviceChoice, select_device},
     inference::detect::{Detector, Heatmaps, ScoreColumn},
     inference::ensemble,
+    output::detections::DETECTIONS_FILE,
+    output::run_folder::CONFIG_FILE,
+    output::tables::eval_table_path,
     students::StudentKind,
     teachers::{
         GET_REAL_TEACHERS, TeacherSize, WeightsLocation,
@@ -188,7 +191,7 @@ fn train_settings(args: &TrainArgs, matches: Option<&ArgMatches>) -> Result<Trai
             .merged_with_file(file, &explicit, false)
             .with_context(|| format!("reading the settings in {}", file.display()))?;
     }
-    let run_config = args.out.join("config.json");
+    let run_config = args.out.join(CONFIG_FILE);
     if args.resume && run_config.is_file() {
         settings = settings
             .merged_with_file(&run_config, &explicit, true)
@@ -432,10 +435,7 @@ fn infer(args: &InferArgs) -> Result<ExitCode> {
     let n = rows.len().max(1) as f64;
     let mean_oracle = rows.iter().map(|r| r.evaluation.oracle().0).sum::<f64>() / n;
     let mean_nor = rows.iter().map(|r| r.evaluation.nor).sum::<f64>() / n;
-    let path = args
-        .run
-        .join("infer")
-        .join(format!("Eval_{}.csv", prepared.config.settings.student));
+    let path = eval_table_path(&args.run.join("infer"), prepared.config.settings.student);
     match args.format.format {
         Format::Text => {
             for r in &rows {
@@ -530,7 +530,7 @@ fn detect(args: &DetectArgs) -> Result<ExitCode> {
         .iter()
         .filter(|d| matches!(&d.outcome, Ok(s) if s.anomalous))
         .count();
-    let table = out.join("detections.csv");
+    let table = out.join(DETECTIONS_FILE);
     match args.format.format {
         Format::Text => {
             for d in &detections {

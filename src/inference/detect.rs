@@ -19,7 +19,7 @@ use crate::data::crops::FullCut;
 use crate::data::folder::{decode_rgb8, is_image, list_images, sorted_subfolders};
 use crate::data::transform::{center_crop, crop, normalize_rgb8, resize_bilinear};
 use crate::output::artifact::{ARTIFACT_FILE, Artifact};
-use crate::output::detections::write_detections;
+use crate::output::detections::{DETECTIONS_FILE, write_detections};
 use crate::output::run_folder::{class_dir, read_config};
 use crate::output::{png_bytes, write_atomic};
 use crate::progress::Progress;
@@ -339,7 +339,7 @@ impl Detector {
                 .reduced()
                 .map_or(String::new(), |n| format!("; {n}"))
         );
-        write_detections(&out.join("detections.csv"), &note, &detections)?;
+        write_detections(&out.join(DETECTIONS_FILE), &note, &detections)?;
         Ok(detections)
     }
 }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use crate::config::TrainConfig;
 use crate::output::run_folder::{class_dir, read_config};
-use crate::output::scores::read_scores;
+use crate::output::scores::{TEST_SCORES, TRAIN_SCORES, read_scores};
 use crate::output::tables::{EvalRow, write_eval_table};
 use crate::scoring::evaluation::{Normaliser, ensemble_scores, evaluate_with_nor};
 use crate::{Error, Result};
@@ -46,8 +46,8 @@ pub fn ensemble(runs: &[PathBuf], out: &Path) -> Result<(Vec<EvalRow>, PathBuf)>
         let mut inputs: Option<Vec<(String, Option<usize>, Option<usize>)>> = None;
         for run in runs {
             let dir = class_dir(run, name);
-            let test = read_scores(&dir.join("scores_test.csv"))?;
-            let train = read_scores(&dir.join("scores_train.csv"))?;
+            let test = read_scores(&dir.join(TEST_SCORES))?;
+            let train = read_scores(&dir.join(TRAIN_SCORES))?;
             match &inputs {
                 Some(known) if *known != test.inputs => {
                     return Err(Error::InvalidArgument(format!(

@@ -9,7 +9,7 @@ use burn::prelude::*;
 
 use crate::output::artifact::{ARTIFACT_FILE, Artifact};
 use crate::output::run_folder::{class_dir, read_config};
-use crate::output::tables::{EvalRow, write_eval_table};
+use crate::output::tables::{EvalRow, eval_table_path, write_eval_table};
 use crate::scoring::evaluation::{Normaliser, evaluate};
 use crate::teachers::WeightsLocation;
 use crate::training::inputs::ErrorSlot;
@@ -135,10 +135,7 @@ impl Prepared {
                 evaluation,
             });
         }
-        let path = self
-            .out
-            .join("infer")
-            .join(format!("Eval_{}.csv", self.config.settings.student));
+        let path = eval_table_path(&self.out.join("infer"), self.config.settings.student);
         write_eval_table(&path, self.config.reduced().as_deref(), &rows)?;
         Ok(rows)
     }

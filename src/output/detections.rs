@@ -25,6 +25,9 @@ struct DetectionRow {
     error: Option<String>,
 }
 
+/// The file's name in `detect`'s output folder.
+pub const DETECTIONS_FILE: &str = "detections.csv";
+
 /// Writes `detections` with `note` as the first line.
 pub fn write_detections(path: &Path, note: &str, detections: &[Detection]) -> Result<()> {
     let mut writer = csv::Writer::from_writer(Vec::new());

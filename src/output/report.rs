@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 
 use super::artifact::{ARTIFACT_FILE, Artifact, Header};
 use super::plots::{self, Curve};
-use super::run_folder::{ClassProgress, class_dir, read_config};
-use super::scores::read_scores;
+use super::run_folder::{ClassProgress, PROGRESS_FILE, class_dir, read_config};
+use super::scores::{TEST_SCORES, read_scores};
 use super::{read_json, write_atomic};
 use crate::data::DatasetKind;
 use crate::scoring::evaluation::{column_mixes, column_names, group_max};
@@ -244,7 +244,7 @@ pub fn write_report(run: &Path, out: &Path) -> Result<(PathBuf, Vec<ClassReport>
 
     let _ = writeln!(md, "## Evaluations\n");
     for r in &classes {
-        let path = class_dir(run, &r.name).join("progress.json");
+        let path = class_dir(run, &r.name).join(PROGRESS_FILE);
         if !path.is_file() {
             continue;
         }
@@ -295,7 +295,7 @@ fn file_safe(name: &str) -> String {
 
 /// The ROC curves of a class's best evaluation, from its test scores.
 fn roc_png(dir: &Path, class: &str, header: &Header) -> Result<Vec<u8>> {
-    let file = read_scores(&dir.join("scores_test.csv"))?;
+    let file = read_scores(&dir.join(TEST_SCORES))?;
     let (groups, labels) = file.image_groups();
     let normaliser = &header.best.normaliser;
     let (_, column) = header.best.evaluation.oracle();

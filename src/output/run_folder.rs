@@ -9,9 +9,14 @@ use crate::config::TrainConfig;
 use crate::scoring::evaluation::{ClassEvaluation, Normaliser};
 use crate::{Error, Result};
 
+/// A run's settings, in its folder.
+pub const CONFIG_FILE: &str = "config.json";
+/// A class's evaluations and checkpoint, in its class folder.
+pub const PROGRESS_FILE: &str = "progress.json";
+
 /// The `config.json` of a run directory.
 pub fn read_config(run: &Path) -> Result<TrainConfig> {
-    let path = run.join("config.json");
+    let path = run.join(CONFIG_FILE);
     if !path.is_file() {
         return Err(Error::InvalidArgument(format!(
             "{} is not a run directory (no config.json)",
@@ -27,7 +32,7 @@ pub fn read_config(run: &Path) -> Result<TrainConfig> {
 
 /// Writes a run's `config.json`.
 pub fn write_config(run: &Path, config: &TrainConfig) -> Result<()> {
-    write_json(&run.join("config.json"), config)
+    write_json(&run.join(CONFIG_FILE), config)
 }
 
 /// One evaluation of a class.
@@ -66,7 +71,7 @@ pub fn class_dir(out: &Path, name: &str) -> PathBuf {
 
 /// A class's `progress.json`, if it has one.
 pub fn read_progress(dir: &Path) -> Result<Option<ClassProgress>> {
-    let path = dir.join("progress.json");
+    let path = dir.join(PROGRESS_FILE);
     if !path.exists() {
         return Ok(None);
     }
@@ -75,5 +80,5 @@ pub fn read_progress(dir: &Path) -> Result<Option<ClassProgress>> {
 
 /// Writes a class's `progress.json`.
 pub fn write_progress(dir: &Path, progress: &ClassProgress) -> Result<()> {
-    write_json(&dir.join("progress.json"), progress)
+    write_json(&dir.join(PROGRESS_FILE), progress)
 }

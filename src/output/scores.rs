@@ -11,6 +11,11 @@ use super::write_atomic;
 use crate::scoring::evaluation::RawScores;
 use crate::{Error, Result};
 
+/// A class's test inputs' scores, in its class folder.
+pub const TEST_SCORES: &str = "scores_test.csv";
+/// A class's normal training inputs' scores (what `nor` is normalised on).
+pub const TRAIN_SCORES: &str = "scores_train.csv";
+
 /// One row of a score file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ScoreRow {

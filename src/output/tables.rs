@@ -3,12 +3,18 @@
 //! then `nor` and the oracle, and a mean row). A run whose setup deviates from the method's
 //! starts each table with a `# ...` line saying how. Written through the `csv` crate.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::run_folder::{ClassProgress, class_dir, read_progress};
 use crate::config::TrainConfig;
 use crate::scoring::evaluation::{ClassEvaluation, column_names};
+use crate::students::StudentKind;
 use crate::{Error, Result};
+
+/// A run's `Eval_<student>.csv` (`infer` writes one in `<run>/infer/`).
+pub fn eval_table_path(dir: &Path, student: StudentKind) -> PathBuf {
+    dir.join(format!("Eval_{student}.csv"))
+}
 
 /// One class's row of an `Eval_<student>.csv`.
 #[derive(Debug, Clone, PartialEq)]
@@ -74,11 +80,7 @@ pub fn write_tables(
             })
         })
         .collect();
-    write_eval_table(
-        &out.join(format!("Eval_{student}.csv")),
-        note.as_deref(),
-        &rows,
-    )
+    write_eval_table(&eval_table_path(out, student), note.as_deref(), &rows)
 }
 
 /// Writes an `Eval_<student>.csv` (or an ensemble's `eval_<dataset>.csv`): a `# note` line or

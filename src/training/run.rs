@@ -26,7 +26,7 @@ use super::strategy::{
 };
 use crate::config::TrainConfig;
 use crate::data::crops::MVTEC_IMAGES_PER_BATCH;
-use crate::output::run_folder::{ClassProgress, class_dir, read_progress};
+use crate::output::run_folder::{ClassProgress, PROGRESS_FILE, class_dir, read_progress};
 use crate::scoring::evaluation::ClassEvaluation;
 use crate::{Error, Result};
 
@@ -60,7 +60,7 @@ impl Prepared {
             // A covered directory may hold an older run's progress: it is not this run's.
             for &class in &self.config.class_indices {
                 let path =
-                    class_dir(&self.out, &self.config.class_names[class]).join("progress.json");
+                    class_dir(&self.out, &self.config.class_names[class]).join(PROGRESS_FILE);
                 if path.exists() {
                     std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
                 }

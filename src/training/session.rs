@@ -15,7 +15,7 @@ use super::strategy::{AtomicCheckpointer, CHECKPOINT_PARTS, ClassSession, EpochL
 use crate::config::TrainConfig;
 use crate::output::artifact::{ARTIFACT_FILE, Artifact, NormalScores};
 use crate::output::run_folder::{BestRecord, ClassProgress, EvalRecord, write_progress};
-use crate::output::scores::write_scores;
+use crate::output::scores::{TEST_SCORES, TRAIN_SCORES, write_scores};
 use crate::output::tables::write_tables;
 use crate::output::write_atomic;
 use crate::progress::Progress;
@@ -169,13 +169,13 @@ impl ClassSession for Session {
                 .map(|&g| self.test_labels[g])
                 .collect();
             write_scores(
-                &self.dir.join("scores_test.csv"),
+                &self.dir.join(TEST_SCORES),
                 &self.test_set.described(&all),
                 &labels,
                 &test,
             )?;
             write_scores(
-                &self.dir.join("scores_train.csv"),
+                &self.dir.join(TRAIN_SCORES),
                 &self.norm_set.described(&self.norm_items),
                 &vec![0; self.norm_items.len()],
                 &train,
