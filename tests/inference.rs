@@ -156,6 +156,24 @@ fn detect_scores_new_images_like_the_evaluation() {
         .unwrap();
     let mut changed = bytes.clone();
     changed[at..at + 64].copy_from_slice("0".repeat(64).as_bytes());
+    // A changed header is refused by its checksum...
+    std::fs::write(&moved, &changed).unwrap();
+    let err = Detector::from_artifact(
+        &moved,
+        ScoreColumn::Nor,
+        None,
+        &WeightsLocation::Build,
+        Device::flex(),
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(err.contains("header checksum mismatch"), "{err}");
+    // ... and one made for other teachers (its checksum right) by the teachers' check.
+    // Layout: magic (11 bytes), version (4), header length (8), header, its sha256 (32).
+    let length = u64::from_le_bytes(changed[15..23].try_into().unwrap()) as usize;
+    let digest = <sha2::Sha256 as sha2::Digest>::digest(&changed[23..23 + length]);
+    changed[23 + length..23 + length + 32].copy_from_slice(&digest);
     std::fs::write(&moved, &changed).unwrap();
     let err = Detector::from_artifact(
         &moved,
@@ -169,8 +187,22 @@ fn detect_scores_new_images_like_the_evaluation() {
     .to_string();
     assert!(err.contains("trained with the teachers"), "{err}");
 
+    // A threshold must be a number.
+    for bad in [f64::NAN, f64::INFINITY] {
+        let err = Detector::from_artifact(
+            &out.join("weave/model.mtad"),
+            ScoreColumn::Nor,
+            Some(bad),
+            &WeightsLocation::Build,
+            Device::flex(),
+        )
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(err.contains("finite"), "{err}");
+    }
     // --threshold really decides.
-    let all = load(Some(f64::NEG_INFINITY))
+    let all = load(Some(-1e30))
         .run(std::slice::from_ref(&test_dir), &det_out, Heatmaps::None)
         .unwrap();
     assert!(all.iter().all(|d| d.outcome.as_ref().unwrap().anomalous));

@@ -8,6 +8,7 @@
 //! above which about 1% of the class's normal training images fall (from the normal training
 //! inputs' scores of the best model, kept in the class's `model.mtad`).
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use burn::prelude::*;
@@ -155,8 +156,21 @@ impl Detector {
         weights: &WeightsLocation,
         device: Device,
     ) -> Result<Self> {
+        if let Some(t) = threshold
+            && !t.is_finite()
+        {
+            return Err(Error::InvalidArgument(format!(
+                "--threshold {t}: a threshold must be a finite number"
+            )));
+        }
         let artifact = Artifact::read(path)?;
         let header = &artifact.header;
+        if !header.threshold.is_finite() {
+            return Err(Error::invalid_file(
+                path,
+                "its threshold is not a finite number",
+            ));
+        }
         let config = header.config.clone();
         let runner = load_teachers(
             config.settings.teachers,
@@ -344,12 +358,36 @@ impl Detector {
     }
 }
 
-/// The images in `dir` and its subfolders, sorted, folder by folder.
+/// The images in `dir` and its subfolders, sorted, folder by folder; each folder and each
+/// file once, however symbolic links lead back to them (a link loop ends the walk there).
 fn images_below(dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut found = list_images(dir)?;
-    for sub in sorted_subfolders(dir)? {
-        found.extend(images_below(&dir.join(sub))?);
+    fn walk(
+        dir: &Path,
+        seen_dirs: &mut HashSet<PathBuf>,
+        seen_files: &mut HashSet<PathBuf>,
+        found: &mut Vec<PathBuf>,
+    ) -> Result<()> {
+        let real = dir.canonicalize().map_err(|e| Error::io(dir, e))?;
+        if !seen_dirs.insert(real) {
+            tracing::warn!(
+                "{}: already visited (a symbolic link loop?), skipped",
+                dir.display()
+            );
+            return Ok(());
+        }
+        for image in list_images(dir)? {
+            let real = image.canonicalize().unwrap_or_else(|_| image.clone());
+            if seen_files.insert(real) {
+                found.push(image);
+            }
+        }
+        for sub in sorted_subfolders(dir)? {
+            walk(&dir.join(sub), seen_dirs, seen_files, found)?;
+        }
+        Ok(())
     }
+    let mut found = Vec::new();
+    walk(dir, &mut HashSet::new(), &mut HashSet::new(), &mut found)?;
     Ok(found)
 }
 
@@ -461,6 +499,26 @@ fn overlay_png(image: &FloatImage, map: &[f64], low: f64, high: f64) -> Result<V
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(unix)]
+    #[test]
+    fn folder_walks_end_at_link_loops_and_visit_each_image_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("images");
+        std::fs::create_dir_all(root.join("a/b")).unwrap();
+        let png = crate::output::png_bytes(&image::RgbImage::new(2, 2), "test").unwrap();
+        std::fs::write(root.join("a/one.png"), &png).unwrap();
+        std::fs::write(root.join("a/b/two.png"), &png).unwrap();
+        // A loop back to the top, and a second name for a folder already walked.
+        std::os::unix::fs::symlink(&root, root.join("a/b/loop")).unwrap();
+        std::os::unix::fs::symlink(root.join("a/b"), root.join("again")).unwrap();
+        let found = images_below(&root).unwrap();
+        let names: Vec<String> = found
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, ["one.png", "two.png"]);
+    }
 
     #[test]
     fn columns_parse_by_name() {

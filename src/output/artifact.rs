@@ -9,11 +9,13 @@
 //! header           JSON: class, the run's config (with the teachers' names and sha256s), the
 //!                  best evaluation and its score normalisation, the calibrated threshold, the
 //!                  normal training inputs' scores, and each part's name, length and sha256
+//! 32 bytes         the sha256 of the header
 //! parts            in header order: student.bpk, decoder.bpk, [weighting.bpk],
 //!                  [teacher_stats.bin]
 //! ```
 //!
-//! Every part is checked against its sha256 when loaded, and loading with other teachers than
+//! The header is checked against its sha256 whenever the file is read (a changed threshold or
+//! setting is refused, not used), every part against its own when loaded, and loading with other teachers than
 //! the class was trained with is refused.
 
 use std::io::Read;
@@ -37,7 +39,8 @@ use crate::{Error, Result};
 /// File name of a class's artifact inside its class folder.
 pub const ARTIFACT_FILE: &str = "model.mtad";
 const MAGIC: &[u8] = b"MTAD-MODEL\n";
-/// 2: the run settings in the header are `config.json`'s since the settings were declared once.
+/// 2: the run settings in the header are `config.json`'s (the settings declared once), and the
+/// header is followed by its sha256.
 const VERSION: u32 = 2;
 /// Share of normal training images the default threshold flags.
 pub const DEFAULT_FLAG_RATE: f64 = 0.01;
@@ -148,7 +151,8 @@ impl Artifact {
             .map_err(|e| Error::Training(format!("encoding {}: {e}", path.display())))?;
         let version = VERSION.to_le_bytes();
         let length = (json.len() as u64).to_le_bytes();
-        let mut all: Vec<&[u8]> = vec![MAGIC, &version, &length, &json];
+        let header_sha256: [u8; 32] = Sha256::digest(&json).into();
+        let mut all: Vec<&[u8]> = vec![MAGIC, &version, &length, &json, &header_sha256];
         all.extend(slices.iter().map(|(_, b)| *b));
         write_atomic_parts(path, &all)
     }
@@ -205,14 +209,23 @@ impl Artifact {
         }
         let mut json = vec![0u8; length as usize];
         file.read_exact(&mut json).map_err(truncated)?;
+        let mut sha256 = [0u8; 32];
+        file.read_exact(&mut sha256).map_err(truncated)?;
+        if Sha256::digest(&json)[..] != sha256[..] {
+            return Err(bad(
+                "header checksum mismatch: the file was changed or is corrupt (retrain the \
+                 class, or copy the file again)"
+                    .into(),
+            ));
+        }
         let header: Header =
             serde_json::from_slice(&json).map_err(|e| bad(format!("header: {e}")))?;
         let mut parts = Vec::with_capacity(header.parts.len());
         let stored: u64 = header.parts.iter().map(|p| p.bytes).sum();
-        if MAGIC.len() as u64 + 12 + length + stored != size {
+        let described = MAGIC.len() as u64 + 12 + length + 32 + stored;
+        if described != size {
             return Err(bad(format!(
-                "truncated or corrupt: {size} bytes, its header describes {}",
-                MAGIC.len() as u64 + 12 + length + stored
+                "truncated or corrupt: {size} bytes, its header describes {described}"
             )));
         }
         if !with_parts {
