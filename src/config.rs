@@ -18,6 +18,10 @@ use crate::students::StudentKind;
 use crate::teachers::TeacherChoice;
 use crate::{Error, Result};
 
+/// The most crop offsets `--crop-pool` may draw per image: their teacher embeddings are cached
+/// (4 KB per teacher and crop), 1024 already being 12 MB per image with three teachers.
+pub const MAX_CROP_POOL: usize = 1024;
+
 /// Every setting a user chooses for a training run.
 #[derive(Debug, Clone, PartialEq, Args, Serialize, Deserialize)]
 pub struct TrainSettings {
@@ -61,7 +65,7 @@ pub struct TrainSettings {
     /// MVTec/folder: draw N crop offsets per image once and cache their teacher embeddings, so
     /// the teachers never run during training (default: the reference's fresh random crops,
     /// teachers run on every batch).
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = RangedU64ValueParser::<usize>::new().range(1..=MAX_CROP_POOL as u64))]
     pub crop_pool: Option<usize>,
     /// MVTec/folder: random crops per training batch of 4 images (each offset cuts all 4).
     #[arg(long, default_value_t = CROPS_PER_BATCH, value_parser = RangedU64ValueParser::<usize>::new().range(1..=1024))]
@@ -215,6 +219,54 @@ impl TrainConfig {
             "device",
             "version",
         ]
+    }
+
+    /// Refuses a model trained for something else than this run: another class, dataset, image
+    /// size or teachers (`what` names the model file in the error).
+    pub fn check_model_fits(
+        &self,
+        what: &Path,
+        model: &TrainConfig,
+        (class_index, class_name): (usize, &str),
+        expected_class: &str,
+    ) -> Result<()> {
+        let mut differences = Vec::new();
+        if class_name != expected_class {
+            differences.push(format!(
+                "class {class_name} (index {class_index}), not {expected_class}"
+            ));
+        }
+        if model.dataset() != self.dataset() {
+            differences.push(format!(
+                "dataset {}, not {}",
+                model.dataset().name(),
+                self.dataset().name()
+            ));
+        }
+        if model.settings.image_size != self.settings.image_size {
+            differences.push(format!(
+                "image size {}, not {}",
+                model.settings.image_size, self.settings.image_size
+            ));
+        }
+        if model.teacher_sha256 != self.teacher_sha256 {
+            differences.push(format!(
+                "teachers {:?}, not {:?}",
+                model.teacher_names, self.teacher_names
+            ));
+        }
+        if differences.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::invalid_file(
+                what,
+                format!(
+                    "this model was trained for {}: it does not belong to this run (retrain the \
+                     class, or use the model's own run folder)",
+                    differences.join(", ")
+                ),
+            ))
+        }
     }
 
     /// Whether this run deviates from the method's teachers or resolution, said in every output.

@@ -440,4 +440,40 @@ fn every_command_works_on_the_demo_runs() {
         tmp.path().join("r").to_str().unwrap(),
     ]);
     assert!(tmp.path().join("r/roc_washer.png").is_file());
+
+    // Another class's model in a class folder is refused by infer and detect, both named.
+    let resnet = &runs[0];
+    std::fs::copy(
+        resnet.join("grain/model.mtad"),
+        resnet.join("weave/model.mtad"),
+    )
+    .unwrap();
+    let image = data.join("weave/test/good");
+    let image = std::fs::read_dir(&image)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    for args in [
+        vec!["infer", "--run", run_args[0], "--device", "cpu"],
+        vec![
+            "detect",
+            "--run",
+            run_args[0],
+            "--class",
+            "weave",
+            "--device",
+            "cpu",
+            image.to_str().unwrap(),
+        ],
+    ] {
+        let out = mtad(&args, None);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(
+            err.contains("class grain") && err.contains("not weave"),
+            "{args:?}: {err}"
+        );
+    }
 }

@@ -144,7 +144,15 @@ impl Detector {
                     trained.join(", ")
                 ))
             })?;
-        let path = class_dir(run, &config.class_names[index]).join(ARTIFACT_FILE);
+        let name = &config.class_names[index];
+        let path = class_dir(run, name).join(ARTIFACT_FILE);
+        let header = Artifact::read_header(&path)?;
+        config.check_model_fits(
+            &path,
+            &header.config,
+            (header.class_index, &header.class_name),
+            name,
+        )?;
         Self::from_artifact(&path, column, threshold, weights, device)
     }
 

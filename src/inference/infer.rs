@@ -87,12 +87,13 @@ impl Prepared {
             let name = self.config.class_names[class].clone();
             let dir = class_dir(&self.out, &name);
             let artifact = Artifact::read(&dir.join(ARTIFACT_FILE))?;
-            if artifact.header.config.teacher_sha256 != self.config.teacher_sha256 {
-                return Err(Error::invalid_file(
-                    &artifact.path,
-                    "trained with other teachers than its run's config.json says",
-                ));
-            }
+            let header = &artifact.header;
+            self.config.check_model_fits(
+                &artifact.path,
+                &header.config,
+                (header.class_index, &header.class_name),
+                &name,
+            )?;
             let mut data = match &self.data {
                 DataSet::Cifar(cifar) => self.cifar_class(cifar, class, cifar_caches.as_ref())?,
                 DataSet::Folder(categories) => self.folder_class(&categories[position])?,

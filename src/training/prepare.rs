@@ -7,7 +7,7 @@ use std::sync::Arc;
 use burn::prelude::*;
 
 use super::teacher_runner::TeacherRunner;
-use crate::config::{TrainConfig, TrainSettings};
+use crate::config::{MAX_CROP_POOL, TrainConfig, TrainSettings};
 use crate::data::DatasetKind;
 use crate::data::cifar::{self, Cifar10};
 use crate::data::crops::{CROP_SIZE, IMAGE_SIZE, STRIDE};
@@ -102,8 +102,12 @@ pub fn prepare(request: TrainRequest) -> Result<Prepared> {
     if s.crops_per_batch == 0 {
         return Err(invalid("--crops-per-batch must be at least 1"));
     }
-    if s.crop_pool == Some(0) {
-        return Err(invalid("--crop-pool must be at least 1"));
+    if let Some(n) = s.crop_pool
+        && !(1..=MAX_CROP_POOL).contains(&n)
+    {
+        return Err(invalid(format!(
+            "--crop-pool {n}: from 1 to {MAX_CROP_POOL} offsets per image"
+        )));
     }
     if s.image_size != CROP_SIZE && !s.tiny_teachers && s.teachers != TeacherChoice::None {
         return Err(invalid(format!(
