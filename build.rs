@@ -9,8 +9,9 @@
 //! `Model`s are built with `LoadStrategy::None`: the library constructs them with `new()` and loads
 //! the weights itself through burn-store, checking them against the sha256 recorded here in
 //! `OUT_DIR/teachers/manifest.rs`. The generated code's convolutions and pooling are rewritten
-//! to call `kernels::conv3x3::conv2d` and `kernels::pool::{max_pool2d, avg_pool2d}`, so that the
-//! teachers use our CPU kernels (see `route_layers`).
+//! to call `mtad_kernels::conv3x3::conv2d` and `mtad_kernels::pool::{max_pool2d, avg_pool2d}`
+//! (crates/mtad-kernels; the code is `include!`d into the application crate, which depends on
+//! it), so that the teachers use our CPU kernels (see `route_layers`).
 
 use std::{
     env,
@@ -123,16 +124,16 @@ fn import(name: &str, onnx: &Path, out: &Path, listed: Option<String>, manifest:
 }
 
 /// The generated code with every `self.conv2dN.forward(x)` replaced by
-/// `crate::kernels::conv3x3::conv2d(&self.conv2dN, x)`, every `self.maxpool2dN.forward(x)` by
-/// `crate::kernels::pool::max_pool2d(&self.maxpool2dN, x)` and every
-/// `self.averagepool2dN.forward(x)` by `crate::kernels::pool::avg_pool2d(..)`: our CPU kernels
+/// `mtad_kernels::conv3x3::conv2d(&self.conv2dN, x)`, every `self.maxpool2dN.forward(x)` by
+/// `mtad_kernels::pool::max_pool2d(&self.maxpool2dN, x)` and every
+/// `self.averagepool2dN.forward(x)` by `mtad_kernels::pool::avg_pool2d(..)`: our CPU kernels
 /// for the convolutions (with their bias in the same pass) and pooling, Burn's own layers for
 /// every other shape and backend. burn-onnx names these fields `conv2d<N>`, `maxpool2d<N>` and
 /// `averagepool2d<N>`. Idempotent.
 fn route_layers(code: &str) -> String {
-    let code = route(code, "conv2d", "crate::kernels::conv3x3::conv2d");
-    let code = route(&code, "maxpool2d", "crate::kernels::pool::max_pool2d");
-    route(&code, "averagepool2d", "crate::kernels::pool::avg_pool2d")
+    let code = route(code, "conv2d", "mtad_kernels::conv3x3::conv2d");
+    let code = route(&code, "maxpool2d", "mtad_kernels::pool::max_pool2d");
+    route(&code, "averagepool2d", "mtad_kernels::pool::avg_pool2d")
 }
 
 /// `code` with `self.<field><N>.forward(` replaced by `<function>(&self.<field><N>, `.
@@ -158,7 +159,7 @@ fn route(code: &str, field: &str, function: &str) -> String {
 }
 
 /// The generated `forward` functions with chains of cheap layers fused into the calls of
-/// `kernels::fused` (one parallel pass on flex, Burn's operations elsewhere), statement by
+/// `mtad_kernels::fused` (one parallel pass on flex, Burn's operations elsewhere), statement by
 /// statement:
 ///
 /// - `let a = conv2d(&self.f, x); let r = relu(a);` -> `let r = fused::conv2d_relu(&self.f, x);`
@@ -281,9 +282,9 @@ fn uses(code: &str, name: &str) -> usize {
 
 fn fuse_body(body: &str) -> String {
     const RELU: &str = "burn::tensor::activation::relu";
-    const CONV: &str = "crate::kernels::conv3x3::conv2d";
+    const CONV: &str = "mtad_kernels::conv3x3::conv2d";
     const CAT: &str = "burn::tensor::Tensor::cat";
-    const FUSED: &str = "crate::kernels::fused";
+    const FUSED: &str = "mtad_kernels::fused";
     let parts = statements(body);
     let bindings: Vec<Option<(&str, String)>> = parts.iter().map(|p| binding(p)).collect();
     // `name` is used by exactly one statement after its own, `at`.

@@ -3,14 +3,14 @@
 //! way in the same run: a 1024x1024 matmul, a 3x3 convolution of a resnet18 layer (64 channels at
 //! 56x56) and one of the decoder's last block (8 channels at 224x224), forward and
 //! forward+backward, batch norm (Burn's layer) + leaky ReLU, leaky ReLU and a sum alone, and an
-//! Adam step (ours, `training::adam`, as training runs it).
+//! Adam step (ours, `mtad_kernels::adam`, as training runs it).
 //!
 //! With `--layers`, a per-layer profile of the resnet18 training step at 224x224, batch 8: every
 //! distinct layer of the student and the decoder (convolution, batch norm + activation, pooling,
 //! upsampling, linear), forward+backward, weighted by how often one step runs it, in both
 //! frameworks, then the layer kinds sorted by the time each loses against PyTorch
 //! (`--layers densenet121`: the same for densenet121's step). Our side runs
-//! the layers as the models do, with our own CPU kernels where they apply (`src/kernels`:
+//! the layers as the models do, with our own CPU kernels where they apply (`crates/mtad-kernels`:
 //! convolutions, batch norm + activation, pooling, upsampling); add `--burn` for Burn's own
 //! layers throughout.
 //!
@@ -33,11 +33,11 @@ use burn::tensor::Distribution;
 use burn::tensor::activation::{leaky_relu, relu};
 use burn::tensor::module::interpolate;
 use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
+use mtad_kernels::adam::Adam;
+use mtad_kernels::conv3x3::conv2d;
+use mtad_kernels::pool::{avg_pool2d, max_pool2d};
 use multi_teacher_ad::decoder::upsample2x;
-use multi_teacher_ad::kernels::conv3x3::conv2d;
-use multi_teacher_ad::kernels::pool::{avg_pool2d, max_pool2d};
 use multi_teacher_ad::students::{Activation, batch_norm, batch_norm_act};
-use multi_teacher_ad::training::adam::Adam;
 use serde_json::json;
 
 const WARMUP: usize = 1;
@@ -140,7 +140,7 @@ fn main() {
 
     // Adam over 12.25M parameters (resnet18 + the decoder at 32x32 have 12.3M): one linear
     // layer with a batch of one, so that the step dominates the forward and backward passes. Our
-    // Adam (`training::adam`), as a training run steps.
+    // Adam (`mtad_kernels::adam`), as a training run steps.
     let mut linear = Some(LinearConfig::new(3500, 3500).with_bias(false).init(&ad));
     let mut optim = Adam::module_optimizer();
     let row: Tensor<2> = Tensor::random([1, 3500], Distribution::Default, &ad);

@@ -28,11 +28,11 @@ use burn::prelude::*;
 use burn::tensor::Distribution;
 use burn::train::TrainStep;
 use clap::Parser;
+use mtad_kernels::adam::Adam;
 use multi_teacher_ad::data::demo::{DemoSpec, write_demo_dataset};
 use multi_teacher_ad::device::{DeviceChoice, select_device};
 use multi_teacher_ad::students::StudentKind;
 use multi_teacher_ad::teachers::{Teacher, TeacherFamily, TeacherId, TeacherSize, WeightsLocation};
-use multi_teacher_ad::training::adam::Adam;
 use multi_teacher_ad::training::model::{InputBatch, MtadModel, MtadModelConfig};
 use multi_teacher_ad::training::run::{TrainRequest, prepare};
 

@@ -9,7 +9,6 @@ pub mod decoder;
 pub mod detect;
 pub mod device;
 pub mod error;
-pub mod kernels;
 pub mod output;
 pub mod report;
 pub mod scoring;

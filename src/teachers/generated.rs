@@ -67,19 +67,19 @@ mod tests {
                     "Conv2d",
                     "conv2d",
                     &[
-                        "crate::kernels::conv3x3::conv2d",
-                        "crate::kernels::fused::conv2d_relu",
+                        "mtad_kernels::conv3x3::conv2d",
+                        "mtad_kernels::fused::conv2d_relu",
                     ][..],
                 ),
                 (
                     "MaxPool2d",
                     "maxpool2d",
-                    &["crate::kernels::pool::max_pool2d"][..],
+                    &["mtad_kernels::pool::max_pool2d"][..],
                 ),
                 (
                     "AvgPool2d",
                     "averagepool2d",
-                    &["crate::kernels::pool::avg_pool2d"][..],
+                    &["mtad_kernels::pool::avg_pool2d"][..],
                 ),
             ] {
                 let fields = code.matches(&format!(": {kind},")).count();
@@ -105,27 +105,27 @@ mod tests {
         }
     }
 
-    /// build.rs fuses the chains after the convolutions into `kernels::fused`: no ReLU or batch
-    /// norm of Burn's is left, and each kind of chain occurs in the tiny teachers.
+    /// build.rs fuses the chains after the convolutions into `mtad_kernels::fused`: no ReLU or
+    /// batch norm of Burn's is left, and each kind of chain occurs in the tiny teachers.
     #[test]
     fn the_generated_relus_and_batch_norms_go_through_the_fused_kernels() {
         let all = TINY.concat();
         for left in ["burn::tensor::activation::relu(", "self.batchnormalization"] {
             let calls = all
                 .lines()
-                .filter(|l| l.contains(left) && !l.contains("kernels::fused"))
+                .filter(|l| l.contains(left) && !l.contains("mtad_kernels::fused"))
                 .count();
             assert_eq!(calls, 0, "{left} left in the tiny teachers");
         }
         for fused in ["conv2d_relu(", "add_relu(", "batch_norm_act(", "relu("] {
             let count = all
-                .matches(&format!("crate::kernels::fused::{fused}"))
+                .matches(&format!("mtad_kernels::fused::{fused}"))
                 .count();
             assert!(count > 0, "no fused::{fused} in the tiny teachers");
         }
         let norms = all.matches(": BatchNorm,").count();
         let fused = all
-            .matches("crate::kernels::fused::batch_norm_act(&self.batchnormalization")
+            .matches("mtad_kernels::fused::batch_norm_act(&self.batchnormalization")
             .count();
         assert_eq!(norms, fused, "every batch norm is fused");
     }

@@ -1,7 +1,6 @@
 //! Training and evaluation (METHOD.md): the trainable model and its Learner steps, the inputs
 //! and the teacher-embedding cache, the custom learning strategy, and whole runs.
 
-pub mod adam;
 pub mod artifact;
 pub mod cache;
 pub mod ensemble;

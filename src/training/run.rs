@@ -31,7 +31,6 @@ use burn::train::{Learner, SupervisedTraining, TrainingStrategy};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::adam::Adam;
 use super::artifact::{ARTIFACT_FILE, Artifact, NormalScores};
 use super::cache::{CacheOutcome, EmbeddingCache, cache_key};
 use super::inputs::{
@@ -57,6 +56,7 @@ use crate::teachers::{
     WeightsLocation, hex,
 };
 use crate::{Error, Result};
+use mtad_kernels::adam::Adam;
 
 /// Images per MVTec training batch (the reference's `batch_size=4`).
 pub const MVTEC_IMAGES_PER_BATCH: usize = 4;
