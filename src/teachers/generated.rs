@@ -16,44 +16,44 @@ pub struct BuiltTeacher {
     pub bpk_len: u64,
 }
 
-include!(concat!(env!("OUT_DIR"), "/teachers/manifest.rs"));
+include!(concat!(env!("OUT_DIR"), "/generated/manifest.rs"));
 
 pub mod tiny_resnet {
-    include!(concat!(env!("OUT_DIR"), "/teachers/tiny_resnet.rs"));
+    include!(concat!(env!("OUT_DIR"), "/generated/tiny_resnet.rs"));
 }
 pub mod tiny_vgg {
-    include!(concat!(env!("OUT_DIR"), "/teachers/tiny_vgg.rs"));
+    include!(concat!(env!("OUT_DIR"), "/generated/tiny_vgg.rs"));
 }
 pub mod tiny_densenet {
-    include!(concat!(env!("OUT_DIR"), "/teachers/tiny_densenet.rs"));
+    include!(concat!(env!("OUT_DIR"), "/generated/tiny_densenet.rs"));
 }
 #[cfg(mtad_teacher_resnet152)]
 pub mod resnet152 {
-    include!(concat!(env!("OUT_DIR"), "/teachers/resnet152.rs"));
+    include!(concat!(env!("OUT_DIR"), "/generated/resnet152.rs"));
 }
 #[cfg(mtad_teacher_vgg19)]
 pub mod vgg19 {
-    include!(concat!(env!("OUT_DIR"), "/teachers/vgg19.rs"));
+    include!(concat!(env!("OUT_DIR"), "/generated/vgg19.rs"));
 }
 #[cfg(mtad_teacher_densenet201)]
 pub mod densenet201 {
-    include!(concat!(env!("OUT_DIR"), "/teachers/densenet201.rs"));
+    include!(concat!(env!("OUT_DIR"), "/generated/densenet201.rs"));
 }
 
 /// The tiny teachers' weights, embedded: they are a few hundred KB and the CPU demo and the tests
 /// must work wherever the binary is.
 pub const TINY_RESNET_BPK: &[u8] =
-    include_bytes!(concat!(env!("OUT_DIR"), "/teachers/tiny_resnet.bpk"));
-pub const TINY_VGG_BPK: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/teachers/tiny_vgg.bpk"));
+    include_bytes!(concat!(env!("OUT_DIR"), "/generated/tiny_resnet.bpk"));
+pub const TINY_VGG_BPK: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/generated/tiny_vgg.bpk"));
 pub const TINY_DENSENET_BPK: &[u8] =
-    include_bytes!(concat!(env!("OUT_DIR"), "/teachers/tiny_densenet.bpk"));
+    include_bytes!(concat!(env!("OUT_DIR"), "/generated/tiny_densenet.bpk"));
 
 #[cfg(test)]
 mod tests {
     const TINY: [&str; 3] = [
-        include_str!(concat!(env!("OUT_DIR"), "/teachers/tiny_resnet.rs")),
-        include_str!(concat!(env!("OUT_DIR"), "/teachers/tiny_vgg.rs")),
-        include_str!(concat!(env!("OUT_DIR"), "/teachers/tiny_densenet.rs")),
+        include_str!(concat!(env!("OUT_DIR"), "/generated/tiny_resnet.rs")),
+        include_str!(concat!(env!("OUT_DIR"), "/generated/tiny_vgg.rs")),
+        include_str!(concat!(env!("OUT_DIR"), "/generated/tiny_densenet.rs")),
     ];
 
     /// build.rs routes every generated convolution, max pooling and average pooling through our
