@@ -62,9 +62,9 @@ fn timed(mut step: impl FnMut()) -> f64 {
     started.elapsed().as_secs_f64() * 1e3 / ITERS as f64
 }
 
-/// Large blocks kept for reuse across training steps (`multi_teacher_ad::alloc`).
+/// Large blocks kept for reuse across training steps (`mtad_alloc`).
 #[global_allocator]
-static ALLOCATOR: multi_teacher_ad::alloc::BlockCache = multi_teacher_ad::alloc::BlockCache::new();
+static ALLOCATOR: mtad_alloc::BlockCache = mtad_alloc::BlockCache::new();
 
 fn main() {
     if std::env::args().any(|a| a == "--layers") {

@@ -2,7 +2,6 @@
 //!
 //! See `README.md` for the tool and `shared/METHOD.md` of the project for the exact method.
 
-pub mod alloc;
 pub mod cli;
 pub mod data;
 pub mod decoder;

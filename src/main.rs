@@ -27,9 +27,9 @@ use multi_teacher_ad::{
     training::run::{Prepared, RunSummary, TrainRequest, prepare},
 };
 
-/// Large blocks kept for reuse across training steps (`multi_teacher_ad::alloc`).
+/// Large blocks kept for reuse across training steps (`mtad_alloc`).
 #[global_allocator]
-static ALLOCATOR: multi_teacher_ad::alloc::BlockCache = multi_teacher_ad::alloc::BlockCache::new();
+static ALLOCATOR: mtad_alloc::BlockCache = mtad_alloc::BlockCache::new();
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
