@@ -5,12 +5,13 @@
 //! - `onnx/{resnet152,vgg19,densenet201}.onnx` are imported when they exist (written by
 //!   `python onnx/refresh_teachers.py`); each one that is present sets `cfg(mtad_teacher_<name>)`.
 //!
-//! The generated code and the weights (`<name>.bpk`) stay in `OUT_DIR/teachers`. The generated
+//! The generated code and the weights (`<name>.bpk`) stay in `OUT_DIR/generated`. The generated
 //! `Model`s are built with `LoadStrategy::None`: the library constructs them with `new()` and loads
 //! the weights itself through burn-store, checking them against the sha256 recorded here in
-//! `OUT_DIR/teachers/manifest.rs`. The generated code's convolutions and pooling are rewritten
-//! to call `kernels::conv3x3::conv2d` and `kernels::pool::{max_pool2d, avg_pool2d}`, so that the
-//! teachers use our CPU kernels (see `route_layers`).
+//! `OUT_DIR/generated/manifest.rs`. The generated code's convolutions and pooling are rewritten
+//! to call `mtad_kernels::conv3x3::conv2d` and `mtad_kernels::pool::{max_pool2d, avg_pool2d}`
+//! (crates/mtad-kernels; the code is `include!`d into the application crate, which depends on
+//! it), so that the teachers use our CPU kernels (see `route_layers`).
 
 use std::{
     env,
@@ -29,7 +30,7 @@ const FULL: [&str; 3] = ["resnet152", "vgg19", "densenet201"];
 fn main() {
     let root =
         PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
-    let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR")).join("teachers");
+    let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR")).join("generated");
     fs::create_dir_all(&out).unwrap_or_else(|e| panic!("cannot create {}: {e}", out.display()));
 
     println!("cargo::rerun-if-changed=build.rs");
@@ -77,23 +78,30 @@ fn main() {
 fn import(name: &str, onnx: &Path, out: &Path, listed: Option<String>, manifest: &mut String) {
     let onnx_sha256 = sha256_file(onnx);
     // Codegen of a full-size teacher takes a while: skip it when this exact file was imported.
+    // burn-onnx's own output is kept as `<name>.burn-onnx.rs` and the routed code written to
+    // `<name>.rs` from it on every run, so that a change to the routing below takes effect in an
+    // OUT_DIR that already holds the import (routing the routed code again would leave it as is).
     let stamp = out.join(format!("{name}.onnx.sha256"));
     let bpk = out.join(format!("{name}.bpk"));
+    let code = out.join(format!("{name}.rs"));
+    let generated = out.join(format!("{name}.burn-onnx.rs"));
     let up_to_date = fs::read_to_string(&stamp).is_ok_and(|s| s == onnx_sha256)
         && bpk.is_file()
-        && out.join(format!("{name}.rs")).is_file();
+        && generated.is_file();
     if !up_to_date {
         ModelGen::new()
             .input(onnx.to_str().expect("ONNX path is UTF-8"))
-            .out_dir("teachers/")
+            .out_dir("generated/")
             .load_strategy(LoadStrategy::None)
             .run_from_script();
+        fs::rename(&code, &generated).unwrap_or_else(|e| {
+            panic!("burn-onnx wrote no {} ({e})", code.display());
+        });
         fs::write(&stamp, &onnx_sha256)
             .unwrap_or_else(|e| panic!("cannot write {}: {e}", stamp.display()));
     }
-    let code = out.join(format!("{name}.rs"));
-    let generated = fs::read_to_string(&code)
-        .unwrap_or_else(|e| panic!("burn-onnx wrote no {}: {e}", code.display()));
+    let generated = fs::read_to_string(&generated)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", generated.display()));
     write_if_changed(&code, &fuse_layers(&route_layers(&generated)));
     let bpk_len = fs::metadata(&bpk)
         .unwrap_or_else(|e| panic!("burn-onnx wrote no {}: {e}", bpk.display()))
@@ -123,16 +131,16 @@ fn import(name: &str, onnx: &Path, out: &Path, listed: Option<String>, manifest:
 }
 
 /// The generated code with every `self.conv2dN.forward(x)` replaced by
-/// `crate::kernels::conv3x3::conv2d(&self.conv2dN, x)`, every `self.maxpool2dN.forward(x)` by
-/// `crate::kernels::pool::max_pool2d(&self.maxpool2dN, x)` and every
-/// `self.averagepool2dN.forward(x)` by `crate::kernels::pool::avg_pool2d(..)`: our CPU kernels
+/// `mtad_kernels::conv3x3::conv2d(&self.conv2dN, x)`, every `self.maxpool2dN.forward(x)` by
+/// `mtad_kernels::pool::max_pool2d(&self.maxpool2dN, x)` and every
+/// `self.averagepool2dN.forward(x)` by `mtad_kernels::pool::avg_pool2d(..)`: our CPU kernels
 /// for the convolutions (with their bias in the same pass) and pooling, Burn's own layers for
 /// every other shape and backend. burn-onnx names these fields `conv2d<N>`, `maxpool2d<N>` and
 /// `averagepool2d<N>`. Idempotent.
 fn route_layers(code: &str) -> String {
-    let code = route(code, "conv2d", "crate::kernels::conv3x3::conv2d");
-    let code = route(&code, "maxpool2d", "crate::kernels::pool::max_pool2d");
-    route(&code, "averagepool2d", "crate::kernels::pool::avg_pool2d")
+    let code = route(code, "conv2d", "mtad_kernels::conv3x3::conv2d");
+    let code = route(&code, "maxpool2d", "mtad_kernels::pool::max_pool2d");
+    route(&code, "averagepool2d", "mtad_kernels::pool::avg_pool2d")
 }
 
 /// `code` with `self.<field><N>.forward(` replaced by `<function>(&self.<field><N>, `.
@@ -158,7 +166,7 @@ fn route(code: &str, field: &str, function: &str) -> String {
 }
 
 /// The generated `forward` functions with chains of cheap layers fused into the calls of
-/// `kernels::fused` (one parallel pass on flex, Burn's operations elsewhere), statement by
+/// `mtad_kernels::fused` (one parallel pass on flex, Burn's operations elsewhere), statement by
 /// statement:
 ///
 /// - `let a = conv2d(&self.f, x); let r = relu(a);` -> `let r = fused::conv2d_relu(&self.f, x);`
@@ -281,9 +289,9 @@ fn uses(code: &str, name: &str) -> usize {
 
 fn fuse_body(body: &str) -> String {
     const RELU: &str = "burn::tensor::activation::relu";
-    const CONV: &str = "crate::kernels::conv3x3::conv2d";
+    const CONV: &str = "mtad_kernels::conv3x3::conv2d";
     const CAT: &str = "burn::tensor::Tensor::cat";
-    const FUSED: &str = "crate::kernels::fused";
+    const FUSED: &str = "mtad_kernels::fused";
     let parts = statements(body);
     let bindings: Vec<Option<(&str, String)>> = parts.iter().map(|p| binding(p)).collect();
     // `name` is used by exactly one statement after its own, `at`.

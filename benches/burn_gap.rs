@@ -3,14 +3,14 @@
 //! way in the same run: a 1024x1024 matmul, a 3x3 convolution of a resnet18 layer (64 channels at
 //! 56x56) and one of the decoder's last block (8 channels at 224x224), forward and
 //! forward+backward, batch norm (Burn's layer) + leaky ReLU, leaky ReLU and a sum alone, and an
-//! Adam step (ours, `training::adam`, as training runs it).
+//! Adam step (ours, `mtad_kernels::adam`, as training runs it).
 //!
 //! With `--layers`, a per-layer profile of the resnet18 training step at 224x224, batch 8: every
 //! distinct layer of the student and the decoder (convolution, batch norm + activation, pooling,
 //! upsampling, linear), forward+backward, weighted by how often one step runs it, in both
 //! frameworks, then the layer kinds sorted by the time each loses against PyTorch
 //! (`--layers densenet121`: the same for densenet121's step). Our side runs
-//! the layers as the models do, with our own CPU kernels where they apply (`src/kernels`:
+//! the layers as the models do, with our own CPU kernels where they apply (`crates/mtad-kernels`:
 //! convolutions, batch norm + activation, pooling, upsampling); add `--burn` for Burn's own
 //! layers throughout.
 //!
@@ -35,7 +35,7 @@ use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::tensor::Distribution;
 use burn::tensor::activation::leaky_relu;
-use multi_teacher_ad::training::adam::Adam;
+use mtad_kernels::adam::Adam;
 use profile::layers;
 
 const WARMUP: usize = 1;
@@ -60,9 +60,9 @@ fn timed(mut step: impl FnMut()) -> f64 {
     started.elapsed().as_secs_f64() * 1e3 / ITERS as f64
 }
 
-/// Large blocks kept for reuse across training steps (`multi_teacher_ad::alloc`).
+/// Large blocks kept for reuse across training steps (`mtad_alloc`).
 #[global_allocator]
-static ALLOCATOR: multi_teacher_ad::alloc::BlockCache = multi_teacher_ad::alloc::BlockCache::new();
+static ALLOCATOR: mtad_alloc::BlockCache = mtad_alloc::BlockCache::new();
 
 fn main() {
     if std::env::args().any(|a| a == "--layers") {
@@ -138,7 +138,7 @@ fn main() {
 
     // Adam over 12.25M parameters (resnet18 + the decoder at 32x32 have 12.3M): one linear
     // layer with a batch of one, so that the step dominates the forward and backward passes. Our
-    // Adam (`training::adam`), as a training run steps.
+    // Adam (`mtad_kernels::adam`), as a training run steps.
     let mut linear = Some(LinearConfig::new(3500, 3500).with_bias(false).init(&ad));
     let mut optim = Adam::module_optimizer();
     let row: Tensor<2> = Tensor::random([1, 3500], Distribution::Default, &ad);

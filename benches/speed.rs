@@ -109,9 +109,9 @@ struct Timing {
     images_per_s: f64,
 }
 
-/// Large blocks kept for reuse across training steps (`multi_teacher_ad::alloc`).
+/// Large blocks kept for reuse across training steps (`mtad_alloc`).
 #[global_allocator]
-static ALLOCATOR: multi_teacher_ad::alloc::BlockCache = multi_teacher_ad::alloc::BlockCache::new();
+static ALLOCATOR: mtad_alloc::BlockCache = mtad_alloc::BlockCache::new();
 
 fn main() {
     let args = Args::parse();

@@ -19,9 +19,9 @@ use burn::tensor::DType;
 use burn::tensor::Int;
 
 use crate::Error;
-use crate::kernels::conv3x3::conv2d;
-use crate::kernels::is_flex;
 use crate::students::{Activation, batch_norm_act};
+use mtad_kernels::conv3x3::conv2d;
+use mtad_kernels::is_flex;
 
 /// Widths from the linear layer's reshape to the image: five up-blocks, each doubling H and W.
 pub const CHANNELS: [usize; 6] = [128, 64, 32, 16, 8, 3];
@@ -115,10 +115,10 @@ pub struct Decoder {
 /// Burn's `interpolate` computes the same values, but its backward pass is missing on the GPU
 /// backends (wgpu and CUDA panic: "Bilinear interpolation backward is not supported by JIT
 /// backend"); gathers and blends differentiate on every backend.
-/// On the CPU backend, float32 tensors take our kernel ([`crate::kernels::upsample`]).
+/// On the CPU backend, float32 tensors take our kernel ([`mtad_kernels::upsample`]).
 pub fn upsample2x(x: Tensor<4>) -> Tensor<4> {
     if is_flex(&x.device()) && x.dtype() == DType::F32 {
-        return crate::kernels::upsample::upsample2x(x);
+        return mtad_kernels::upsample::upsample2x(x);
     }
     upsample2x_blend(x)
 }

@@ -2,14 +2,12 @@
 //!
 //! See `README.md` for the tool and `docs/METHOD.md` of the project for the exact method.
 
-pub mod alloc;
 pub mod config;
 pub mod data;
 pub mod decoder;
 pub mod device;
 pub mod error;
 pub mod inference;
-pub mod kernels;
 pub mod output;
 pub mod progress;
 pub mod scoring;

@@ -39,9 +39,9 @@ use multi_teacher_ad::{
     training::run::RunSummary,
 };
 
-/// Large blocks kept for reuse across training steps (`multi_teacher_ad::alloc`).
+/// Large blocks kept for reuse across training steps (`mtad_alloc`).
 #[global_allocator]
-static ALLOCATOR: multi_teacher_ad::alloc::BlockCache = multi_teacher_ad::alloc::BlockCache::new();
+static ALLOCATOR: mtad_alloc::BlockCache = mtad_alloc::BlockCache::new();
 
 fn main() -> ExitCode {
     let matches = Cli::command().get_matches();

@@ -9,9 +9,9 @@ use burn::tensor::Distribution;
 use burn::tensor::activation::{leaky_relu, relu};
 use burn::tensor::module::interpolate;
 use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
+use mtad_kernels::conv3x3::conv2d;
+use mtad_kernels::pool::{avg_pool2d, max_pool2d};
 use multi_teacher_ad::decoder::upsample2x;
-use multi_teacher_ad::kernels::conv3x3::conv2d;
-use multi_teacher_ad::kernels::pool::{avg_pool2d, max_pool2d};
 use multi_teacher_ad::students::{Activation, batch_norm, batch_norm_act};
 use serde_json::json;
 

@@ -6,10 +6,10 @@ use std::time::Instant;
 use burn::prelude::*;
 use burn::tensor::Distribution;
 use burn::train::TrainStep;
+use mtad_kernels::adam::Adam;
 use multi_teacher_ad::data::demo::{DemoSpec, write_demo_dataset};
 use multi_teacher_ad::students::StudentKind;
 use multi_teacher_ad::teachers::{Teacher, TeacherFamily, TeacherId, TeacherSize, WeightsLocation};
-use multi_teacher_ad::training::adam::Adam;
 use multi_teacher_ad::training::model::{InputBatch, MtadModel, MtadModelConfig};
 use multi_teacher_ad::training::prepare::{TrainRequest, prepare};
 

@@ -9,9 +9,9 @@ use burn::nn::pool::{AvgPool2d, AvgPool2dConfig, MaxPool2d, MaxPool2dConfig};
 use burn::nn::{BatchNorm, Initializer, Linear, LinearConfig, PaddingConfig2d};
 use burn::prelude::*;
 
-use crate::kernels::cat::cat_channels;
-use crate::kernels::conv3x3::conv2d;
-use crate::kernels::pool::{avg_pool2d, max_pool2d};
+use mtad_kernels::cat::cat_channels;
+use mtad_kernels::conv3x3::conv2d;
+use mtad_kernels::pool::{avg_pool2d, max_pool2d};
 
 use super::Activation::Relu;
 use super::{batch_norm_act, norm};

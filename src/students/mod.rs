@@ -230,11 +230,11 @@ impl Activation {
 }
 
 /// `activation(batch_norm(norm, input))`, in training on the CPU backend through one fused
-/// kernel (`kernels::batch_norm`) with the same results and running-statistics update, and
-/// outside autodiff through `kernels::fused` (one pass with the running statistics).
+/// kernel (`mtad_kernels::batch_norm`) with the same results and running-statistics update, and
+/// outside autodiff through `mtad_kernels::fused` (one pass with the running statistics).
 pub fn batch_norm_act(norm: &BatchNorm, input: Tensor<4>, activation: Activation) -> Tensor<4> {
     if training(norm, &input) {
-        let fused = crate::kernels::batch_norm::batch_norm_act(
+        let fused = mtad_kernels::batch_norm::batch_norm_act(
             &input,
             norm.gamma.val(),
             norm.beta.val(),
@@ -248,7 +248,7 @@ pub fn batch_norm_act(norm: &BatchNorm, input: Tensor<4>, activation: Activation
         }
     }
     if !input.is_autodiff() {
-        return crate::kernels::fused::batch_norm_act(norm, vec![input], activation.slope());
+        return mtad_kernels::fused::batch_norm_act(norm, vec![input], activation.slope());
     }
     activation.apply(batch_norm(norm, input))
 }

@@ -8,9 +8,9 @@ use burn::nn::pool::{AdaptiveAvgPool2d, AdaptiveAvgPool2dConfig, MaxPool2d, MaxP
 use burn::nn::{BatchNorm, Linear, LinearConfig, PaddingConfig2d};
 use burn::prelude::*;
 
-use crate::kernels::conv3x3::conv2d;
-use crate::kernels::fused::add_relu;
-use crate::kernels::pool::max_pool2d;
+use mtad_kernels::conv3x3::conv2d;
+use mtad_kernels::fused::add_relu;
+use mtad_kernels::pool::max_pool2d;
 
 use super::Activation::{Identity, Relu};
 use super::{batch_norm_act, norm};

@@ -8,8 +8,8 @@ use burn::nn::pool::{AdaptiveAvgPool2d, AdaptiveAvgPool2dConfig, MaxPool2d, MaxP
 use burn::nn::{Dropout, DropoutConfig, Initializer, Linear, LinearConfig, PaddingConfig2d};
 use burn::prelude::*;
 
-use crate::kernels::fused::{conv2d_relu, relu};
-use crate::kernels::pool::max_pool2d;
+use mtad_kernels::fused::{conv2d_relu, relu};
+use mtad_kernels::pool::max_pool2d;
 
 /// Output widths of the eight convolutions; a 2x2 max-pool follows those marked `true`.
 const FEATURES: [(usize, bool); 8] = [

@@ -16,44 +16,44 @@ pub struct BuiltTeacher {
     pub bpk_len: u64,
 }
 
-include!(concat!(env!("OUT_DIR"), "/teachers/manifest.rs"));
+include!(concat!(env!("OUT_DIR"), "/generated/manifest.rs"));
 
 pub mod tiny_resnet {
-    include!(concat!(env!("OUT_DIR"), "/teachers/tiny_resnet.rs"));
+    include!(concat!(env!("OUT_DIR"), "/generated/tiny_resnet.rs"));
 }
 pub mod tiny_vgg {
-    include!(concat!(env!("OUT_DIR"), "/teachers/tiny_vgg.rs"));
+    include!(concat!(env!("OUT_DIR"), "/generated/tiny_vgg.rs"));
 }
 pub mod tiny_densenet {
-    include!(concat!(env!("OUT_DIR"), "/teachers/tiny_densenet.rs"));
+    include!(concat!(env!("OUT_DIR"), "/generated/tiny_densenet.rs"));
 }
 #[cfg(mtad_teacher_resnet152)]
 pub mod resnet152 {
-    include!(concat!(env!("OUT_DIR"), "/teachers/resnet152.rs"));
+    include!(concat!(env!("OUT_DIR"), "/generated/resnet152.rs"));
 }
 #[cfg(mtad_teacher_vgg19)]
 pub mod vgg19 {
-    include!(concat!(env!("OUT_DIR"), "/teachers/vgg19.rs"));
+    include!(concat!(env!("OUT_DIR"), "/generated/vgg19.rs"));
 }
 #[cfg(mtad_teacher_densenet201)]
 pub mod densenet201 {
-    include!(concat!(env!("OUT_DIR"), "/teachers/densenet201.rs"));
+    include!(concat!(env!("OUT_DIR"), "/generated/densenet201.rs"));
 }
 
 /// The tiny teachers' weights, embedded: they are a few hundred KB and the CPU demo and the tests
 /// must work wherever the binary is.
 pub const TINY_RESNET_BPK: &[u8] =
-    include_bytes!(concat!(env!("OUT_DIR"), "/teachers/tiny_resnet.bpk"));
-pub const TINY_VGG_BPK: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/teachers/tiny_vgg.bpk"));
+    include_bytes!(concat!(env!("OUT_DIR"), "/generated/tiny_resnet.bpk"));
+pub const TINY_VGG_BPK: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/generated/tiny_vgg.bpk"));
 pub const TINY_DENSENET_BPK: &[u8] =
-    include_bytes!(concat!(env!("OUT_DIR"), "/teachers/tiny_densenet.bpk"));
+    include_bytes!(concat!(env!("OUT_DIR"), "/generated/tiny_densenet.bpk"));
 
 #[cfg(test)]
 mod tests {
     const TINY: [&str; 3] = [
-        include_str!(concat!(env!("OUT_DIR"), "/teachers/tiny_resnet.rs")),
-        include_str!(concat!(env!("OUT_DIR"), "/teachers/tiny_vgg.rs")),
-        include_str!(concat!(env!("OUT_DIR"), "/teachers/tiny_densenet.rs")),
+        include_str!(concat!(env!("OUT_DIR"), "/generated/tiny_resnet.rs")),
+        include_str!(concat!(env!("OUT_DIR"), "/generated/tiny_vgg.rs")),
+        include_str!(concat!(env!("OUT_DIR"), "/generated/tiny_densenet.rs")),
     ];
 
     /// build.rs routes every generated convolution, max pooling and average pooling through our
@@ -67,19 +67,19 @@ mod tests {
                     "Conv2d",
                     "conv2d",
                     &[
-                        "crate::kernels::conv3x3::conv2d",
-                        "crate::kernels::fused::conv2d_relu",
+                        "mtad_kernels::conv3x3::conv2d",
+                        "mtad_kernels::fused::conv2d_relu",
                     ][..],
                 ),
                 (
                     "MaxPool2d",
                     "maxpool2d",
-                    &["crate::kernels::pool::max_pool2d"][..],
+                    &["mtad_kernels::pool::max_pool2d"][..],
                 ),
                 (
                     "AvgPool2d",
                     "averagepool2d",
-                    &["crate::kernels::pool::avg_pool2d"][..],
+                    &["mtad_kernels::pool::avg_pool2d"][..],
                 ),
             ] {
                 let fields = code.matches(&format!(": {kind},")).count();
@@ -105,27 +105,27 @@ mod tests {
         }
     }
 
-    /// build.rs fuses the chains after the convolutions into `kernels::fused`: no ReLU or batch
-    /// norm of Burn's is left, and each kind of chain occurs in the tiny teachers.
+    /// build.rs fuses the chains after the convolutions into `mtad_kernels::fused`: no ReLU or
+    /// batch norm of Burn's is left, and each kind of chain occurs in the tiny teachers.
     #[test]
     fn the_generated_relus_and_batch_norms_go_through_the_fused_kernels() {
         let all = TINY.concat();
         for left in ["burn::tensor::activation::relu(", "self.batchnormalization"] {
             let calls = all
                 .lines()
-                .filter(|l| l.contains(left) && !l.contains("kernels::fused"))
+                .filter(|l| l.contains(left) && !l.contains("mtad_kernels::fused"))
                 .count();
             assert_eq!(calls, 0, "{left} left in the tiny teachers");
         }
         for fused in ["conv2d_relu(", "add_relu(", "batch_norm_act(", "relu("] {
             let count = all
-                .matches(&format!("crate::kernels::fused::{fused}"))
+                .matches(&format!("mtad_kernels::fused::{fused}"))
                 .count();
             assert!(count > 0, "no fused::{fused} in the tiny teachers");
         }
         let norms = all.matches(": BatchNorm,").count();
         let fused = all
-            .matches("crate::kernels::fused::batch_norm_act(&self.batchnormalization")
+            .matches("mtad_kernels::fused::batch_norm_act(&self.batchnormalization")
             .count();
         assert_eq!(norms, fused, "every batch norm is fused");
     }

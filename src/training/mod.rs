@@ -3,7 +3,6 @@
 //! checks and opens everything, `class_data` builds a class's inputs and caches, `run` trains
 //! each class, `session` evaluates it.
 
-pub mod adam;
 pub mod cache;
 pub mod class_data;
 pub mod inputs;

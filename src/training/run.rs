@@ -10,8 +10,8 @@ use std::time::Instant;
 use burn::data::dataloader::{DataLoader, DataLoaderBuilder};
 use burn::train::metric::LossMetric;
 use burn::train::{Learner, SupervisedTraining, TrainingStrategy};
+use mtad_kernels::adam::Adam;
 
-use super::adam::Adam;
 use super::cache::EmbeddingCache;
 use super::class_data::{ClassData, TrainKind, cached_teachers};
 use super::inputs::{

@@ -22,7 +22,7 @@ use burn::tensor::DType;
 use burn_flex::{FlexTensor, Layout};
 use rayon::prelude::*;
 
-use crate::kernels::is_flex;
+use crate::is_flex;
 
 /// Values per task of the fused pass.
 const CHUNK: usize = 1 << 14;

@@ -22,7 +22,7 @@ use burn::prelude::*;
 use burn_flex::FlexTensor;
 
 use super::autodiff::{self, ConvGradients};
-use super::conv3x3::matmul;
+use super::matmul::matmul;
 use super::padded::{self, Conv};
 use super::{channel_rows, contiguous_f32, dims4, flex_f32, unwritten, written};
 use rayon::prelude::*;

@@ -197,7 +197,7 @@ pub(super) mod tests {
     use super::*;
 
     /// The convolution and its weight gradient by their definitions.
-    pub(in crate::kernels) fn naive(
+    pub(crate) fn naive(
         x: &[f32],
         weight: &[f32],
         grad: &[f32],

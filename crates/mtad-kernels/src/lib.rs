@@ -3,8 +3,12 @@
 //! flex with another dtype than float32, keeps Burn's own operations: the functions here check
 //! the device and fall back.
 //!
-//! Measured per layer by `cargo bench --bench burn_gap -- --layers`.
+//! [`adam`] is the optimizer's step fused into one pass over each parameter on flex.
+//!
+//! Measured per layer by the application's `cargo bench --bench burn_gap -- --layers` (see
+//! this crate's `README.md` for the design and the figures).
 
+pub mod adam;
 mod autodiff;
 pub mod batch_norm;
 pub mod cat;
@@ -12,6 +16,7 @@ pub mod conv1x1;
 pub mod conv3x3;
 mod direct;
 pub mod fused;
+pub(crate) mod matmul;
 mod padded;
 pub mod pool;
 pub mod strided;

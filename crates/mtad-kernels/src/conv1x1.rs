@@ -19,7 +19,7 @@ use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
 use super::autodiff::{self, ConvGradients};
-use super::conv3x3::{add_bias, matmul, matmul_to, parallel_chunks};
+use super::matmul::{add_bias, matmul, matmul_to, parallel_chunks};
 use super::{assume_written, contiguous_f32, dims4, flex_f32, unwritten, written};
 
 /// The kernels, on the backends that have them: flex, and autodiff over flex.

@@ -18,7 +18,7 @@
 
 use rayon::prelude::*;
 
-use super::conv3x3::matmul;
+use super::matmul::matmul;
 use super::{unwritten, written};
 
 /// The 16 positions of a 4x4 transformed tile.

@@ -8,13 +8,14 @@
 //! of the CPU time in the kernel over four vgg11 steps at batch 8 (`perf stat -e page-faults`).
 //! [`BlockCache`] keeps freed large blocks (up to a cap, beyond which it unmaps those freed
 //! longest ago) and hands them out again for requests of the same size class, or cut down to a
-//! smaller request where no block of its class is free; new ones are
-//! mapped with transparent huge pages where the kernel has them (one fault per 2 MiB). Small blocks, and every block on other systems than Unix, go to the
-//! system allocator.
+//! smaller request where no block of its class is free; new ones are mapped with transparent
+//! huge pages where the kernel has them (one fault per 2 MiB). Small blocks, and every block on
+//! other systems than Unix, go to the system allocator. See this crate's `README.md` for the
+//! design and the measured figures.
 //!
 //! ```ignore
 //! #[global_allocator]
-//! static ALLOCATOR: multi_teacher_ad::alloc::BlockCache = multi_teacher_ad::alloc::BlockCache::new();
+//! static ALLOCATOR: mtad_alloc::BlockCache = mtad_alloc::BlockCache::new();
 //! ```
 
 use std::alloc::{GlobalAlloc, Layout, System};
