@@ -44,6 +44,24 @@ use multi_teacher_ad::{
 static ALLOCATOR: mtad_alloc::BlockCache = mtad_alloc::BlockCache::new();
 
 fn main() -> ExitCode {
+    // The last resort: a panic is a bug of mtad's; say so, where, and what to send.
+    std::panic::set_hook(Box::new(|info| {
+        let location = info
+            .location()
+            .map_or(String::new(), |l| format!(" at {}:{}", l.file(), l.line()));
+        let message = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "(no message)".into());
+        eprintln!(
+            "mtad {}: internal error{location}: {message}\nThis is a bug in mtad, not in your \
+             data or options. Please report it with the command you ran and this message \
+             (RUST_BACKTRACE=1 adds where it happened).",
+            env!("CARGO_PKG_VERSION")
+        );
+    }));
     let matches = Cli::command().get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     logging::init(cli.verbose as i8 - cli.quiet as i8);

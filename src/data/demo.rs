@@ -8,6 +8,7 @@ use std::path::Path;
 use image::{GrayImage, RgbImage};
 
 use super::crops::SeededRng;
+use crate::output::write_atomic;
 use crate::{Error, Result};
 
 /// What to generate.
@@ -127,14 +128,15 @@ fn save_gray(path: &Path, size: usize, mask: Vec<u8>) -> Result<()> {
     save(path, GrayImage::from_raw(size, size, mask).map(Into::into))
 }
 
+/// Writes `image` as a PNG through the atomic writer: a full disk or a kill leaves no
+/// half-written image behind.
 fn save(path: &Path, image: Option<image::DynamicImage>) -> Result<()> {
     let image = image.ok_or_else(|| Error::invalid_file(path, "image buffer of the wrong size"))?;
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-    }
+    let mut png = std::io::Cursor::new(Vec::new());
     image
-        .save(path)
-        .map_err(|e| Error::io(path, std::io::Error::other(e)))
+        .write_to(&mut png, image::ImageFormat::Png)
+        .map_err(|e| Error::invalid_file(path, format!("encoding the PNG: {e}")))?;
+    write_atomic(path, png.get_ref())
 }
 
 /// An RGB image in 0..255 floats, `[y][x][c]`.

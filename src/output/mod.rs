@@ -89,6 +89,38 @@ pub fn write_atomic_parts(path: &Path, parts: &[&[u8]]) -> Result<()> {
     })
 }
 
+/// Whether `name` is a temporary file of [`write_atomic_parts`]: `.<name>.tmp<pid>`.
+fn is_temporary(name: &str) -> bool {
+    name.starts_with('.')
+        && name
+            .rsplit_once(".tmp")
+            .is_some_and(|(_, pid)| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Removes the temporary files that a killed writer left in `dir` and in its subfolders down to
+/// `depth` levels (a resumed run's folder: the run, its classes, their checkpoints); returns
+/// how many. Only the caller may be writing there (it owns the folder).
+pub fn remove_stale_temporaries(dir: &Path, depth: usize) -> Result<usize> {
+    let mut removed = 0;
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(Error::io(dir, e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io(dir, e))?;
+        let path = entry.path();
+        let kind = entry.file_type().map_err(|e| Error::io(&path, e))?;
+        if kind.is_dir() && depth > 0 {
+            removed += remove_stale_temporaries(&path, depth - 1)?;
+        } else if kind.is_file() && is_temporary(&entry.file_name().to_string_lossy()) {
+            fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
 /// The PNG encoding of an image (`what` names it in the error).
 pub fn png_bytes(image: &image::RgbImage, what: &str) -> Result<Vec<u8>> {
     let mut bytes = std::io::Cursor::new(Vec::new());
@@ -114,6 +146,30 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, vec![std::ffi::OsString::from("out.txt")]);
+    }
+
+    #[test]
+    fn stale_temporaries_are_removed_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let class = dir.path().join("weave/checkpoint");
+        fs::create_dir_all(&class).unwrap();
+        for name in [".model.mtad.tmp123", "checkpoint/.model-2.bpk.tmp9"] {
+            fs::write(dir.path().join("weave").join(name), b"half").unwrap();
+        }
+        for name in ["model.mtad", ".hidden", ".x.tmp", "a.tmp12"] {
+            fs::write(dir.path().join("weave").join(name), b"kept").unwrap();
+        }
+        assert_eq!(remove_stale_temporaries(dir.path(), 2).unwrap(), 2);
+        let mut left: Vec<String> = fs::read_dir(dir.path().join("weave"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            [".hidden", ".x.tmp", "a.tmp12", "checkpoint", "model.mtad"]
+        );
+        assert!(fs::read_dir(&class).unwrap().next().is_none());
     }
 
     #[test]

@@ -13,6 +13,7 @@ use crate::data::cifar::{self, Cifar10};
 use crate::data::crops::{CROP_SIZE, IMAGE_SIZE, STRIDE};
 use crate::data::folder::{Category, FolderDataset};
 use crate::data::mvtec::{self, parse_class_list};
+use crate::output::remove_stale_temporaries;
 use crate::output::run_folder::{read_config, write_config};
 use crate::teachers::{TeacherChoice, TeacherEnsemble, TeacherSize, WeightsLocation};
 use crate::{Error, Result};
@@ -153,6 +154,13 @@ pub fn prepare(request: TrainRequest) -> Result<Prepared> {
                 r.out.display()
             ))
         })?;
+        let removed = remove_stale_temporaries(&r.out, 2)?;
+        if removed > 0 {
+            tracing::info!(
+                "removed {removed} temporary file(s) that the interrupted run left in {}",
+                r.out.display()
+            );
+        }
         r.out.clone()
     } else if r.cover || !r.out.exists() {
         r.out.clone()
