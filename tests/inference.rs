@@ -156,18 +156,20 @@ fn detect_scores_new_images_like_the_evaluation() {
         .unwrap();
     let mut changed = bytes.clone();
     changed[at..at + 64].copy_from_slice("0".repeat(64).as_bytes());
+    // Why a model file is refused (with the default threshold, or `threshold`).
+    let refused = |path: &std::path::Path, threshold: Option<f64>| {
+        let loaded = Detector::from_artifact(
+            path,
+            ScoreColumn::Nor,
+            threshold,
+            &WeightsLocation::Build,
+            Device::flex(),
+        );
+        loaded.err().expect("must be refused").to_string()
+    };
     // A changed header is refused by its checksum...
     std::fs::write(&moved, &changed).unwrap();
-    let err = Detector::from_artifact(
-        &moved,
-        ScoreColumn::Nor,
-        None,
-        &WeightsLocation::Build,
-        Device::flex(),
-    )
-    .err()
-    .unwrap()
-    .to_string();
+    let err = refused(&moved, None);
     assert!(err.contains("header checksum mismatch"), "{err}");
     // ... and one made for other teachers (its checksum right) by the teachers' check.
     // Layout: magic (11 bytes), version (4), header length (8), header, its sha256 (32).
@@ -175,30 +177,12 @@ fn detect_scores_new_images_like_the_evaluation() {
     let digest = <sha2::Sha256 as sha2::Digest>::digest(&changed[23..23 + length]);
     changed[23 + length..23 + length + 32].copy_from_slice(&digest);
     std::fs::write(&moved, &changed).unwrap();
-    let err = Detector::from_artifact(
-        &moved,
-        ScoreColumn::Nor,
-        None,
-        &WeightsLocation::Build,
-        Device::flex(),
-    )
-    .err()
-    .unwrap()
-    .to_string();
+    let err = refused(&moved, None);
     assert!(err.contains("trained with the teachers"), "{err}");
 
     // A threshold must be a number.
     for bad in [f64::NAN, f64::INFINITY] {
-        let err = Detector::from_artifact(
-            &out.join("weave/model.mtad"),
-            ScoreColumn::Nor,
-            Some(bad),
-            &WeightsLocation::Build,
-            Device::flex(),
-        )
-        .err()
-        .unwrap()
-        .to_string();
+        let err = refused(&out.join("weave/model.mtad"), Some(bad));
         assert!(err.contains("finite"), "{err}");
     }
     // --threshold really decides.

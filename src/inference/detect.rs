@@ -180,12 +180,7 @@ impl Detector {
             ));
         }
         let config = header.config.clone();
-        let runner = load_teachers(
-            config.settings.teachers,
-            config.settings.tiny_teachers,
-            weights,
-            &device,
-        )?;
+        let runner = load_teachers(&config.settings, weights, &device)?;
         let stats = artifact.statistics(runner.as_deref())?;
         let model = artifact.model(&device)?;
         let normaliser = header.best.normaliser;

@@ -44,12 +44,7 @@ impl Prepared {
                 config.class_names.join(", ")
             )));
         }
-        let runner = load_teachers(
-            config.settings.teachers,
-            config.settings.tiny_teachers,
-            weights,
-            &device,
-        )?;
+        let runner = load_teachers(&config.settings, weights, &device)?;
         let (names, sha256) = teacher_identity(runner.as_deref());
         if sha256 != config.teacher_sha256 {
             return Err(Error::Teacher {

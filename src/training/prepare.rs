@@ -124,7 +124,7 @@ pub fn prepare(request: TrainRequest) -> Result<Prepared> {
     let cifar_resize = ((image_size * 256) as f64 / CROP_SIZE as f64).round() as usize;
 
     let (data, class_names, class_indices) = open_dataset(dataset, &data_root, &s.classes)?;
-    let runner = load_teachers(s.teachers, s.tiny_teachers, &r.teacher_weights, &r.device)?;
+    let runner = load_teachers(s, &r.teacher_weights, &r.device)?;
     let (teacher_names, teacher_sha256) = teacher_identity(runner.as_deref());
 
     let mut settings = s.clone();
@@ -227,16 +227,15 @@ pub(crate) fn open_dataset(
 
 /// The teachers of a run, `None` for the no-teacher ablation.
 pub fn load_teachers(
-    choice: TeacherChoice,
-    tiny: bool,
+    settings: &TrainSettings,
     weights: &WeightsLocation,
     device: &Device,
 ) -> Result<Option<Arc<TeacherRunner>>> {
-    let families = choice.families();
+    let families = settings.teachers.families();
     if families.is_empty() {
         return Ok(None);
     }
-    let size = if tiny {
+    let size = if settings.tiny_teachers {
         TeacherSize::Tiny
     } else {
         TeacherSize::Full
