@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use burn::prelude::*;
 use common::{demo_data, mtad, read, request, rows, run};
@@ -245,13 +245,7 @@ fn detect_scores_new_images_like_the_evaluation() {
     let incomplete = tmp.path().join("incomplete");
     std::fs::create_dir_all(&incomplete).unwrap();
     let inc = incomplete.to_str().unwrap();
-    let image = data.join("weave/test/good");
-    let image = std::fs::read_dir(&image)
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
+    let image = first_file(&data.join("weave/test/good"));
     let image = image.to_str().unwrap();
     for args in [
         vec!["report", "--run", inc],
@@ -432,13 +426,7 @@ fn every_command_works_on_the_demo_runs() {
         resnet.join("weave/model.mtad"),
     )
     .unwrap();
-    let image = data.join("weave/test/good");
-    let image = std::fs::read_dir(&image)
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
+    let image = first_file(&data.join("weave/test/good"));
     for args in [
         vec!["infer", "--run", run_args[0], "--device", "cpu"],
         vec![
@@ -460,4 +448,14 @@ fn every_command_works_on_the_demo_runs() {
             "{args:?}: {err}"
         );
     }
+}
+
+/// A file of `dir` (the first that the folder lists).
+fn first_file(dir: &Path) -> PathBuf {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path()
 }

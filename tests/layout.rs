@@ -51,7 +51,7 @@ fn no_file_outside_the_kernels_crate_is_over_about_600_lines() {
     files.push(root().join("build.rs"));
     for file in files {
         let lines = std::fs::read_to_string(&file).unwrap().lines().count();
-        assert!(lines <= 650, "{} has {lines} lines", file.display());
+        assert!(lines <= 620, "{} has {lines} lines", file.display());
     }
 }
 

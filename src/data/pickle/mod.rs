@@ -20,11 +20,13 @@
 
 mod machine;
 mod numpy;
+mod tree;
 
 use std::{collections::HashMap, rc::Rc};
 
-use machine::{Machine, TreeBuilder};
+use machine::Machine;
 pub use numpy::{NumpyArray, numpy_array};
+use tree::TreeBuilder;
 
 /// Most objects, stack entries, memo entries and container items one pickle may create: about
 /// 100 times what a CIFAR-10 batch needs (10000 labels and 10000 file names).
