@@ -350,6 +350,29 @@ mod tests {
     }
 
     #[test]
+    fn the_resolved_keys_are_config_json_s_keys_beside_the_settings() {
+        let config = TrainConfig {
+            settings: TrainSettings::tiny_folder(Path::new("d"), Path::new("c")),
+            class_indices: vec![0],
+            class_names: vec!["a".into()],
+            full_size: 148,
+            stride: 29,
+            cifar_resize: 37,
+            teacher_names: Vec::new(),
+            teacher_sha256: Vec::new(),
+            device: String::new(),
+            version: String::new(),
+        };
+        let value = serde_json::to_value(&config).unwrap();
+        let mut written: Vec<String> = value.as_object().unwrap().keys().cloned().collect();
+        let mut expected = TrainSettings::keys();
+        expected.extend(TrainConfig::resolved_keys().map(String::from));
+        written.sort();
+        expected.sort();
+        assert_eq!(written, expected);
+    }
+
+    #[test]
     fn unknown_keys_and_bad_values_name_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let base = TrainSettings::tiny_folder(Path::new("data"), Path::new("cache"));
