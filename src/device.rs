@@ -68,7 +68,7 @@ fn cpu() -> SelectedDevice {
 }
 
 fn rayon_threads() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
+    rayon::current_num_threads()
 }
 
 fn auto() -> SelectedDevice {

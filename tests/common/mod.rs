@@ -131,10 +131,16 @@ pub fn rows(text: &str) -> Vec<Vec<String>> {
 }
 
 pub fn mtad(args: &[&str], abort_at: Option<&str>) -> std::process::Output {
+    let env: Vec<(&str, &str)> = abort_at
+        .map(|at| ("MTAD_ABORT_AT", at))
+        .into_iter()
+        .collect();
+    mtad_env(args, &env)
+}
+
+/// Runs the binary with `args` and the environment variables `env` added.
+pub fn mtad_env(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_mtad"));
-    cmd.args(args);
-    if let Some(at) = abort_at {
-        cmd.env("MTAD_ABORT_AT", at);
-    }
+    cmd.args(args).envs(env.iter().copied());
     cmd.output().unwrap()
 }

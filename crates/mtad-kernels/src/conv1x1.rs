@@ -20,6 +20,7 @@ use rayon::prelude::*;
 
 use super::autodiff::{self, ConvGradients};
 use super::matmul::{add_bias, matmul, matmul_to, parallel_chunks};
+use super::reduce::{PARTS, even_parts, tree_sum};
 use super::{assume_written, contiguous_f32, dims4, flex_f32, unwritten, written};
 
 /// The kernels, on the backends that have them: flex, and autodiff over flex.
@@ -118,25 +119,17 @@ impl Conv1x1Backend for Flex {
             );
             matmul([cout, cin, hw], dw, true, g, [hw, 1], x, [1, hw], threads);
         };
-        let zeros = || vec![0.0f32; cout * cin];
-        let dw = if hw == 0 {
-            zeros()
-        } else if parallel_chunks(n) {
-            (0..n)
-                .into_par_iter()
-                .fold(zeros, |mut dw, i| {
-                    product(&mut dw, i, false);
-                    dw
-                })
-                .reduce(zeros, |mut a, b| {
-                    a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
-                    a
-                })
+        // The images in a fixed number of parts added in a fixed tree: the same bits on any
+        // thread count (`reduce`). Products run multi-threaded where parts are fewer than threads.
+        let parts = if hw == 0 {
+            Vec::new()
         } else {
-            let mut dw = zeros();
-            (0..n).for_each(|i| product(&mut dw, i, true));
-            dw
+            even_parts(n, PARTS)
         };
+        let threads = parts.len() < rayon::current_num_threads();
+        let dw = tree_sum(parts.len(), cout * cin, &|p, dw: &mut [f32]| {
+            parts[p].clone().for_each(|i| product(dw, i, threads));
+        });
         flex_f32(dw, [cout, cin, 1, 1])
     }
 

@@ -35,6 +35,7 @@ use rayon::prelude::*;
 use super::autodiff::{self, ConvGradients};
 use super::matmul::{add_bias, matmul, parallel_chunks};
 use super::padded::{self, Conv};
+use super::reduce::tree_sum;
 use super::{channel_rows, contiguous_f32, dims4, direct, flex_f32, is_flex, winograd};
 
 /// Whether the weight gradient is the padded kernel's sum over the pixels rather than im2col and
@@ -283,13 +284,15 @@ impl Conv3x3Backend for Flex {
             let dw = direct::weight_grad(xs, gs, [n, cin, cout, h, w]);
             return flex_f32(dw, [cout, cin, 3, 3]);
         }
-        let chunks = chunks(n, hw);
-        let parallel = parallel_chunks(chunks.len());
-        // dW [Cout, 9 Cin] += dY [Cout, images x HW] x cols^T [images x HW, 9 Cin], per chunk.
-        let run = |(mut dw, mut cols): (Vec<f32>, Vec<f32>), images: &std::ops::Range<usize>| {
-            if hw == 0 {
-                return (dw, cols);
-            }
+        let chunks = if hw == 0 { Vec::new() } else { chunks(n, hw) };
+        // Products run multi-threaded where the chunks are fewer than the threads.
+        let threads = !parallel_chunks(chunks.len());
+        // dW [Cout, 9 Cin] += dY [Cout, images x HW] x cols^T [images x HW, 9 Cin], per chunk;
+        // the chunks (a function of the shapes) are added in a fixed tree, so that the result
+        // has the same bits on any thread count (`reduce`).
+        let dw = tree_sum(chunks.len(), cout * k, &|c, dw: &mut [f32]| {
+            let images = &chunks[c];
+            let mut cols = Vec::new();
             chunk_cols(xs, [cin, h, w], images, &mut cols);
             let columns = images.len() * hw;
             let g = &gs[images.start * cout * hw..images.end * cout * hw];
@@ -303,32 +306,15 @@ impl Conv3x3Backend for Flex {
             let shape = [cout, k, columns];
             matmul(
                 shape,
-                &mut dw,
+                dw,
                 true,
                 lhs,
                 [columns, 1],
                 &cols,
                 [1, columns],
-                !parallel,
+                threads,
             );
-            (dw, cols)
-        };
-        let buffers = || (vec![0.0f32; cout * k], Vec::new());
-        let dw = if parallel {
-            chunks
-                .par_iter()
-                .fold(buffers, run)
-                .map(|(dw, _)| dw)
-                .reduce(
-                    || vec![0.0f32; cout * k],
-                    |mut a, b| {
-                        a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
-                        a
-                    },
-                )
-        } else {
-            chunks.iter().fold(buffers(), run).0
-        };
+        });
         flex_f32(dw, [cout, cin, 3, 3])
     }
 
@@ -594,6 +580,46 @@ mod tests {
                         "{k}x{k} {n}x{cin}->{cout} {h}x{w} {what}: {err}"
                     );
                 }
+            }
+        }
+    }
+
+    /// Every path's output and gradients have the same bits on 1, 2, 3 and 5 threads, run
+    /// after run: the weight gradients' sums over the batch are added in a fixed order
+    /// (`reduce`), and no path is chosen by the thread count.
+    #[test]
+    fn the_same_bits_on_any_thread_count() {
+        let device = Device::flex().autodiff();
+        // im2col chunks, Winograd, direct (few channels), 1x1, the strided stem, 3x3 stride 2.
+        for (n, cin, cout, h, k, stride) in [
+            (16, 24, 24, 16, 3, 1),
+            (8, 32, 32, 8, 3, 1),
+            (8, 8, 3, 16, 3, 1),
+            (16, 32, 64, 8, 1, 1),
+            (8, 3, 16, 32, 7, 2),
+            (8, 16, 32, 16, 3, 2),
+        ] {
+            device.seed(7);
+            let conv = Conv2dConfig::new([cin, cout], [k, k])
+                .with_stride([stride, stride])
+                .with_padding(PaddingConfig2d::Explicit(k / 2, k / 2, k / 2, k / 2))
+                .with_bias(false)
+                .init(&device);
+            let x = Tensor::random([n, cin, h, h], Distribution::Default, &device);
+            let bits = |threads: usize| {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                pool.install(|| forward_backward(&conv, &x, true))
+                    .map(|v| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>())
+            };
+            let one = bits(1);
+            for threads in [2, 3, 5, 2, 3] {
+                assert!(
+                    one == bits(threads),
+                    "{k}x{k}/{stride} {n}x{cin}->{cout} {h}x{h}: other bits on {threads} threads"
+                );
             }
         }
     }

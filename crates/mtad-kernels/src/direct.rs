@@ -9,11 +9,17 @@
 
 use rayon::prelude::*;
 
+use super::reduce::{PARTS, even_parts, tree_sum};
+
 /// Whether the direct kernels are used for a convolution of `cin` to `cout` channels of
-/// `batch` images: few channels, and enough images for every thread (one image each).
+/// `batch` images: few channels, and enough images to share among threads (one image each).
+/// The choice depends on the shapes only, not on the thread count, so that a step computes
+/// the same bits on any machine size.
 pub fn applies(cin: usize, cout: usize, batch: usize) -> bool {
-    cin * cout <= 256 && batch >= rayon::current_num_threads()
+    cin * cout <= 256 && batch >= MIN_BATCH
 }
+
+const MIN_BATCH: usize = 8;
 
 /// `out[ox] += w0 src[ox - 1] + w1 src[ox] + w2 src[ox + 1]`, zero outside the row: the three
 /// taps of one kernel row in one pass.
@@ -165,30 +171,23 @@ pub fn weight_grad(x: &[f32], grad: &[f32], [n, cin, cout, h, w]: [usize; 5]) ->
     if n * h * w == 0 {
         return vec![0.0; size];
     }
-    let dw = x
-        .par_chunks(cin * h * w)
-        .zip(grad.par_chunks(cout * h * w))
-        .fold(
-            || vec![0.0f64; size],
-            |mut dw, (x, grad)| {
-                #[cfg(target_arch = "x86_64")]
-                if avx2 {
-                    // SAFETY: the CPU has AVX2 and FMA (checked above).
-                    unsafe { avx2::weight_grad_image(x, grad, &mut dw, dims) };
-                    return dw;
-                }
-                let _ = avx2;
-                weight_grad_image(x, grad, &mut dw, dims);
-                dw
-            },
-        )
-        .reduce(
-            || vec![0.0f64; size],
-            |mut a, b| {
-                a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
-                a
-            },
-        );
+    // The images in a fixed number of parts added in a fixed tree: the same bits on any thread
+    // count (`reduce`).
+    let parts = even_parts(n, PARTS);
+    let dw = tree_sum(parts.len(), size, &|p, dw: &mut [f64]| {
+        for i in parts[p].clone() {
+            let x = &x[i * cin * h * w..][..cin * h * w];
+            let grad = &grad[i * cout * h * w..][..cout * h * w];
+            #[cfg(target_arch = "x86_64")]
+            if avx2 {
+                // SAFETY: the CPU has AVX2 and FMA (checked above).
+                unsafe { avx2::weight_grad_image(x, grad, dw, dims) };
+                continue;
+            }
+            let _ = avx2;
+            weight_grad_image(x, grad, dw, dims);
+        }
+    });
     dw.into_iter().map(|v| v as f32).collect()
 }
 

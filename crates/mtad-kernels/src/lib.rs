@@ -19,6 +19,7 @@ pub mod fused;
 pub(crate) mod matmul;
 mod padded;
 pub mod pool;
+mod reduce;
 pub mod strided;
 pub mod upsample;
 mod winograd;

@@ -19,6 +19,7 @@
 use rayon::prelude::*;
 
 use super::matmul::matmul;
+use super::reduce::{PARTS, even_parts, tree_sum};
 use super::{unwritten, written};
 
 /// The 16 positions of a 4x4 transformed tile.
@@ -153,7 +154,7 @@ fn blocks(tile_rows: usize, per_block: usize) -> Vec<std::ops::Range<usize>> {
 /// over the tiles, so the gradient of `U = G g G^T` is `sum_tiles (A dY A^T) ⊙ V`, and that
 /// of `g` is `G^T (.) G` of it. Per position, the sum over the tiles is one matrix product
 /// `[Cout, tiles] x [tiles, Cin]`, accumulated block by block; each rayon job sums its blocks
-/// into its own 16 Cout Cin floats, and the jobs' sums are added at the end.
+/// into its own 16 Cout Cin floats, and the jobs' sums are added in a fixed tree.
 pub fn weight_grad(x: &[f32], grad: &[f32], [n, cin, cout, h, w]: [usize; 5]) -> Vec<f32> {
     assert_eq!(x.len(), n * cin * h * w);
     assert_eq!(grad.len(), n * cout * h * w);
@@ -168,41 +169,33 @@ pub fn weight_grad(x: &[f32], grad: &[f32], [n, cin, cout, h, w]: [usize; 5]) ->
     // each sum all of their blocks, get even shares.
     let tile_rows = n * th;
     let target = (2_000_000 / (4 * POSITIONS * (cin + cout))).clamp(32, 2048);
-    let threads = rayon::current_num_threads();
-    let count = tile_rows.div_ceil((target / tw).max(1)).div_ceil(threads) * threads;
+    let count = tile_rows.div_ceil((target / tw).max(1)).div_ceil(PARTS) * PARTS;
     let blocks = blocks(tile_rows, tile_rows.div_ceil(count.min(tile_rows)));
-    // One job per thread, each summing its blocks into its own [16][Cout][Cin].
-    let sums = blocks
-        .par_chunks(blocks.len().div_ceil(threads))
-        .map(|job| {
-            let mut m = vec![0.0f32; POSITIONS * pairs];
-            let (mut v, mut g) = (Vec::new(), Vec::new());
-            for rows in job {
-                let tiles = rows.len() * tw;
-                v.resize(POSITIONS * cin * tiles, 0.0);
-                g.resize(POSITIONS * cout * tiles, 0.0);
-                transform_inputs(x, &mut v, rows.clone(), [cin, h, w, tiles]);
-                transform_grads(grad, &mut g, rows.clone(), [cout, h, w, tiles]);
-                for p in 0..POSITIONS {
-                    matmul(
-                        [cout, cin, tiles],
-                        &mut m[p * pairs..][..pairs],
-                        true,
-                        &g[p * cout * tiles..][..cout * tiles],
-                        [tiles, 1],
-                        &v[p * cin * tiles..][..cin * tiles],
-                        [1, tiles],
-                        false,
-                    );
-                }
+    // A fixed number of jobs (not one per thread), each summing its blocks into its own
+    // [16][Cout][Cin], added in a fixed tree: the same bits on any thread count (`reduce`).
+    let jobs = even_parts(blocks.len(), PARTS);
+    let sums = tree_sum(jobs.len(), POSITIONS * pairs, &|j, m: &mut [f32]| {
+        let (mut v, mut g) = (Vec::new(), Vec::new());
+        for rows in &blocks[jobs[j].clone()] {
+            let tiles = rows.len() * tw;
+            v.resize(POSITIONS * cin * tiles, 0.0);
+            g.resize(POSITIONS * cout * tiles, 0.0);
+            transform_inputs(x, &mut v, rows.clone(), [cin, h, w, tiles]);
+            transform_grads(grad, &mut g, rows.clone(), [cout, h, w, tiles]);
+            for p in 0..POSITIONS {
+                matmul(
+                    [cout, cin, tiles],
+                    &mut m[p * pairs..][..pairs],
+                    true,
+                    &g[p * cout * tiles..][..cout * tiles],
+                    [tiles, 1],
+                    &v[p * cin * tiles..][..cin * tiles],
+                    [1, tiles],
+                    false,
+                );
             }
-            m
-        })
-        .reduce_with(|mut a, b| {
-            a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
-            a
-        })
-        .expect("at least one block");
+        }
+    });
     let mut dw = vec![0.0f32; pairs * 9];
     dw.par_chunks_mut(cin * 9)
         .enumerate()
