@@ -25,7 +25,8 @@ pub mod exit {
 }
 
 const EXIT_CODES: &str = "Exit codes: 0 success; 1 error; 2 usage error; 3 some inputs could not \
-be read (detect); 4 anomalies found (detect --fail-on-anomaly).
+be read (detect); 4 anomalies found (detect --fail-on-anomaly); 130 or 143 training stopped by \
+Ctrl-C or SIGTERM after writing a checkpoint of its current step (continue with train --resume).
 
 Logging: -v/-q or RUST_LOG (e.g. RUST_LOG=debug); progress bars on standard error when it is a \
 terminal; results on standard output.";

@@ -185,6 +185,11 @@ pub struct TrainConfig {
     pub cifar_resize: usize,
     pub teacher_names: Vec<String>,
     pub teacher_sha256: Vec<String>,
+    /// The sha256 of the data the run trains and evaluates on (every file's path and content:
+    /// see `training::prepare::data_sha256`); `--resume` refuses data that changed. Empty in
+    /// runs written before it was recorded.
+    #[serde(default)]
+    pub data_sha256: String,
     pub device: String,
     /// `mtad` version that wrote the run.
     pub version: String,
@@ -207,7 +212,7 @@ impl TrainConfig {
     }
 
     /// The keys of `config.json` that are resolved, not chosen.
-    pub fn resolved_keys() -> [&'static str; 9] {
+    pub fn resolved_keys() -> [&'static str; 10] {
         [
             "class_indices",
             "class_names",
@@ -216,6 +221,7 @@ impl TrainConfig {
             "cifar_resize",
             "teacher_names",
             "teacher_sha256",
+            "data_sha256",
             "device",
             "version",
         ]
@@ -299,6 +305,8 @@ impl TrainConfig {
         for c in [&mut a, &mut b] {
             c.device = String::new();
             c.version = String::new();
+            // Compared on its own, with its own message (see `prepare`).
+            c.data_sha256 = String::new();
             c.settings.cache_dir = PathBuf::new();
             c.settings.data_root = None;
         }
@@ -360,6 +368,7 @@ mod tests {
             cifar_resize: 37,
             teacher_names: Vec::new(),
             teacher_sha256: Vec::new(),
+            data_sha256: String::new(),
             device: String::new(),
             version: String::new(),
         };

@@ -34,6 +34,9 @@ pub enum Error {
     /// A backend was asked for that this binary was not compiled with, or it cannot start.
     #[error("{0}")]
     Device(String),
+    /// A signal (Ctrl-C, SIGTERM) stopped the command; the message says what was saved.
+    #[error("{message}")]
+    Interrupted { signal: i32, message: String },
 }
 
 /// `Result` with the library's [`Error`].

@@ -35,6 +35,7 @@ use multi_teacher_ad::{
         GET_REAL_TEACHERS, TeacherSize, WeightsLocation,
         check::{check_teachers, compiled_teachers},
     },
+    training::interrupt,
     training::prepare::{Prepared, TrainRequest, prepare},
     training::run::RunSummary,
 };
@@ -69,7 +70,12 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             tracing::error!("{e:#}");
-            ExitCode::from(exit::ERROR)
+            // A run stopped by a signal exits with 128 + its number (130 Ctrl-C, 143 SIGTERM).
+            let signal = e.chain().find_map(|cause| match cause.downcast_ref() {
+                Some(multi_teacher_ad::Error::Interrupted { signal, .. }) => Some(*signal),
+                _ => None,
+            });
+            ExitCode::from(signal.map_or(exit::ERROR, interrupt::exit_code))
         }
     }
 }
@@ -219,6 +225,8 @@ fn train_settings(args: &TrainArgs, matches: Option<&ArgMatches>) -> Result<Trai
 }
 
 fn train(args: &TrainArgs, matches: Option<&ArgMatches>) -> Result<ExitCode> {
+    // Ctrl-C and SIGTERM: a checkpoint at the end of the current step, then exit 130/143.
+    interrupt::install();
     let device = select_device(args.device.device)?;
     tracing::info!("device: {device}");
     let request = TrainRequest {

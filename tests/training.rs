@@ -153,6 +153,12 @@ fn a_run_writes_its_directory_and_reuses_the_teacher_cache() {
     let rows = prepared.infer().unwrap();
     assert_eq!(rows[0].evaluation, *eval);
     assert_eq!(read(&out.join("infer/Eval_resnet.csv")), eval_csv);
+    // The run folder is infer's while `prepared` lives (its lock); a training waits for it.
+    let mut busy = request(&data, &out, &cache);
+    busy.cover = true;
+    let err = prepare(busy).err().unwrap().to_string();
+    assert!(err.contains("is in use by `mtad infer`"), "{err}");
+    drop(prepared);
 
     // Same data and teachers again, into the same --out: a numeric suffix, and the caches are
     // reused, so the teachers only see the random crops.
@@ -333,11 +339,15 @@ fn a_killed_run_resumes_to_the_same_results() {
         log.contains("resuming from the checkpoint of epoch 2"),
         "{log}"
     );
-    for table in ["Eval_resnet.csv", "finTS_resnet.csv"] {
-        assert_eq!(
-            read(&straight.join(table)),
-            read(&killed.join(table)),
-            "{table} differs after resuming"
+    for file in [
+        "Eval_resnet.csv",
+        "finTS_resnet.csv",
+        "grain/scores_test.csv",
+        "grain/scores_train.csv",
+    ] {
+        assert!(
+            read(&straight.join(file)) == read(&killed.join(file)),
+            "{file} differs after resuming"
         );
     }
     assert!(!killed.join("grain/checkpoint").exists());

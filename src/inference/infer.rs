@@ -8,6 +8,7 @@ use std::sync::Arc;
 use burn::prelude::*;
 
 use crate::output::artifact::{ARTIFACT_FILE, Artifact};
+use crate::output::lock::RunLock;
 use crate::output::run_folder::{class_dir, read_config};
 use crate::output::tables::{EvalRow, eval_table_path, write_eval_table};
 use crate::scoring::evaluation::{Normaliser, evaluate};
@@ -30,6 +31,8 @@ impl Prepared {
         device: Device,
     ) -> Result<Self> {
         let mut config = read_config(run)?;
+        // infer writes into the run folder: not while another process (a training) does.
+        let lock = RunLock::acquire(run, "infer")?;
         if let Some(root) = data_root {
             config.settings.data_root = Some(root);
         }
@@ -67,6 +70,7 @@ impl Prepared {
             device,
             plain: true,
             resume: false,
+            _lock: lock,
         })
     }
 

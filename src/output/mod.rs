@@ -23,6 +23,7 @@
 
 pub mod artifact;
 pub mod detections;
+pub mod lock;
 pub mod plots;
 pub mod report;
 pub mod run_folder;
@@ -38,6 +39,29 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
+
+/// The sha256 of `bytes`, in lowercase hex.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    crate::teachers::hex(&Sha256::digest(bytes))
+}
+
+/// The sha256 of a file's content, in lowercase hex, read in blocks.
+pub fn file_sha256_hex(path: &Path) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+    let mut file = fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).map_err(|e| Error::io(path, e))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(crate::teachers::hex(&hasher.finalize()))
+}
 
 /// Writes `value` as pretty JSON to `path`, atomically.
 pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {

@@ -59,9 +59,28 @@ pub struct ClassProgress {
     pub name: String,
     /// The latest complete checkpoint.
     pub checkpoint_epoch: Option<usize>,
+    /// The sha256 of each of its files (`model-3.bpk` -> hex), checked before resuming.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub checkpoint_sha256: std::collections::BTreeMap<String, String>,
+    /// Set when that checkpoint was written in the middle of its epoch (a stop asked by a
+    /// signal): how far the epoch had gone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partial: Option<PartialEpoch>,
     pub history: Vec<EvalRecord>,
     pub best: Option<BestRecord>,
     pub complete: bool,
+}
+
+/// An epoch stopped after `steps` training steps; the checkpoint of `epoch` holds the models
+/// and optimizer after them, and the sums are its losses so far.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PartialEpoch {
+    pub epoch: usize,
+    pub steps: usize,
+    pub loss_sum: f64,
+    pub reconstruction_sum: f64,
+    pub distillation_sum: Option<f64>,
+    pub seconds: f64,
 }
 
 /// A class's folder name in the run directory.

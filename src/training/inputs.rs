@@ -228,6 +228,9 @@ pub struct EpochShuffled {
     items: Vec<usize>,
     seed: u64,
     epoch: Arc<AtomicUsize>,
+    /// How many of the epoch's first items to leave out (set by the training loop when it
+    /// finishes an epoch that a signal stopped; 0 otherwise).
+    skip: Arc<AtomicUsize>,
     order: Mutex<(usize, Arc<Vec<usize>>)>,
 }
 
@@ -237,8 +240,14 @@ impl EpochShuffled {
             items,
             seed,
             epoch,
+            skip: Arc::default(),
             order: Mutex::new((usize::MAX, Arc::new(Vec::new()))),
         }
+    }
+
+    /// The set's skip counter, shared with the training loop.
+    pub fn skip(&self) -> Arc<AtomicUsize> {
+        self.skip.clone()
     }
 
     /// The items in epoch `epoch`'s order (Fisher-Yates on a SplitMix64 stream).
@@ -269,18 +278,21 @@ impl Dataset<TrainItem> for EpochShuffled {
             }
             cached.1.clone()
         };
+        let position = index + self.skip.load(Ordering::SeqCst);
         order
-            .get(index)
+            .get(position)
             .map(|&i| TrainItem {
                 index: i,
                 epoch,
-                position: index,
+                position,
             })
-            .ok_or_else(|| out_of_range(index, order.len()))
+            .ok_or_else(|| out_of_range(index, self.len()))
     }
 
     fn len(&self) -> usize {
-        self.items.len()
+        self.items
+            .len()
+            .saturating_sub(self.skip.load(Ordering::SeqCst))
     }
 }
 

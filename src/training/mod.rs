@@ -6,6 +6,7 @@
 pub mod cache;
 pub mod class_data;
 pub mod inputs;
+pub mod interrupt;
 pub mod model;
 pub mod prepare;
 pub mod renderer;

@@ -13,6 +13,7 @@ use crate::data::cifar::{self, Cifar10};
 use crate::data::crops::{CROP_SIZE, IMAGE_SIZE, STRIDE};
 use crate::data::folder::{Category, FolderDataset};
 use crate::data::mvtec::{self, parse_class_list};
+use crate::output::lock::RunLock;
 use crate::output::remove_stale_temporaries;
 use crate::output::run_folder::{read_config, write_config};
 use crate::teachers::{TeacherChoice, TeacherEnsemble, TeacherSize, WeightsLocation};
@@ -58,6 +59,8 @@ pub struct Prepared {
     pub(crate) device: Device,
     pub(crate) plain: bool,
     pub(crate) resume: bool,
+    /// The run folder's lock, held until the run ends.
+    pub(crate) _lock: RunLock,
 }
 
 pub(crate) enum DataSet {
@@ -127,6 +130,7 @@ pub fn prepare(request: TrainRequest) -> Result<Prepared> {
     let runner = load_teachers(s, &r.teacher_weights, &r.device)?;
     let (teacher_names, teacher_sha256) = teacher_identity(runner.as_deref());
 
+    let data_sha256 = data_sha256(&data, &data_root)?;
     let mut settings = s.clone();
     settings.dataset = Some(dataset);
     settings.data_root = Some(data_root);
@@ -139,6 +143,7 @@ pub fn prepare(request: TrainRequest) -> Result<Prepared> {
         cifar_resize,
         teacher_names,
         teacher_sha256,
+        data_sha256,
         device: r.device_name.clone(),
         version: env!("CARGO_PKG_VERSION").to_string(),
     };
@@ -154,12 +159,18 @@ pub fn prepare(request: TrainRequest) -> Result<Prepared> {
                 r.out.display()
             ))
         })?;
-        let removed = remove_stale_temporaries(&r.out, 2)?;
-        if removed > 0 {
-            tracing::info!(
-                "removed {removed} temporary file(s) that the interrupted run left in {}",
-                r.out.display()
-            );
+        if !saved.data_sha256.is_empty() && saved.data_sha256 != config.data_sha256 {
+            return Err(Error::Dataset {
+                root: config.data_root().to_path_buf(),
+                message: format!(
+                    "the data changed since the run in {} started (files added, removed or \
+                     edited: its sha256 was {}, it is now {}); resuming would mix two datasets. \
+                     Restore the data, or start a new run",
+                    r.out.display(),
+                    saved.data_sha256,
+                    config.data_sha256
+                ),
+            });
         }
         r.out.clone()
     } else if r.cover || !r.out.exists() {
@@ -173,6 +184,17 @@ pub fn prepare(request: TrainRequest) -> Result<Prepared> {
             .expect("some suffix is free")
     };
     check_writable(&out)?;
+    // From here on the folder is this process's alone (until `Prepared` is dropped).
+    let lock = RunLock::acquire(&out, "train")?;
+    if r.resume {
+        let removed = remove_stale_temporaries(&out, 2)?;
+        if removed > 0 {
+            tracing::info!(
+                "removed {removed} temporary file(s) that the interrupted run left in {}",
+                out.display()
+            );
+        }
+    }
     check_writable(&s.cache_dir)?;
     write_config(&out, &config)?;
 
@@ -184,6 +206,7 @@ pub fn prepare(request: TrainRequest) -> Result<Prepared> {
         device: r.device.clone(),
         plain: r.plain,
         resume: r.resume,
+        _lock: lock,
     })
 }
 
@@ -278,4 +301,44 @@ pub(crate) fn check_writable(dir: &Path) -> Result<()> {
     std::fs::write(&probe, b"ok").map_err(|e| Error::io(dir, e))?;
     std::fs::remove_file(&probe).map_err(|e| Error::io(&probe, e))?;
     Ok(())
+}
+
+/// The sha256 of the data a run uses: CIFAR-10's decoded training and test batches; for
+/// MVTec/folder data, every training, test and mask file of the chosen classes, by path
+/// (relative to `root`) and content, hashed in parallel.
+pub(crate) fn data_sha256(data: &DataSet, root: &Path) -> Result<String> {
+    use rayon::prelude::*;
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    match data {
+        DataSet::Cifar(cifar) => {
+            for split in [&cifar.train, &cifar.test] {
+                h.update(Sha256::digest(&split.images));
+                h.update(Sha256::digest(&split.labels));
+            }
+        }
+        DataSet::Folder(categories) => {
+            let files: Vec<&Path> = categories
+                .iter()
+                .flat_map(|c| {
+                    let test = c
+                        .test
+                        .iter()
+                        .flat_map(|t| std::iter::once(t.path.as_path()).chain(t.mask.as_deref()));
+                    c.train.iter().map(PathBuf::as_path).chain(test)
+                })
+                .collect();
+            let digests: Vec<String> = files
+                .par_iter()
+                .map(|path| crate::output::file_sha256_hex(path))
+                .collect::<Result<_>>()?;
+            for (path, digest) in files.iter().zip(digests) {
+                let relative = path.strip_prefix(root).unwrap_or(path);
+                h.update(relative.to_string_lossy().as_bytes());
+                h.update([0]);
+                h.update(digest.as_bytes());
+            }
+        }
+    }
+    Ok(crate::teachers::hex(&h.finalize()))
 }

@@ -17,6 +17,7 @@ use super::class_data::{ClassData, TrainKind, cached_teachers};
 use super::inputs::{
     CachedBatcher, CachedTeachers, CropBatcher, CropTeachers, EpochShuffled, ErrorSlot, mix,
 };
+use super::interrupt;
 use super::model::{AucMetric, InputBatch, MtadModelConfig};
 use super::prepare::{DataSet, Prepared};
 use super::session::Session;
@@ -157,7 +158,26 @@ impl Prepared {
             },
         };
         if let Some(e) = resume_epoch {
-            tracing::info!("{name}: resuming from the checkpoint of epoch {e}");
+            verify_checkpoint(&checkpoint_dir, e, &progress)?;
+            match &progress.partial {
+                Some(p) => tracing::info!(
+                    "{name}: resuming from the checkpoint of epoch {e}, after its step {}",
+                    p.steps
+                ),
+                None => tracing::info!("{name}: resuming from the checkpoint of epoch {e}"),
+            }
+        }
+        let progress_partial = resume_epoch.and(progress.partial.clone());
+        if let Some(signal) = interrupt::requested() {
+            return Err(Error::Interrupted {
+                signal,
+                message: format!(
+                    "stopped by {} before class {name} started; continue with `mtad train \
+                     --resume --out {}`",
+                    interrupt::signal_name(signal),
+                    self.out.display()
+                ),
+            });
         }
         if let Some(stats) = &data.stats {
             stats.save(&dir.join("teacher_stats.bin"))?;
@@ -172,6 +192,11 @@ impl Prepared {
             mix(c.settings.seed, class as u64, 1),
             epoch.clone(),
         );
+        let skip = train_dataset.skip();
+        let items_per_step = match &data.train {
+            TrainKind::Cached(_) => c.settings.batch_size,
+            TrainKind::Crops { .. } => MVTEC_IMAGES_PER_BATCH,
+        };
         let train_loader: Arc<dyn DataLoader<InputBatch>> = match &data.train {
             TrainKind::Cached(set) => DataLoaderBuilder::new(CachedBatcher {
                 set: set.clone(),
@@ -246,6 +271,9 @@ impl Prepared {
             batch_errors: errors.clone(),
             failure: failure.clone(),
             seed: mix(c.settings.seed, class as u64, 4),
+            resume_partial: progress_partial,
+            skip,
+            items_per_step,
         };
         let label = format!("class {name}, student {}", c.settings.student);
         let mut training = SupervisedTraining::new(dir.join("burn"), train_loader, test_loader)
@@ -300,4 +328,32 @@ impl Prepared {
             evaluation: best.evaluation,
         })
     }
+}
+
+/// Checks each file of the checkpoint of `epoch` against the sha256 recorded when it was
+/// written (runs written before the digests were recorded are not checked).
+fn verify_checkpoint(dir: &std::path::Path, epoch: usize, progress: &ClassProgress) -> Result<()> {
+    for part in CHECKPOINT_PARTS {
+        let path = AtomicCheckpointer::path(dir, part, epoch);
+        let name = path
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        let Some(want) = progress.checkpoint_sha256.get(&name) else {
+            continue;
+        };
+        if &crate::output::file_sha256_hex(&path)? != want {
+            return Err(Error::invalid_file(
+                &path,
+                format!(
+                    "the checkpoint is damaged (its sha256 is not the one recorded when it was \
+                     written); remove the class folder {} to train this class again from the \
+                     start with --resume",
+                    dir.parent().unwrap_or(dir).display()
+                ),
+            ));
+        }
+    }
+    Ok(())
 }

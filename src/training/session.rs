@@ -2,6 +2,7 @@
 //! the AUCs, the best model kept in `model.mtad` with its score files, the tables and
 //! `progress.json` rewritten, and the per-epoch losses reported.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -14,7 +15,9 @@ use super::model::{InputBatch, MtadModel};
 use super::strategy::{AtomicCheckpointer, CHECKPOINT_PARTS, ClassSession, EpochLosses};
 use crate::config::TrainConfig;
 use crate::output::artifact::{ARTIFACT_FILE, Artifact, NormalScores};
-use crate::output::run_folder::{BestRecord, ClassProgress, EvalRecord, write_progress};
+use crate::output::run_folder::{
+    BestRecord, ClassProgress, EvalRecord, PartialEpoch, write_progress,
+};
 use crate::output::scores::{TEST_SCORES, TRAIN_SCORES, write_scores};
 use crate::output::tables::write_tables;
 use crate::output::write_atomic;
@@ -211,8 +214,15 @@ impl ClassSession for Session {
         Ok(oracle)
     }
 
-    fn checkpointed(&mut self, epoch: usize) -> Result<()> {
+    fn checkpointed(
+        &mut self,
+        epoch: usize,
+        partial: Option<PartialEpoch>,
+        sha256: BTreeMap<String, String>,
+    ) -> Result<()> {
         let previous = self.progress.checkpoint_epoch.replace(epoch);
+        self.progress.partial = partial;
+        self.progress.checkpoint_sha256 = sha256;
         write_progress(&self.dir, &self.progress)?;
         if let Some(old) = previous.filter(|&old| old != epoch) {
             for part in CHECKPOINT_PARTS {
@@ -249,6 +259,8 @@ impl Session {
     fn finish_class(&mut self) -> Result<ClassProgress> {
         self.progress.complete = true;
         self.progress.checkpoint_epoch = None;
+        self.progress.checkpoint_sha256.clear();
+        self.progress.partial = None;
         write_progress(&self.dir, &self.progress)?;
         write_tables(&self.out, &self.config, Some(&self.progress))?;
         // A finished class is never resumed: its checkpoint (for vgg11 about 2 GB of weights

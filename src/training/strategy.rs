@@ -4,6 +4,7 @@
 //! finite, and makes each epoch's data order a function of the seed and the epoch so that a
 //! resumed run repeats an uninterrupted one.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -22,7 +23,9 @@ use burn::train::{
 };
 
 use super::inputs::ErrorSlot;
+use super::interrupt;
 use super::model::{MtadModel, Scores};
+use crate::output::run_folder::PartialEpoch;
 use crate::output::write_atomic;
 use crate::{Error, Result};
 
@@ -48,8 +51,14 @@ impl EvalSchedule {
 pub trait ClassSession: Send {
     /// Evaluates the model (in inference mode) after `epoch`; returns the AUC to display.
     fn evaluate(&mut self, model: &MtadModel, epoch: usize) -> Result<f64>;
-    /// The checkpoint of `epoch` is complete on disk.
-    fn checkpointed(&mut self, epoch: usize) -> Result<()>;
+    /// The checkpoint of `epoch` is complete on disk, with the sha256 of each file; `partial`
+    /// when it was taken in the middle of the epoch.
+    fn checkpointed(
+        &mut self,
+        epoch: usize,
+        partial: Option<PartialEpoch>,
+        sha256: BTreeMap<String, String>,
+    ) -> Result<()>;
     /// Training ended without error: mark the class complete; returns its progress.
     fn finish(&mut self) -> Result<crate::output::run_folder::ClassProgress>;
     /// An epoch finished training, with its mean losses.
@@ -66,12 +75,52 @@ pub struct EpochLosses {
     pub seconds: f64,
 }
 
+impl EpochLosses {
+    /// The sums of an epoch stopped after `steps` steps, for its resumption.
+    fn partial(&self, epoch: usize) -> PartialEpoch {
+        PartialEpoch {
+            epoch,
+            steps: self.steps,
+            loss_sum: self.total,
+            reconstruction_sum: self.reconstruction,
+            distillation_sum: self.distillation,
+            seconds: self.seconds,
+        }
+    }
+
+    fn resumed(partial: &PartialEpoch) -> Self {
+        Self {
+            total: partial.loss_sum,
+            reconstruction: partial.reconstruction_sum,
+            distillation: partial.distillation_sum,
+            steps: partial.steps,
+            seconds: partial.seconds,
+        }
+    }
+}
+
 /// Counts finished checkpoint writes so the loop can wait for Burn's asynchronous
-/// checkpointers before it declares a checkpoint complete.
+/// checkpointers before it declares a checkpoint complete, and keeps the sha256 of each file
+/// written.
 #[derive(Clone, Default)]
-pub struct SaveCounter(Arc<(Mutex<(usize, usize)>, Condvar)>);
+pub struct SaveCounter(
+    Arc<(Mutex<(usize, usize)>, Condvar)>,
+    Arc<Mutex<BTreeMap<String, String>>>,
+);
 
 impl SaveCounter {
+    /// The sha256 of the files of `epoch`'s checkpoint, by file name.
+    fn digests(&self, epoch: usize) -> BTreeMap<String, String> {
+        let all = self.1.lock().expect("checkpoint digests");
+        CHECKPOINT_PARTS
+            .iter()
+            .filter_map(|part| {
+                let name = format!("{part}-{epoch}.bpk");
+                all.get(&name).map(|d| (name, d.clone()))
+            })
+            .collect()
+    }
+
     fn finished(&self, ok: bool) {
         let (lock, cvar) = &*self.0;
         let mut state = lock.lock().expect("save counter");
@@ -136,12 +185,17 @@ pub const CHECKPOINT_PARTS: [&str; 3] = ["model", "optim", "scheduler"];
 
 impl<R: Checkpoint> Checkpointer<R> for AtomicCheckpointer {
     fn save(&self, epoch: usize, record: R) -> std::result::Result<(), CheckpointerError> {
+        let path = Self::path(&self.dir, self.name, epoch);
         let result = record
             .checkpoint_into_bytes()
             .map_err(CheckpointerError::Record)
             .and_then(|bytes| {
-                write_atomic(&Self::path(&self.dir, self.name, epoch), &bytes)
-                    .map_err(|e| CheckpointerError::Unknown(e.to_string()))
+                write_atomic(&path, &bytes)
+                    .map_err(|e| CheckpointerError::Unknown(e.to_string()))?;
+                let digest = crate::output::sha256_hex(&bytes);
+                let name = path.file_name().unwrap_or_default().to_string_lossy();
+                (self.saves.1.lock().expect("checkpoint digests")).insert(name.into(), digest);
+                Ok(())
             });
         if let Err(e) = &result {
             tracing::error!("checkpoint {} of epoch {epoch}: {e}", self.name);
@@ -184,8 +238,20 @@ impl CheckpointingStrategy for SaveWhenAsked {
 /// training step: the tests use it to interrupt a run mid-epoch at a known place.
 pub const ABORT_ENV: &str = "MTAD_ABORT_AT";
 
+/// `MTAD_SIGNAL_AT=<epoch>:<iteration>` sends this process SIGTERM right after that training
+/// step, through the real handler: the tests use it to stop a run mid-epoch at a known place.
+pub const SIGNAL_ENV: &str = "MTAD_SIGNAL_AT";
+
 fn abort_point() -> Option<(usize, usize)> {
-    let value = std::env::var(ABORT_ENV).ok()?;
+    env_point(ABORT_ENV)
+}
+
+fn signal_point() -> Option<(usize, usize)> {
+    env_point(SIGNAL_ENV)
+}
+
+fn env_point(name: &str) -> Option<(usize, usize)> {
+    let value = std::env::var(name).ok()?;
     let (e, i) = value.split_once(':')?;
     Some((e.parse().ok()?, i.parse().ok()?))
 }
@@ -205,12 +271,47 @@ pub struct EvalEveryStrategy {
     /// Seeds the device's random stream at the start of each epoch (dropout), so that a resumed
     /// run draws what an uninterrupted one does.
     pub seed: u64,
+    /// The epoch a signal stopped, when resuming from its checkpoint: it is finished first.
+    pub resume_partial: Option<PartialEpoch>,
+    /// Read by the training dataset: how many of the epoch's items to leave out at its start
+    /// (those of the steps made before the stop).
+    pub skip: Arc<AtomicUsize>,
+    /// Items per training step (the batch size).
+    pub items_per_step: usize,
 }
 
 impl EvalEveryStrategy {
     fn fail(&self, interrupter: &burn::train::Interrupter, error: Error) {
         interrupter.stop(Some(&error.to_string()));
         self.failure.set(error);
+    }
+}
+
+impl EvalEveryStrategy {
+    /// Writes the checkpoint of `epoch` (after its last step so far when `partial`), waits for
+    /// its files and records it in the class's progress.
+    fn checkpoint_now(
+        &self,
+        learner: &Learner<MtadModel>,
+        checkpointer: &mut Option<burn::train::LearningCheckpointer<MtadModel>>,
+        store: &EventStoreClient,
+        epoch: usize,
+        partial: Option<PartialEpoch>,
+    ) -> Result<()> {
+        let Some(checkpointer) = checkpointer else {
+            return Ok(());
+        };
+        if partial.is_some() {
+            // Batch norm's running statistics (Burn's `RunningState`) keep the last step's
+            // update pending until they are synced, and a record takes the synced value only:
+            // `valid()` syncs them (an evaluation did so before the other checkpoints).
+            drop(learner.model().valid());
+        }
+        let (done, failed) = self.saves.count();
+        checkpointer.checkpoint(learner, epoch, store);
+        self.saves.wait_for(done + CHECKPOINT_PARTS.len(), failed)?;
+        let mut session = self.session.lock().expect("class session");
+        session.checkpointed(epoch, partial, self.saves.digests(epoch))
     }
 }
 
@@ -232,18 +333,31 @@ impl SupervisedLearningStrategy<MtadModel> for EvalEveryStrategy {
         let abort_at = abort_point();
         let inference_device = self.device.clone().inner();
 
-        'epochs: for epoch in starting_epoch..=self.schedule.epochs {
+        let signal_at = signal_point();
+        // A checkpoint taken in the middle of epoch E is saved as E's; Burn then starts at E + 1,
+        // and the loop goes back to finish E from the step after the stop.
+        let mut partial = self
+            .resume_partial
+            .clone()
+            .filter(|p| p.epoch + 1 == starting_epoch);
+        let first_epoch = partial.as_ref().map_or(starting_epoch, |p| p.epoch);
+        'epochs: for epoch in first_epoch..=self.schedule.epochs {
             self.epoch.store(epoch, Ordering::SeqCst);
             self.device
                 .seed(super::inputs::mix(self.seed, epoch as u64, 0xD80F));
-            let started = Instant::now();
+            let resumed = partial.take();
+            let mut sums = resumed
+                .as_ref()
+                .map_or_else(EpochLosses::default, EpochLosses::resumed);
+            let mut iteration = sums.steps;
+            self.skip
+                .store(iteration * self.items_per_step, Ordering::SeqCst);
+            let started = Instant::now() - Duration::from_secs_f64(sums.seconds);
             interrupter.fail_on_error(processor.process_train(LearnerEvent::StartSplit {
                 epoch_number: epoch,
                 total_items,
             }));
             let mut iterator = train.iter();
-            let mut iteration = 0;
-            let mut sums = EpochLosses::default();
             while let Some(item) = iterator.next() {
                 let item = match item {
                     Ok(item) => item,
@@ -305,10 +419,40 @@ impl SupervisedLearningStrategy<MtadModel> for EvalEveryStrategy {
                     tracing::warn!("{ABORT_ENV}: aborting at epoch {epoch}, step {iteration}");
                     std::process::abort();
                 }
+                if signal_at == Some((epoch, iteration)) {
+                    tracing::warn!(
+                        "{SIGNAL_ENV}: sending SIGTERM at epoch {epoch}, step {iteration}"
+                    );
+                    interrupt::raise(interrupt::SIGTERM);
+                }
+                if let Some(signal) = interrupt::requested() {
+                    sums.seconds = started.elapsed().as_secs_f64();
+                    let error = match self.checkpoint_now(
+                        &learner,
+                        &mut checkpointer,
+                        &components.event_store,
+                        epoch,
+                        Some(sums.partial(epoch)),
+                    ) {
+                        Ok(()) => Error::Interrupted {
+                            signal,
+                            message: format!(
+                                "stopped by {} after step {iteration} of epoch {epoch}; the \
+                                 checkpoint of that step is written: continue with `mtad train \
+                                 --resume --out <this run's folder>`",
+                                interrupt::signal_name(signal)
+                            ),
+                        },
+                        Err(e) => e,
+                    };
+                    self.fail(&interrupter, error);
+                    break 'epochs;
+                }
                 if interrupter.should_stop() {
                     break 'epochs;
                 }
             }
+            self.skip.store(0, Ordering::SeqCst);
             interrupter.fail_on_error(processor.process_train(LearnerEvent::EndSplit(epoch)));
             if sums.steps > 0 {
                 let n = sums.steps as f64;
@@ -344,20 +488,20 @@ impl SupervisedLearningStrategy<MtadModel> for EvalEveryStrategy {
                     TrainingItem::new(summary, Progress::new(1, 1, None), Some(1), None),
                 )));
                 interrupter.fail_on_error(processor.process_valid(LearnerEvent::EndSplit(epoch)));
-                if let Some(checkpointer) = &mut checkpointer {
-                    let (done, failed) = self.saves.count();
-                    checkpointer.checkpoint(&learner, epoch, &components.event_store);
-                    if let Err(e) = self
-                        .saves
-                        .wait_for(done + CHECKPOINT_PARTS.len(), failed)
-                        .and_then(|_| session.checkpointed(epoch))
-                    {
-                        self.fail(&interrupter, e);
-                        break 'epochs;
-                    }
+                drop(session);
+                if let Err(e) = self.checkpoint_now(
+                    &learner,
+                    &mut checkpointer,
+                    &components.event_store,
+                    epoch,
+                    None,
+                ) {
+                    self.fail(&interrupter, e);
+                    break 'epochs;
                 }
+            } else {
+                drop(session);
             }
-            drop(session);
             interrupter.fail_on_error(processor.process_train(LearnerEvent::EndEpoch(epoch)));
             if interrupter.should_stop() {
                 break;
