@@ -21,6 +21,13 @@ use crate::{Error, Result};
 /// The most crop offsets `--crop-pool` may draw per image: their teacher embeddings are cached
 /// (4 KB per teacher and crop), 1024 already being 12 MB per image with three teachers.
 pub const MAX_CROP_POOL: usize = 1024;
+/// Bounds of the other sizes a user chooses, checked before anything is allocated: inputs of
+/// at most 512 pixels (the method uses 224), 1024 inputs per CIFAR-10 batch, 256 crops per
+/// MVTec batch (the reference takes 16), a million epochs.
+pub const MAX_IMAGE_SIZE: usize = 512;
+pub const MAX_BATCH_SIZE: usize = 1024;
+pub const MAX_CROPS_PER_BATCH: usize = 256;
+pub const MAX_EPOCHS: usize = 1_000_000;
 
 /// Every setting a user chooses for a training run.
 #[derive(Debug, Clone, PartialEq, Args, Serialize, Deserialize)]

@@ -109,16 +109,16 @@ fn all_fifteen_categories_by_class_list_and_inspect() {
     use multi_teacher_ad::data::inspect::{Severity, inspect_folder};
     let dir = tempfile::tempdir().unwrap();
     for (i, name) in CATEGORIES.iter().enumerate() {
-        // Alternate grey and RGB sources, as the real dataset mixes them.
+        // Alternate grey and RGB sources, as the real dataset mixes them; two training images,
+        // the fewest that train accepts.
         let shade = |_, _| (i * 10) as u8;
-        if i % 2 == 0 {
-            gray(
-                &dir.path().join(format!("{name}/train/good/000.png")),
-                8,
-                shade,
-            );
-        } else {
-            rgb(&dir.path().join(format!("{name}/train/good/000.png")), 8);
+        for image in ["000", "001"] {
+            let path = dir.path().join(format!("{name}/train/good/{image}.png"));
+            if i % 2 == 0 {
+                gray(&path, 8, shade);
+            } else {
+                rgb(&path, 8);
+            }
         }
         gray(
             &dir.path().join(format!("{name}/test/good/000.png")),
@@ -172,7 +172,7 @@ fn all_fifteen_categories_by_class_list_and_inspect() {
         .iter()
         .filter_map(|c| c.channels.get(&1))
         .sum();
-    assert_eq!(channels, 8 + 15 * 2); // grey train images of the 8 even categories, grey tests
+    assert_eq!(channels, 8 * 2 + 15 * 2); // grey train images of the 8 even categories, grey tests
 
     // Extra folders and missing categories are flagged against the 15 names.
     std::fs::rename(dir.path().join("zipper"), dir.path().join("zip")).unwrap();

@@ -394,6 +394,23 @@ fn bad_input_is_reported_before_training() {
     r.settings.image_size = 48;
     assert!(err(r).contains("multiple of 32"));
 
+    // Sizes are bounded before anything is allocated, and the error says the limit.
+    let mut r = request(&data, &out, &cache);
+    r.settings.image_size = 100_000;
+    assert!(err(r).contains("at most 512"));
+    let mut r = request(&data, &out, &cache);
+    r.settings.crops_per_batch = 1_000_000;
+    assert!(err(r).contains("from 1 to 256"));
+    let mut r = request(&data, &out, &cache);
+    r.settings.batch_size = 1 << 40;
+    assert!(err(r).contains("to 1024"));
+    let mut r = request(&data, &out, &cache);
+    r.settings.epochs = usize::MAX;
+    assert!(err(r).contains("at most 1000000"));
+    let mut r = request(&data, &out, &cache);
+    r.settings.crop_pool = Some(100_000);
+    assert!(err(r).contains("from 1 to 1024"));
+
     let blocker = tmp.path().join("file");
     std::fs::write(&blocker, b"x").unwrap();
     let r = request(&data, &blocker.join("run"), &cache);

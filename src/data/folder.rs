@@ -63,6 +63,22 @@ impl TestImage {
 }
 
 impl Category {
+    /// What `train` requires of a category, beside readable images: the one rule for `train`
+    /// and `inspect`. The error says what is missing.
+    pub fn check_trainable(&self) -> std::result::Result<(), String> {
+        if self.train.len() < 2 {
+            return Err(format!(
+                "{} training images; at least 2 are needed",
+                self.train.len()
+            ));
+        }
+        let labels = self.test_labels();
+        if !labels.contains(&0) || !labels.contains(&1) {
+            return Err("the test set needs both good and defect images for a ROC AUC".into());
+        }
+        Ok(())
+    }
+
     /// Test labels in test order.
     pub fn test_labels(&self) -> Vec<u8> {
         self.test.iter().map(|t| t.label).collect()
@@ -262,15 +278,51 @@ pub fn decode_rgb8(path: &Path) -> Result<image::RgbImage> {
 }
 
 fn decode(path: &Path) -> Result<image::DynamicImage> {
-    image::ImageReader::open(path)
+    open_image(path)?.decode().map_err(|e| Error::Image {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+/// The largest side of an image or mask that is read: a file whose header claims more is
+/// refused before anything is allocated (MVTec AD's largest images are 1024 pixels).
+pub const MAX_IMAGE_SIDE: u32 = 16_384;
+
+/// The most memory one decoded image may take.
+pub const MAX_IMAGE_BYTES: u64 = 1 << 30;
+
+/// A reader of an image file, its format guessed from its content, with the size limits
+/// ([`MAX_IMAGE_SIDE`], [`MAX_IMAGE_BYTES`]) that every decoder of ours applies.
+pub fn open_image(path: &Path) -> Result<image::ImageReader<std::io::BufReader<std::fs::File>>> {
+    let mut reader = image::ImageReader::open(path)
         .map_err(|e| Error::io(path, e))?
         .with_guessed_format()
-        .map_err(|e| Error::io(path, e))?
-        .decode()
-        .map_err(|e| Error::Image {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })
+        .map_err(|e| Error::io(path, e))?;
+    reader.limits(limits());
+    Ok(reader)
+}
+
+fn limits() -> image::Limits {
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(MAX_IMAGE_SIDE);
+    limits.max_image_height = Some(MAX_IMAGE_SIDE);
+    limits.max_alloc = Some(MAX_IMAGE_BYTES);
+    limits
+}
+
+/// Decodes the image at `path` in full (with the limits of [`open_image`]) and returns the
+/// sha256 of its bytes: what `train` checks of every file before the first class starts.
+pub fn check_image(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let mut reader = image::ImageReader::new(std::io::Cursor::new(&bytes))
+        .with_guessed_format()
+        .map_err(|e| Error::io(path, e))?;
+    reader.limits(limits());
+    reader.decode().map_err(|e| Error::Image {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    Ok(crate::output::sha256_hex(&bytes))
 }
 
 /// An image as the networks see it: RGB, in [-1, 1], resized to `size` x `size`

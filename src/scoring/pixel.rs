@@ -105,7 +105,8 @@ impl PixelTruth {
 
 /// The defect pixels of a mask resized (nearest) to `side` x `side`.
 fn read_mask(path: &std::path::Path, side: usize) -> Result<Vec<bool>> {
-    let mask = image::open(path)
+    let mask = crate::data::folder::open_image(path)?
+        .decode()
         .map_err(|e| Error::Image {
             path: path.to_path_buf(),
             message: e.to_string(),

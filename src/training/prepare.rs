@@ -7,7 +7,10 @@ use std::sync::Arc;
 use burn::prelude::*;
 
 use super::teacher_runner::TeacherRunner;
-use crate::config::{MAX_CROP_POOL, TrainConfig, TrainSettings};
+use crate::config::{
+    MAX_BATCH_SIZE, MAX_CROP_POOL, MAX_CROPS_PER_BATCH, MAX_EPOCHS, MAX_IMAGE_SIZE, TrainConfig,
+    TrainSettings,
+};
 use crate::data::DatasetKind;
 use crate::data::cifar::{self, Cifar10};
 use crate::data::crops::{CROP_SIZE, IMAGE_SIZE, STRIDE};
@@ -89,22 +92,33 @@ pub fn prepare(request: TrainRequest) -> Result<Prepared> {
     if s.eval_every == 0 {
         return Err(invalid("--eval-every must be at least 1"));
     }
-    if s.batch_size < 2 {
-        return Err(invalid(
-            "--batch-size must be at least 2 (batch norm needs two inputs)",
-        ));
+    if s.batch_size < 2 || s.batch_size > MAX_BATCH_SIZE {
+        return Err(invalid(format!(
+            "--batch-size {}: from 2 (batch norm needs two inputs) to {MAX_BATCH_SIZE}",
+            s.batch_size
+        )));
+    }
+    if s.epochs > MAX_EPOCHS {
+        return Err(invalid(format!(
+            "--epochs {}: at most {MAX_EPOCHS}",
+            s.epochs
+        )));
     }
     if !(s.lr.is_finite() && s.lr > 0.0) {
         return Err(invalid(format!("--lr {} must be a positive number", s.lr)));
     }
-    if s.image_size < 32 || s.image_size % 32 != 0 {
+    if s.image_size < 32 || s.image_size % 32 != 0 || s.image_size > MAX_IMAGE_SIZE {
         return Err(invalid(format!(
-            "--image-size {} must be a multiple of 32 (the decoder doubles a 1/32 grid five times)",
+            "--image-size {} must be a multiple of 32 (the decoder doubles a 1/32 grid five \
+             times), at most {MAX_IMAGE_SIZE}",
             s.image_size
         )));
     }
-    if s.crops_per_batch == 0 {
-        return Err(invalid("--crops-per-batch must be at least 1"));
+    if s.crops_per_batch == 0 || s.crops_per_batch > MAX_CROPS_PER_BATCH {
+        return Err(invalid(format!(
+            "--crops-per-batch {}: from 1 to {MAX_CROPS_PER_BATCH}",
+            s.crops_per_batch
+        )));
     }
     if let Some(n) = s.crop_pool
         && !(1..=MAX_CROP_POOL).contains(&n)
@@ -276,23 +290,10 @@ pub(crate) fn teacher_identity(runner: Option<&TeacherRunner>) -> (Vec<String>, 
 }
 
 fn check_category(root: &Path, category: &Category) -> Result<()> {
-    let err = |m: String| Error::Dataset {
+    category.check_trainable().map_err(|m| Error::Dataset {
         root: root.to_path_buf(),
         message: format!("category {}: {m}", category.name),
-    };
-    if category.train.len() < 2 {
-        return Err(err(format!(
-            "{} training images; at least 2 are needed",
-            category.train.len()
-        )));
-    }
-    let labels = category.test_labels();
-    if !labels.contains(&0) || !labels.contains(&1) {
-        return Err(err(
-            "the test set needs both good and defect images for a ROC AUC".into(),
-        ));
-    }
-    Ok(())
+    })
 }
 
 pub(crate) fn check_writable(dir: &Path) -> Result<()> {
@@ -305,7 +306,8 @@ pub(crate) fn check_writable(dir: &Path) -> Result<()> {
 
 /// The sha256 of the data a run uses: CIFAR-10's decoded training and test batches; for
 /// MVTec/folder data, every training, test and mask file of the chosen classes, by path
-/// (relative to `root`) and content, hashed in parallel.
+/// (relative to `root`) and content. Each file is also decoded in full, in parallel, so that
+/// a damaged image in any class stops the run before its first class starts.
 pub(crate) fn data_sha256(data: &DataSet, root: &Path) -> Result<String> {
     use rayon::prelude::*;
     use sha2::{Digest, Sha256};
@@ -330,7 +332,7 @@ pub(crate) fn data_sha256(data: &DataSet, root: &Path) -> Result<String> {
                 .collect();
             let digests: Vec<String> = files
                 .par_iter()
-                .map(|path| crate::output::file_sha256_hex(path))
+                .map(|path| crate::data::folder::check_image(path))
                 .collect::<Result<_>>()?;
             for (path, digest) in files.iter().zip(digests) {
                 let relative = path.strip_prefix(root).unwrap_or(path);

@@ -180,16 +180,9 @@ fn inspect_category(
             }
         }
     }
-    if category.test.is_empty() {
-        report.problem(
-            Severity::Warning,
-            format!("{name}: no test images: nothing to evaluate"),
-        );
-    } else if summary.test_good == 0 || summary.test_defect == 0 {
-        report.problem(
-            Severity::Warning,
-            format!("{name}: the test set needs both good and defect images for a ROC AUC"),
-        );
+    // The rule `train` applies (`Category::check_trainable`): "usable" means train accepts it.
+    if let Err(message) = category.check_trainable() {
+        report.problem(Severity::Error, format!("{name}: {message}"));
     }
     if summary.masks_missing > 0 {
         report.problem(
