@@ -203,6 +203,75 @@ pub struct TrainConfig {
 }
 
 impl TrainConfig {
+    /// The sizes that follow from `--image-size`: MVTec/folder's resized image side and
+    /// full-cut stride (224 -> 1024 and 200), and CIFAR-10's resize before the crop (256).
+    pub fn derived_sizes(image_size: usize) -> (usize, usize, usize) {
+        use crate::data::crops::{CROP_SIZE, STRIDE};
+        let stride = ((image_size * STRIDE) as f64 / CROP_SIZE as f64).round() as usize;
+        let full_size = image_size + 4 * stride;
+        let cifar_resize = ((image_size * 256) as f64 / CROP_SIZE as f64).round() as usize;
+        (full_size, stride, cifar_resize)
+    }
+
+    /// Checks a config read from a file (`config.json`, a model's header) before anything is
+    /// sized from it: the bounded settings within their bounds, the derived sizes those of its
+    /// image size, classes and teachers consistent. The error says which value is wrong.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        let s = &self.settings;
+        if s.image_size < 32 || s.image_size % 32 != 0 || s.image_size > MAX_IMAGE_SIZE {
+            return Err(format!(
+                "image_size {} is not a multiple of 32 up to {MAX_IMAGE_SIZE}",
+                s.image_size
+            ));
+        }
+        let derived = Self::derived_sizes(s.image_size);
+        if (self.full_size, self.stride, self.cifar_resize) != derived {
+            return Err(format!(
+                "full_size, stride, cifar_resize ({}, {}, {}) are not those of image_size {} \
+                 ({}, {}, {})",
+                self.full_size,
+                self.stride,
+                self.cifar_resize,
+                s.image_size,
+                derived.0,
+                derived.1,
+                derived.2
+            ));
+        }
+        if s.crops_per_batch == 0 || s.crops_per_batch > MAX_CROPS_PER_BATCH {
+            return Err(format!(
+                "crops_per_batch {} is not from 1 to {MAX_CROPS_PER_BATCH}",
+                s.crops_per_batch
+            ));
+        }
+        if s.batch_size < 2 || s.batch_size > MAX_BATCH_SIZE {
+            return Err(format!(
+                "batch_size {} is not from 2 to {MAX_BATCH_SIZE}",
+                s.batch_size
+            ));
+        }
+        if s.crop_pool
+            .is_some_and(|n| !(1..=MAX_CROP_POOL).contains(&n))
+        {
+            return Err(format!("crop_pool is not from 1 to {MAX_CROP_POOL}"));
+        }
+        if s.epochs == 0 || s.epochs > MAX_EPOCHS || s.eval_every == 0 {
+            return Err("epochs or eval_every out of range".into());
+        }
+        if self.class_names.is_empty()
+            || self
+                .class_indices
+                .iter()
+                .any(|&c| c >= self.class_names.len())
+        {
+            return Err("class_indices do not index class_names".into());
+        }
+        if self.teacher_names.len() != self.teacher_sha256.len() || self.teacher_names.len() > 3 {
+            return Err("teacher_names and teacher_sha256 do not match".into());
+        }
+        Ok(())
+    }
+
     /// The kind of dataset (present in every config a run wrote or read: see `read_config`).
     pub fn dataset(&self) -> DatasetKind {
         self.settings

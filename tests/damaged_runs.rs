@@ -9,10 +9,22 @@ use std::path::{Path, PathBuf};
 use common::{demo_data, mtad};
 
 fn train(args: &[&str]) {
-    let mut all = vec!["train", "--tiny-teachers", "--epochs", "1", "--device", "cpu", "-q"];
+    let mut all = vec![
+        "train",
+        "--tiny-teachers",
+        "--epochs",
+        "1",
+        "--device",
+        "cpu",
+        "-q",
+    ];
     all.extend(args);
     let out = mtad(&all, None);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -69,8 +81,15 @@ fn every_command(run: &Path, clean: &Path, image: &Path, named: &str, tmp: &Path
         );
         if !output.status.success() {
             failed += 1;
-            assert_eq!(output.status.code(), Some(1), "{command:?} on {named}: {err}");
-            assert!(err.contains(named), "{command:?} does not name {named}: {err}");
+            assert_eq!(
+                output.status.code(),
+                Some(1),
+                "{command:?} on {named}: {err}"
+            );
+            assert!(
+                err.contains(named),
+                "{command:?} does not name {named}: {err}"
+            );
         }
     }
     failed
@@ -84,7 +103,14 @@ fn every_command_refuses_a_damaged_run_folder_clearly() {
     let cache = tmp.path().join("cache");
     let cache_s = cache.to_str().unwrap();
     let folder = |out: &Path, size: &str| {
-        let common = ["--dataset", "folder", "--data-root", data_s, "--cache-dir", cache_s];
+        let common = [
+            "--dataset",
+            "folder",
+            "--data-root",
+            data_s,
+            "--cache-dir",
+            cache_s,
+        ];
         let mut args = common.to_vec();
         args.extend(["--classes", "grain,weave", "--image-size", size]);
         args.extend(["--crops-per-batch", "4", "--out", out.to_str().unwrap()]);
@@ -138,21 +164,67 @@ fn every_command_refuses_a_damaged_run_folder_clearly() {
     let cases: Vec<(&str, Damage, &str, usize)> = vec![
         ("truncated model", truncate(model), "model.mtad", 2),
         ("garbage model", garbage(model), "model.mtad", 2),
-        ("other image size", replaced(big.join(model)), "model.mtad", 2),
-        ("other class", replaced(clean.join("weave/model.mtad")), "model.mtad", 2),
-        ("other dataset", replaced(cifar_run.join("airplane/model.mtad")), "model.mtad", 2),
-        ("truncated config", truncate("config.json"), "config.json", 5),
+        (
+            "other image size",
+            replaced(big.join(model)),
+            "model.mtad",
+            2,
+        ),
+        (
+            "other class",
+            replaced(clean.join("weave/model.mtad")),
+            "model.mtad",
+            2,
+        ),
+        (
+            "other dataset",
+            replaced(cifar_run.join("airplane/model.mtad")),
+            "model.mtad",
+            2,
+        ),
+        (
+            "truncated config",
+            truncate("config.json"),
+            "config.json",
+            5,
+        ),
         ("garbage config", garbage("config.json"), "config.json", 5),
-        ("truncated progress", truncate("grain/progress.json"), "progress.json", 2),
-        ("garbage progress", garbage("grain/progress.json"), "progress.json", 2),
-        ("truncated scores", truncate("grain/scores_test.csv"), "scores_test.csv", 1),
-        ("garbage scores", garbage("grain/scores_test.csv"), "scores_test.csv", 1),
+        (
+            "truncated progress",
+            truncate("grain/progress.json"),
+            "progress.json",
+            2,
+        ),
+        (
+            "garbage progress",
+            garbage("grain/progress.json"),
+            "progress.json",
+            2,
+        ),
+        (
+            "truncated scores",
+            truncate("grain/scores_test.csv"),
+            "scores_test.csv",
+            1,
+        ),
+        (
+            "garbage scores",
+            garbage("grain/scores_test.csv"),
+            "scores_test.csv",
+            1,
+        ),
     ];
     for (i, (name, damage, named, at_least)) in cases.into_iter().enumerate() {
         let run = tmp.path().join(format!("damaged-{i}"));
         copy_dir(&clean, &run);
         damage(&run);
-        let failed = every_command(&run, &clean, &image, named, &tmp.path().join(format!("o{i}")));
+        let failed = every_command(
+            &run,
+            &clean,
+            &image,
+            named,
+            &tmp.path().join(format!("o{i}")),
+        );
         assert!(
             failed >= at_least,
             "{name}: only {failed} commands refused it"

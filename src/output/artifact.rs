@@ -83,6 +83,56 @@ pub struct Header {
     pub parts: Vec<Part>,
 }
 
+impl Header {
+    /// Checks what the header's values must satisfy before anything is sized from them (a
+    /// header whose checksum is right can still have been written by another program).
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        let c = &self.config;
+        c.validate()?;
+        if c.settings.dataset.is_none() {
+            return Err("no dataset".into());
+        }
+        if c.class_names.get(self.class_index) != Some(&self.class_name) {
+            return Err(format!(
+                "class {} ({}) is not in its run's classes",
+                self.class_index, self.class_name
+            ));
+        }
+        if !self.threshold.is_finite() || !(self.threshold_rate > 0.0 && self.threshold_rate < 1.0)
+        {
+            return Err(format!(
+                "threshold {} at rate {} (a finite threshold, a rate in (0, 1))",
+                self.threshold, self.threshold_rate
+            ));
+        }
+        let n = &self.best.normaliser;
+        if n.min.iter().chain(&n.max).any(|v| !v.is_finite()) {
+            return Err("the normaliser's bounds are not finite".into());
+        }
+        let normal = &self.normal;
+        let s = &normal.scores;
+        let len = s.len();
+        if s.as_z.len() != len || s.as_cossim.len() != len || normal.groups.len() != len {
+            return Err("the normal scores' lists differ in length".into());
+        }
+        if normal.images == 0
+            || normal.images > len
+            || normal.groups.iter().any(|&g| g >= normal.images)
+        {
+            return Err("the normal scores' images do not match their groups".into());
+        }
+        if s.as_z
+            .iter()
+            .chain(&s.as_cossim)
+            .chain(&s.as_rec)
+            .any(|v| !v.is_finite())
+        {
+            return Err("the normal scores are not finite".into());
+        }
+        Ok(())
+    }
+}
+
 /// A class's models, statistics and calibration.
 pub struct Artifact {
     pub path: PathBuf,
@@ -220,9 +270,16 @@ impl Artifact {
         }
         let header: Header =
             serde_json::from_slice(&json).map_err(|e| bad(format!("header: {e}")))?;
+        header.validate().map_err(|m| bad(format!("header: {m}")))?;
         let mut parts = Vec::with_capacity(header.parts.len());
-        let stored: u64 = header.parts.iter().map(|p| p.bytes).sum();
-        let described = MAGIC.len() as u64 + 12 + length + 32 + stored;
+        // Checked sums: a hostile header's sizes must not wrap around to the file's size.
+        let described = header
+            .parts
+            .iter()
+            .try_fold(MAGIC.len() as u64 + 12 + 32 + length, |sum, p| {
+                sum.checked_add(p.bytes)
+            })
+            .unwrap_or(u64::MAX);
         if described != size {
             return Err(bad(format!(
                 "truncated or corrupt: {size} bytes, its header describes {described}"

@@ -27,6 +27,9 @@ pub fn read_config(run: &Path) -> Result<TrainConfig> {
     if config.settings.dataset.is_none() || config.settings.data_root.is_none() {
         return Err(Error::invalid_file(&path, "no dataset or data_root"));
     }
+    config
+        .validate()
+        .map_err(|m| Error::invalid_file(&path, format!("{m} (the file was changed?)")))?;
     Ok(config)
 }
 

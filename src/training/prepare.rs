@@ -13,7 +13,7 @@ use crate::config::{
 };
 use crate::data::DatasetKind;
 use crate::data::cifar::{self, Cifar10};
-use crate::data::crops::{CROP_SIZE, IMAGE_SIZE, STRIDE};
+use crate::data::crops::{CROP_SIZE, IMAGE_SIZE};
 use crate::data::folder::{Category, FolderDataset};
 use crate::data::mvtec::{self, parse_class_list};
 use crate::output::lock::RunLock;
@@ -135,10 +135,8 @@ pub fn prepare(request: TrainRequest) -> Result<Prepared> {
     }
     // Geometry, scaled from the reference's 224 / 1024 / 200 / 256.
     let image_size = s.image_size;
-    let stride = ((image_size * STRIDE) as f64 / CROP_SIZE as f64).round() as usize;
-    let full_size = image_size + 4 * stride;
+    let (full_size, stride, cifar_resize) = TrainConfig::derived_sizes(image_size);
     debug_assert!(image_size != CROP_SIZE || full_size == IMAGE_SIZE);
-    let cifar_resize = ((image_size * 256) as f64 / CROP_SIZE as f64).round() as usize;
 
     let (data, class_names, class_indices) = open_dataset(dataset, &data_root, &s.classes)?;
     let runner = load_teachers(s, &r.teacher_weights, &r.device)?;
