@@ -556,6 +556,10 @@ fn detect(args: &DetectArgs) -> Result<ExitCode> {
         .iter()
         .filter(|d| matches!(&d.outcome, Ok(s) if s.anomalous))
         .count();
+    let unwritten: Vec<String> = detections
+        .iter()
+        .filter_map(|d| d.outcome.as_ref().ok()?.output_error.clone())
+        .collect();
     let table = out.join(DETECTIONS_FILE);
     match args.format.format {
         Format::Text => {
@@ -590,6 +594,7 @@ fn detect(args: &DetectArgs) -> Result<ExitCode> {
                     "as_rec": s.as_rec,
                     "heatmap": s.heatmap,
                     "residual": s.residual,
+                    "heatmap_error": s.output_error,
                 }),
                 Err(e) => serde_json::json!({"path": d.path, "decision": "error", "error": e}),
             }).collect::<Vec<_>>(),
@@ -597,6 +602,15 @@ fn detect(args: &DetectArgs) -> Result<ExitCode> {
             "unreadable": failed,
             "table": table,
         }))?,
+    }
+    if let Some(first) = unwritten.first() {
+        tracing::error!(
+            "{} heatmap(s) could not be written (first: {first}); the images were scored: \
+             their scores are above and in {}",
+            unwritten.len(),
+            table.display()
+        );
+        return Ok(ExitCode::from(exit::ERROR));
     }
     Ok(if failed > 0 {
         ExitCode::from(exit::UNREADABLE)

@@ -214,6 +214,43 @@ fn every_command_refuses_a_damaged_run_folder_clearly() {
             1,
         ),
     ];
+    // Heatmaps that cannot be written (here `heatmaps` is a file, as a full disk would refuse
+    // them): the image is still scored and reported, and the command fails at the end.
+    let blocked = tmp.path().join("blocked");
+    std::fs::create_dir_all(&blocked).unwrap();
+    std::fs::write(blocked.join("heatmaps"), b"in the way").unwrap();
+    let output = mtad(
+        &[
+            "detect",
+            "--run",
+            clean.to_str().unwrap(),
+            "--class",
+            "grain",
+            "--device",
+            "cpu",
+            "--out",
+            blocked.to_str().unwrap(),
+            image.to_str().unwrap(),
+        ],
+        None,
+    );
+    let (stdout, err) = (
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+    );
+    assert_eq!(output.status.code(), Some(1), "{stdout}{err}");
+    assert!(
+        stdout.contains("000.png") && !stdout.contains("ERROR"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("0 unreadable"), "{stdout}");
+    assert!(err.contains("1 heatmap(s) could not be written"), "{err}");
+    assert!(
+        std::fs::read_to_string(blocked.join("detections.csv"))
+            .unwrap()
+            .contains("000.png")
+    );
+
     for (i, (name, damage, named, at_least)) in cases.into_iter().enumerate() {
         let run = tmp.path().join(format!("damaged-{i}"));
         copy_dir(&clean, &run);

@@ -92,6 +92,9 @@ pub struct Scored {
     pub heatmap: Option<PathBuf>,
     /// The reconstruction-residual heatmap, when asked for.
     pub residual: Option<PathBuf>,
+    /// Why a heatmap of this image could not be written (a full disk...): the image was
+    /// scored all the same, and the command reports it and fails at the end.
+    pub output_error: Option<String>,
 }
 
 /// Which heatmaps `mtad detect` draws.
@@ -267,6 +270,16 @@ impl Detector {
             )));
         }
         let dir = dir.filter(|_| heatmaps != Heatmaps::None);
+        let mut output_error = None;
+        // A heatmap that cannot be written is this command's output problem, not the
+        // image's: the score is kept.
+        let mut written = |out: PathBuf, png: &[u8]| match write_atomic(&out, png) {
+            Ok(()) => Some(out),
+            Err(e) => {
+                output_error.get_or_insert(e.to_string());
+                None
+            }
+        };
         let heatmap = match dir {
             Some(dir) => {
                 let out = dir.join(heatmap_name(path, "heatmap"));
@@ -277,8 +290,7 @@ impl Detector {
                     self.config.settings.image_size,
                     self.threshold,
                 )?;
-                write_atomic(&out, &png)?;
-                Some(out)
+                written(out, &png)
             }
             None => None,
         };
@@ -294,8 +306,7 @@ impl Detector {
                     .try_into_vec::<f32>()
                     .map_err(|e| Error::Training(format!("reading the residual: {e:?}")))?;
                 let png = residual_png(&full, &squared, &offsets, side)?;
-                write_atomic(&out, &png)?;
-                Some(out)
+                written(out, &png)
             }
             None => None,
         };
@@ -308,6 +319,7 @@ impl Detector {
             patch_scores,
             heatmap,
             residual,
+            output_error,
         })
     }
 

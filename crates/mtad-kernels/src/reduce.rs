@@ -54,6 +54,22 @@ pub(crate) fn even_parts(items: usize, count: usize) -> Vec<std::ops::Range<usiz
         .collect()
 }
 
+thread_local! {
+    /// Scratch buffers of this thread, reused across the parts it runs.
+    static SCRATCH: std::cell::RefCell<Vec<Vec<f32>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with a scratch buffer of this thread (its length and content are whatever the last
+/// user left), so that the parts of a [`tree_sum`] do not each allocate (and fault in) their
+/// large patch matrices. Safe when `f` itself waits on rayon and this thread runs another part
+/// meanwhile: that part takes another buffer.
+pub(crate) fn with_scratch<R>(f: impl FnOnce(&mut Vec<f32>) -> R) -> R {
+    let mut buffer = SCRATCH.with(|s| s.borrow_mut().pop()).unwrap_or_default();
+    let result = f(&mut buffer);
+    SCRATCH.with(|s| s.borrow_mut().push(buffer));
+    result
+}
+
 /// How many parts a reduction over the batch is cut into: enough for the threads of large
 /// machines, fixed so that the result does not depend on how many there are.
 pub(crate) const PARTS: usize = 16;

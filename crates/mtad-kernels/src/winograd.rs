@@ -19,7 +19,7 @@
 use rayon::prelude::*;
 
 use super::matmul::matmul;
-use super::reduce::{PARTS, even_parts, tree_sum};
+use super::reduce::{PARTS, even_parts, tree_sum, with_scratch};
 use super::{unwritten, written};
 
 /// The 16 positions of a 4x4 transformed tile.
@@ -174,14 +174,16 @@ pub fn weight_grad(x: &[f32], grad: &[f32], [n, cin, cout, h, w]: [usize; 5]) ->
     // A fixed number of jobs (not one per thread), each summing its blocks into its own
     // [16][Cout][Cin], added in a fixed tree: the same bits on any thread count (`reduce`).
     let jobs = even_parts(blocks.len(), PARTS);
-    let sums = tree_sum(jobs.len(), POSITIONS * pairs, &|j, m: &mut [f32]| {
-        let (mut v, mut g) = (Vec::new(), Vec::new());
-        for rows in &blocks[jobs[j].clone()] {
+    let job = |rows_of_job: &[std::ops::Range<usize>],
+               m: &mut [f32],
+               v: &mut Vec<f32>,
+               g: &mut Vec<f32>| {
+        for rows in rows_of_job {
             let tiles = rows.len() * tw;
             v.resize(POSITIONS * cin * tiles, 0.0);
             g.resize(POSITIONS * cout * tiles, 0.0);
-            transform_inputs(x, &mut v, rows.clone(), [cin, h, w, tiles]);
-            transform_grads(grad, &mut g, rows.clone(), [cout, h, w, tiles]);
+            transform_inputs(x, v, rows.clone(), [cin, h, w, tiles]);
+            transform_grads(grad, g, rows.clone(), [cout, h, w, tiles]);
             for p in 0..POSITIONS {
                 matmul(
                     [cout, cin, tiles],
@@ -195,6 +197,10 @@ pub fn weight_grad(x: &[f32], grad: &[f32], [n, cin, cout, h, w]: [usize; 5]) ->
                 );
             }
         }
+    };
+    let sums = tree_sum(jobs.len(), POSITIONS * pairs, &|j, m: &mut [f32]| {
+        // This thread's scratch buffers: the jobs' transformed tiles are not reallocated.
+        with_scratch(|v| with_scratch(|g| job(&blocks[jobs[j].clone()], m, v, g)))
     });
     let mut dw = vec![0.0f32; pairs * 9];
     dw.par_chunks_mut(cin * 9)
