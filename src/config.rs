@@ -48,7 +48,7 @@ pub struct TrainSettings {
     #[arg(long, default_value = "all")]
     pub classes: String,
     /// Training epochs per class.
-    #[arg(long, default_value_t = 500, value_parser = RangedU64ValueParser::<usize>::new().range(1..))]
+    #[arg(long, default_value_t = 500, value_parser = RangedU64ValueParser::<usize>::new().range(1..=MAX_EPOCHS as u64))]
     pub epochs: usize,
     /// Evaluate (ROC AUC on the test set, keep the best models, checkpoint) every N epochs and
     /// at the last epoch.
@@ -56,7 +56,7 @@ pub struct TrainSettings {
     pub eval_every: usize,
     /// CIFAR-10 batch size for training and evaluation. MVTec/folder batches are always the
     /// reference's 4 images, each giving 16 random crops (64 inputs).
-    #[arg(long, default_value_t = 32, value_parser = RangedU64ValueParser::<usize>::new().range(2..=4096))]
+    #[arg(long, default_value_t = 32, value_parser = RangedU64ValueParser::<usize>::new().range(2..=MAX_BATCH_SIZE as u64))]
     pub batch_size: usize,
     /// Adam learning rate (PyTorch defaults otherwise: betas 0.9/0.999, eps 1e-8).
     #[arg(long, default_value_t = 1e-3)]
@@ -67,7 +67,7 @@ pub struct TrainSettings {
     /// Side of the network inputs. The method uses 224; smaller multiples of 32 (with
     /// --tiny-teachers) make quick CPU trials. MVTec images are resized and cut to scale
     /// (224 -> 1024 images, stride 200; 32 -> 148, stride 29).
-    #[arg(long, default_value_t = 224, value_parser = RangedU64ValueParser::<usize>::new().range(32..=1024))]
+    #[arg(long, default_value_t = 224, value_parser = RangedU64ValueParser::<usize>::new().range(32..=MAX_IMAGE_SIZE as u64))]
     pub image_size: usize,
     /// MVTec/folder: draw N crop offsets per image once and cache their teacher embeddings, so
     /// the teachers never run during training (default: the reference's fresh random crops,
@@ -75,7 +75,7 @@ pub struct TrainSettings {
     #[arg(long, value_name = "N", value_parser = RangedU64ValueParser::<usize>::new().range(1..=MAX_CROP_POOL as u64))]
     pub crop_pool: Option<usize>,
     /// MVTec/folder: random crops per training batch of 4 images (each offset cuts all 4).
-    #[arg(long, default_value_t = CROPS_PER_BATCH, value_parser = RangedU64ValueParser::<usize>::new().range(1..=1024))]
+    #[arg(long, default_value_t = CROPS_PER_BATCH, value_parser = RangedU64ValueParser::<usize>::new().range(1..=MAX_CROPS_PER_BATCH as u64))]
     pub crops_per_batch: usize,
     /// Teachers: `all` (the method), `resnet152` (single-teacher ablation) or `none` (no-teacher
     /// ablation: an autoencoder scored by AS_rec).
@@ -92,6 +92,12 @@ pub struct TrainSettings {
     /// Folder of the teacher-embedding caches, shared by runs.
     #[arg(long, value_name = "DIR", default_value = "models/cache")]
     pub cache_dir: PathBuf,
+    /// Also write a checkpoint every MINUTES of training, at the end of the step where they are
+    /// up (otherwise only at evaluations), so that a kill -9 or a preempted job loses at most
+    /// that much; `--resume` continues from that step. May differ when resuming.
+    #[arg(long, value_name = "MINUTES")]
+    #[serde(default)]
+    pub checkpoint_every: Option<f64>,
 }
 
 impl TrainSettings {
@@ -127,6 +133,7 @@ impl TrainSettings {
             tiny_teachers: true,
             save_model: false,
             cache_dir: cache_dir.to_path_buf(),
+            checkpoint_every: None,
         }
     }
 
@@ -385,6 +392,7 @@ impl TrainConfig {
             c.data_sha256 = String::new();
             c.settings.cache_dir = PathBuf::new();
             c.settings.data_root = None;
+            c.settings.checkpoint_every = None;
         }
         if a == b {
             Ok(())

@@ -6,12 +6,13 @@ use std::path::PathBuf;
 /// Errors of the multi-teacher-ad library.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// Reading or writing a file or folder failed.
-    #[error("{}: {source}", path.display())]
+    /// Reading or writing a file or folder failed. (The system's reason is part of the
+    /// message and not a separate `source`, so that a chain printed by `anyhow` does not say
+    /// it twice.)
+    #[error("{}: {error}", path.display())]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// A file exists but its content is not what it must be (truncated, wrong format or shape).
     #[error("{}: {message}", path.display())]
@@ -47,7 +48,7 @@ impl Error {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
-            source,
+            error: source,
         }
     }
 

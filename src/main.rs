@@ -2,6 +2,7 @@
 //! Results go to standard output (text or `--format json`); logs and progress to standard error.
 
 mod cli;
+mod detect_command;
 mod logging;
 
 use std::path::Path;
@@ -14,8 +15,8 @@ use clap::{ArgMatches, CommandFactory, FromArgMatches};
 use std::io::IsTerminal;
 
 use cli::{
-    Cli, Command, DemoArgs, DemoDataArgs, DetectArgs, DeviceArgs, EnsembleArgs, Format, InferArgs,
-    InspectArgs, ReportArgs, TeacherArgs, TeachersArgs, TrainArgs, exit,
+    Cli, Command, DemoArgs, DemoDataArgs, DeviceArgs, EnsembleArgs, Format, InferArgs, InspectArgs,
+    ReportArgs, TeacherArgs, TeachersArgs, TrainArgs, exit,
 };
 use multi_teacher_ad::{
     config::TrainSettings,
@@ -25,9 +26,7 @@ use multi_teacher_ad::{
         inspect::{inspect_cifar, inspect_folder},
     },
     device::{DeviceChoice, select_device},
-    inference::detect::{Detector, Heatmaps, ScoreColumn},
     inference::ensemble,
-    output::detections::DETECTIONS_FILE,
     output::run_folder::CONFIG_FILE,
     output::tables::eval_table_path,
     students::StudentKind,
@@ -100,7 +99,7 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<ExitCode> {
         Some(Command::Demo(args)) => demo(&args),
         Some(Command::Infer(args)) => infer(&args),
         Some(Command::Ensemble(args)) => ensemble(&args),
-        Some(Command::Detect(args)) => detect(&args),
+        Some(Command::Detect(args)) => detect_command::detect(&args),
         Some(Command::Report(args)) => report(&args),
         Some(Command::Inspect(args)) => inspect(&args),
         Some(Command::Teachers(args)) => teachers(&args),
@@ -225,8 +224,9 @@ fn train_settings(args: &TrainArgs, matches: Option<&ArgMatches>) -> Result<Trai
 }
 
 fn train(args: &TrainArgs, matches: Option<&ArgMatches>) -> Result<ExitCode> {
-    // Ctrl-C and SIGTERM: a checkpoint at the end of the current step, then exit 130/143.
-    interrupt::install();
+    // Ctrl-C and SIGTERM during training: a checkpoint at the end of the current step, then
+    // exit 130/143 (before and between the training loops they end the process at once).
+    interrupt::enable();
     let device = select_device(args.device.device)?;
     tracing::info!("device: {device}");
     let request = TrainRequest {
@@ -517,106 +517,4 @@ fn ensemble(args: &EnsembleArgs) -> Result<ExitCode> {
     );
     println!("wrote {}", path.display());
     Ok(ExitCode::from(exit::SUCCESS))
-}
-
-fn detect(args: &DetectArgs) -> Result<ExitCode> {
-    let device = select_device(args.device.device)?;
-    tracing::info!("device: {device}");
-    let weights = weights_location(&args.teacher_weights);
-    let column = ScoreColumn::parse(&args.column)?;
-    let (detector, default_out) = match (&args.model, &args.run, &args.class) {
-        (Some(model), _, _) => (
-            Detector::from_artifact(model, column, args.threshold, &weights, device.device)
-                .with_context(|| format!("loading {}", model.display()))?,
-            model.parent().unwrap_or(Path::new(".")).join("detect"),
-        ),
-        (None, Some(run), Some(class)) => (
-            Detector::load(run, class, column, args.threshold, &weights, device.device)
-                .with_context(|| format!("loading class {class} of {}", run.display()))?,
-            run.join("detect").join(class),
-        ),
-        _ => anyhow::bail!("give --model FILE, or --run DIR and --class NAME"),
-    };
-    let out = args.out.clone().unwrap_or(default_out);
-    log_to(&out);
-    let threshold_source = if args.threshold.is_some() {
-        "given"
-    } else {
-        "flags about 1% of the normal training images"
-    };
-    tracing::info!("threshold {:.6} ({threshold_source})", detector.threshold);
-    let heatmaps = match (args.no_heatmaps, args.residuals) {
-        (true, _) => Heatmaps::None,
-        (false, false) => Heatmaps::Scores,
-        (false, true) => Heatmaps::ScoresAndResiduals,
-    };
-    let detections = detector.run(&args.paths, &out, heatmaps)?;
-    let failed = detections.iter().filter(|d| d.outcome.is_err()).count();
-    let anomalous = detections
-        .iter()
-        .filter(|d| matches!(&d.outcome, Ok(s) if s.anomalous))
-        .count();
-    let unwritten: Vec<String> = detections
-        .iter()
-        .filter_map(|d| d.outcome.as_ref().ok()?.output_error.clone())
-        .collect();
-    let table = out.join(DETECTIONS_FILE);
-    match args.format.format {
-        Format::Text => {
-            for d in &detections {
-                match &d.outcome {
-                    Ok(s) => println!(
-                        "{:<10} {:>12.6}  {}",
-                        if s.anomalous { "ANOMALOUS" } else { "normal" },
-                        s.score,
-                        d.path.display()
-                    ),
-                    Err(e) => println!("{:<10} {:>12}  {e}", "ERROR", ""),
-                }
-            }
-            println!(
-                "{} images: {anomalous} anomalous, {} normal, {failed} unreadable; wrote {}",
-                detections.len(),
-                detections.len() - anomalous - failed,
-                table.display()
-            );
-        }
-        Format::Json => print_json(&serde_json::json!({
-            "threshold": detector.threshold,
-            "threshold_source": threshold_source,
-            "images": detections.iter().map(|d| match &d.outcome {
-                Ok(s) => serde_json::json!({
-                    "path": d.path,
-                    "decision": if s.anomalous { "anomalous" } else { "normal" },
-                    "score": s.score,
-                    "as_z": s.as_z,
-                    "as_cossim": s.as_cossim,
-                    "as_rec": s.as_rec,
-                    "heatmap": s.heatmap,
-                    "residual": s.residual,
-                    "heatmap_error": s.output_error,
-                }),
-                Err(e) => serde_json::json!({"path": d.path, "decision": "error", "error": e}),
-            }).collect::<Vec<_>>(),
-            "anomalous": anomalous,
-            "unreadable": failed,
-            "table": table,
-        }))?,
-    }
-    if let Some(first) = unwritten.first() {
-        tracing::error!(
-            "{} heatmap(s) could not be written (first: {first}); the images were scored: \
-             their scores are above and in {}",
-            unwritten.len(),
-            table.display()
-        );
-        return Ok(ExitCode::from(exit::ERROR));
-    }
-    Ok(if failed > 0 {
-        ExitCode::from(exit::UNREADABLE)
-    } else if args.fail_on_anomaly && anomalous > 0 {
-        ExitCode::from(exit::ANOMALY)
-    } else {
-        ExitCode::from(exit::SUCCESS)
-    })
 }

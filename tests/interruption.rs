@@ -94,6 +94,31 @@ fn sigterm_mid_epoch_checkpoints_that_step_and_resumes_to_the_same_bytes() {
         );
     }
 
+    // --checkpoint-every: a checkpoint after every step here (its minutes are up at once), so
+    // that a kill (an abort right after step 1 of epoch 2) loses nothing; the resumed run gives
+    // the same bytes again.
+    let periodic = tmp.path().join("periodic");
+    let mut a = args(data, cache, periodic.to_str().unwrap());
+    a.extend(["--checkpoint-every", "0.000001"]);
+    let output = mtad(&a, Some("2:1"));
+    assert!(!output.status.success(), "the abort hook did not fire");
+    let progress = read(&periodic.join("grain/progress.json"));
+    assert!(
+        progress.contains("\"checkpoint_epoch\": 2") && progress.contains("\"steps\": 1"),
+        "{progress}"
+    );
+    let output = mtad(
+        &["train", "--resume", "--out", periodic.to_str().unwrap()],
+        None,
+    );
+    assert!(output.status.success(), "{}", stderr(&output));
+    for file in ["Eval_resnet.csv", "grain/scores_test.csv"] {
+        assert!(
+            read(&straight.join(file)) == read(&periodic.join(file)),
+            "{file} differs after the periodic checkpoint and resume"
+        );
+    }
+
     // Data that changed since the run started is refused (one training image replaced).
     let damaged = tmp.path().join("damaged");
     stopped_run(data, cache, &damaged);

@@ -73,7 +73,12 @@ pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
 /// Reads a JSON file; errors name the file.
 pub fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
     let text = fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_str(&text).map_err(|e| Error::invalid_file(path, e.to_string()))
+    serde_json::from_str(&text).map_err(|e| {
+        Error::invalid_file(
+            path,
+            format!("not what mtad wrote ({e}): the file is damaged or was edited"),
+        )
+    })
 }
 
 /// Writes `bytes` to `path` atomically, creating the parent folder if needed.

@@ -3,7 +3,7 @@
 //! 143 for SIGTERM, the shell's convention); `--resume` then continues from that step and
 //! reaches the same numbers as an uninterrupted run. A second signal ends the process at once.
 //!
-//! The binary installs the handler ([`install`]); the library only reads the request.
+//! The binary enables it ([`enable`]); the training loop installs the handler while it runs.
 
 use std::sync::atomic::{AtomicI32, Ordering};
 
@@ -41,8 +41,36 @@ pub const SIGINT: i32 = 2;
 /// SIGTERM's number.
 pub const SIGTERM: i32 = 15;
 
+static ENABLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Makes training catch SIGINT and SIGTERM while its loop runs ([`arm`] / [`disarm`]); outside
+/// the loop (reading data, filling the teacher cache, which writes atomically) the signals
+/// keep their default and end the process at once. The binary calls this for `train`.
+pub fn enable() {
+    ENABLED.store(true, Ordering::SeqCst);
+}
+
+/// Installs the handler, if [`enable`]d: the training loop starts.
+pub fn arm() {
+    if ENABLED.load(Ordering::SeqCst) {
+        install();
+    }
+}
+
+/// Restores the default disposition, if [`enable`]d: the training loop ended.
+pub fn disarm() {
+    #[cfg(unix)]
+    if ENABLED.load(Ordering::SeqCst) {
+        // SAFETY: restoring the default disposition.
+        unsafe {
+            libc::signal(libc::SIGINT, libc::SIG_DFL);
+            libc::signal(libc::SIGTERM, libc::SIG_DFL);
+        }
+    }
+}
+
 /// Installs the handler of SIGINT and SIGTERM (Unix; elsewhere the default stays).
-pub fn install() {
+fn install() {
     #[cfg(unix)]
     {
         extern "C" fn handler(signal: libc::c_int) {

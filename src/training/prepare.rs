@@ -114,6 +114,13 @@ pub fn prepare(request: TrainRequest) -> Result<Prepared> {
             s.image_size
         )));
     }
+    if let Some(m) = s.checkpoint_every
+        && !(m.is_finite() && m > 0.0)
+    {
+        return Err(invalid(format!(
+            "--checkpoint-every {m}: a positive number of minutes"
+        )));
+    }
     if s.crops_per_batch == 0 || s.crops_per_batch > MAX_CROPS_PER_BATCH {
         return Err(invalid(format!(
             "--crops-per-batch {}: from 1 to {MAX_CROPS_PER_BATCH}",

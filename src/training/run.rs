@@ -274,6 +274,10 @@ impl Prepared {
             resume_partial: progress_partial,
             skip,
             items_per_step,
+            checkpoint_every: c
+                .settings
+                .checkpoint_every
+                .map(|m| std::time::Duration::from_secs_f64(m * 60.0)),
         };
         let label = format!("class {name}, student {}", c.settings.student);
         let mut training = SupervisedTraining::new(dir.join("burn"), train_loader, test_loader)

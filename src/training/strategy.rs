@@ -278,6 +278,9 @@ pub struct EvalEveryStrategy {
     pub skip: Arc<AtomicUsize>,
     /// Items per training step (the batch size).
     pub items_per_step: usize,
+    /// `--checkpoint-every`: a checkpoint at the end of the step where this much training
+    /// time has passed since the last one.
+    pub checkpoint_every: Option<Duration>,
 }
 
 impl EvalEveryStrategy {
@@ -334,6 +337,16 @@ impl SupervisedLearningStrategy<MtadModel> for EvalEveryStrategy {
         let inference_device = self.device.clone().inner();
 
         let signal_at = signal_point();
+        // Signals checkpoint the current step from here to the end of the loop.
+        interrupt::arm();
+        struct Disarm;
+        impl Drop for Disarm {
+            fn drop(&mut self) {
+                interrupt::disarm();
+            }
+        }
+        let _disarm = Disarm;
+        let mut last_checkpoint = Instant::now();
         // A checkpoint taken in the middle of epoch E is saved as E's; Burn then starts at E + 1,
         // and the loop goes back to finish E from the step after the stop.
         let mut partial = self
@@ -415,6 +428,24 @@ impl SupervisedLearningStrategy<MtadModel> for EvalEveryStrategy {
                         Some(learner.lr_current()),
                     ),
                 )));
+                if self
+                    .checkpoint_every
+                    .is_some_and(|every| last_checkpoint.elapsed() >= every)
+                {
+                    sums.seconds = started.elapsed().as_secs_f64();
+                    if let Err(e) = self.checkpoint_now(
+                        &learner,
+                        &mut checkpointer,
+                        &components.event_store,
+                        epoch,
+                        Some(sums.partial(epoch)),
+                    ) {
+                        self.fail(&interrupter, e);
+                        break 'epochs;
+                    }
+                    tracing::debug!("checkpoint after step {iteration} of epoch {epoch}");
+                    last_checkpoint = Instant::now();
+                }
                 if abort_at == Some((epoch, iteration)) {
                     tracing::warn!("{ABORT_ENV}: aborting at epoch {epoch}, step {iteration}");
                     std::process::abort();
@@ -499,6 +530,7 @@ impl SupervisedLearningStrategy<MtadModel> for EvalEveryStrategy {
                     self.fail(&interrupter, e);
                     break 'epochs;
                 }
+                last_checkpoint = Instant::now();
             } else {
                 drop(session);
             }
