@@ -6,7 +6,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{demo_data, mtad_env, read};
+use common::{assert_same_files, demo_data, mtad_env};
 
 /// Runs `train` with `args` and `--out DIR` on `threads` threads.
 fn train(args: &[&str], out: &Path, threads: &str) {
@@ -20,24 +20,25 @@ fn train(args: &[&str], out: &Path, threads: &str) {
     );
 }
 
-/// The tables and every class's score files of two runs are the same bytes.
-fn assert_same_results(a: &Path, b: &Path, classes: &[&str]) {
-    let mut files = vec![
-        "Eval_resnet.csv".to_string(),
-        "finTS_resnet.csv".to_string(),
-    ];
-    for class in classes {
-        files.push(format!("{class}/scores_test.csv"));
-        files.push(format!("{class}/scores_train.csv"));
-    }
-    for file in files {
-        assert!(
-            read(&a.join(&file)) == read(&b.join(&file)),
-            "{file} differs between {} and {}",
-            a.display(),
-            b.display()
-        );
-    }
+/// The tables and the class's score files of two runs are the same bytes.
+fn assert_same_results(a: &Path, b: &Path, class: &str) {
+    let (test, train) = (
+        format!("{class}/scores_test.csv"),
+        format!("{class}/scores_train.csv"),
+    );
+    let files = ["Eval_resnet.csv", "finTS_resnet.csv", &test, &train];
+    assert_same_files(a, b, &files);
+}
+
+/// `train` with `dataset` options: three epochs, an evaluation after each, tiny teachers,
+/// 32-pixel inputs, seed 3.
+fn quick<'a>(dataset: &[&'a str], cache: &'a Path) -> Vec<&'a str> {
+    let mut args = vec!["train"];
+    args.extend(dataset);
+    args.extend(["--epochs", "3", "--eval-every", "1", "--image-size", "32"]);
+    args.extend(["--tiny-teachers", "--device", "cpu", "--seed", "3", "-q"]);
+    args.extend(["--cache-dir", cache.to_str().unwrap()]);
+    args
 }
 
 #[test]
@@ -47,29 +48,18 @@ fn crops_give_the_same_bytes_on_any_thread_count() {
     let cache = tmp.path().join("cache");
     // 64 crops per step (the reference's batch) and three epochs: before the reductions were
     // ordered, runs parted from the third step on.
-    let args = [
-        "train",
-        "--dataset",
-        "folder",
-        "--data-root",
-        data.to_str().unwrap(),
-        "--classes",
-        "grain",
-        "--epochs",
-        "3",
-        "--eval-every",
-        "1",
-        "--image-size",
-        "32",
-        "--tiny-teachers",
-        "--device",
-        "cpu",
-        "--seed",
-        "3",
-        "--cache-dir",
-        cache.to_str().unwrap(),
-        "-q",
-    ];
+    let data = data.to_str().unwrap();
+    let args = quick(
+        &[
+            "--dataset",
+            "folder",
+            "--data-root",
+            data,
+            "--classes",
+            "grain",
+        ],
+        &cache,
+    );
     let (one, three, again) = (
         tmp.path().join("one"),
         tmp.path().join("three"),
@@ -78,8 +68,8 @@ fn crops_give_the_same_bytes_on_any_thread_count() {
     train(&args, &one, "1");
     train(&args, &three, "3");
     train(&args, &again, "3");
-    assert_same_results(&one, &three, &["grain"]);
-    assert_same_results(&three, &again, &["grain"]);
+    assert_same_results(&one, &three, "grain");
+    assert_same_results(&three, &again, "grain");
 }
 
 #[test]
@@ -87,33 +77,19 @@ fn cifar_gives_the_same_bytes_on_any_thread_count() {
     let tmp = tempfile::tempdir().unwrap();
     let cifar = common::repo().join("tests/fixtures/cifar");
     let cache = tmp.path().join("cache");
-    let args = [
-        "train",
+    let cifar = cifar.to_str().unwrap();
+    let dataset = [
         "--dataset",
         "cifar10",
         "--data-root",
-        cifar.to_str().unwrap(),
+        cifar,
         "--classes",
         "airplane",
-        "--batch-size",
-        "2",
-        "--epochs",
-        "3",
-        "--eval-every",
-        "1",
-        "--image-size",
-        "32",
-        "--tiny-teachers",
-        "--device",
-        "cpu",
-        "--seed",
-        "3",
-        "--cache-dir",
-        cache.to_str().unwrap(),
-        "-q",
     ];
+    let mut args = quick(&dataset, &cache);
+    args.extend(["--batch-size", "2"]);
     let (one, three) = (tmp.path().join("one"), tmp.path().join("three"));
     train(&args, &one, "1");
     train(&args, &three, "3");
-    assert_same_results(&one, &three, &["airplane"]);
+    assert_same_results(&one, &three, "airplane");
 }

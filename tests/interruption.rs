@@ -7,7 +7,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{demo_data, mtad, mtad_env, read};
+use common::{assert_same_files, demo_data, mtad, mtad_env, read};
 
 fn args<'a>(data: &'a str, cache: &'a str, out: &'a str) -> Vec<&'a str> {
     vec![
@@ -82,17 +82,13 @@ fn sigterm_mid_epoch_checkpoints_that_step_and_resumes_to_the_same_bytes() {
         err.contains("resuming from the checkpoint of epoch 2, after its step 1"),
         "{err}"
     );
-    for file in [
+    let results = [
         "Eval_resnet.csv",
         "finTS_resnet.csv",
         "grain/scores_test.csv",
         "grain/scores_train.csv",
-    ] {
-        assert!(
-            read(&straight.join(file)) == read(&stopped.join(file)),
-            "{file} differs after the stop and resume"
-        );
-    }
+    ];
+    assert_same_files(&straight, &stopped, &results);
 
     // --checkpoint-every: a checkpoint after every step here (its minutes are up at once), so
     // that a kill (an abort right after step 1 of epoch 2) loses nothing; the resumed run gives
@@ -112,12 +108,7 @@ fn sigterm_mid_epoch_checkpoints_that_step_and_resumes_to_the_same_bytes() {
         None,
     );
     assert!(output.status.success(), "{}", stderr(&output));
-    for file in ["Eval_resnet.csv", "grain/scores_test.csv"] {
-        assert!(
-            read(&straight.join(file)) == read(&periodic.join(file)),
-            "{file} differs after the periodic checkpoint and resume"
-        );
-    }
+    assert_same_files(&straight, &periodic, &results);
 
     // Data that changed since the run started is refused (one training image replaced).
     let damaged = tmp.path().join("damaged");

@@ -339,17 +339,13 @@ fn a_killed_run_resumes_to_the_same_results() {
         log.contains("resuming from the checkpoint of epoch 2"),
         "{log}"
     );
-    for file in [
+    let results = [
         "Eval_resnet.csv",
         "finTS_resnet.csv",
         "grain/scores_test.csv",
         "grain/scores_train.csv",
-    ] {
-        assert!(
-            read(&straight.join(file)) == read(&killed.join(file)),
-            "{file} differs after resuming"
-        );
-    }
+    ];
+    common::assert_same_files(&straight, &killed, &results);
     assert!(!killed.join("grain/checkpoint").exists());
 
     // Resuming with other settings is refused.

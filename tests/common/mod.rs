@@ -144,3 +144,16 @@ pub fn mtad_env(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
     cmd.args(args).envs(env.iter().copied());
     cmd.output().unwrap()
 }
+
+/// Asserts that each of `files` (paths relative to the run folders) has the same bytes in `a`
+/// and in `b`.
+pub fn assert_same_files(a: &Path, b: &Path, files: &[&str]) {
+    for file in files {
+        assert!(
+            read(&a.join(file)) == read(&b.join(file)),
+            "{file} differs between {} and {}",
+            a.display(),
+            b.display()
+        );
+    }
+}
