@@ -1,10 +1,12 @@
 //! Anomaly scores and their evaluation (METHOD.md, "Scores and evaluation").
 
 pub mod evaluation;
+pub mod metrics;
 pub mod pixel;
 pub mod roc_auc;
 pub mod threshold;
 
+pub use metrics::{average_precision, f1_max, rates_at};
 pub use roc_auc::{roc_auc, roc_curve};
 
 /// One weighting of the three raw scores: `r1 * AS_z + r2 * AS_cossim + r3 * AS_rec`.
