@@ -83,12 +83,14 @@ pub enum Command {
     /// and the leakage-free nor; writes `<out>/eval_<dataset>.csv`.
     Ensemble(EnsembleArgs),
     /// Score new images with a trained class: per image the score (default the leakage-free
-    /// nor), a decision against a threshold calibrated on normal training images only, the raw
-    /// scores, and a heatmap PNG of the patch scores over the image.
+    /// nor), a decision against a threshold calibrated on held-out normal images at a
+    /// false-positive rate, the raw scores, a heatmap PNG of the patch scores over the image
+    /// and, with --masks, a binary defect mask.
     Detect(DetectArgs),
-    /// Summarise a trained run: per-class ROC curves (PNG) and a Markdown report with the
-    /// oracle and leakage-free AUCs side by side, the pixel AUROC where masks exist, and the
-    /// reference's published numbers next to ours.
+    /// Summarise a trained run: per-class ROC curves and score histograms (PNG) and a
+    /// Markdown report with both protocols' AUCs side by side (reference oracle, label-free
+    /// nor), AUPR, F1-max, pixel AUROC and AUPRO where masks exist, AUROC per defect type, the
+    /// test FPR and TPR at each threshold, and the reference's published numbers next to ours.
     Report(ReportArgs),
     /// The CPU demo: write the procedural dataset, train all three students for a few epochs
     /// with the tiny teachers at 32x32, print the AUC table (also what `mtad` with no arguments
@@ -250,10 +252,19 @@ pub struct DetectArgs {
     /// Eval_<student>.csv (AS_z, AS_cossim, AS_rec, mix_z0.5_cos0.2_rec0.3, ...).
     #[arg(long, default_value = "nor")]
     pub column: String,
-    /// Decision threshold: scores above it are anomalous. Default: the score that about 1% of
-    /// the class's normal training images exceed.
-    #[arg(long)]
+    /// Decision threshold: scores above it are anomalous. Default: the one calibrated at
+    /// training (the score that --fpr of the held-out normal images exceed).
+    #[arg(long, conflicts_with = "fpr")]
     pub threshold: Option<f64>,
+    /// Move the operating point: the threshold becomes the score that this share of the
+    /// class's calibration images (its held-out normals, stored in model.mtad) exceed.
+    #[arg(long, value_name = "RATE")]
+    pub fpr: Option<f64>,
+    /// Also write, per image, a binary mask PNG (white: anomalous pixels) at the image's own
+    /// size into masks/: the heatmap above a pixel threshold calibrated on the held-out
+    /// normals' heatmaps at the same false-positive rate (share of normal pixels flagged).
+    #[arg(long)]
+    pub masks: bool,
     /// Folder for detections.csv and heatmaps/ (default: <run>/detect/<class>, or
     /// detect/ beside --model).
     #[arg(long, value_name = "DIR")]

@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use super::cli::{DetectArgs, Format, exit};
 use super::{log_to, print_json, weights_location};
 use multi_teacher_ad::device::select_device;
-use multi_teacher_ad::inference::detect::{Detector, Heatmaps, ScoreColumn};
+use multi_teacher_ad::inference::detect::{Detector, Heatmaps, ScoreColumn, ThresholdChoice};
 use multi_teacher_ad::output::detections::DETECTIONS_FILE;
 
 pub fn detect(args: &DetectArgs) -> Result<ExitCode> {
@@ -17,27 +17,40 @@ pub fn detect(args: &DetectArgs) -> Result<ExitCode> {
     tracing::info!("device: {device}");
     let weights = weights_location(&args.teacher_weights);
     let column = ScoreColumn::parse(&args.column)?;
-    let (detector, default_out) = match (&args.model, &args.run, &args.class) {
+    let choice = ThresholdChoice {
+        threshold: args.threshold,
+        fpr: args.fpr,
+    };
+    let (mut detector, default_out) = match (&args.model, &args.run, &args.class) {
         (Some(model), _, _) => (
-            Detector::from_artifact(model, column, args.threshold, &weights, device.device)
+            Detector::from_artifact(model, column, choice, &weights, device.device)
                 .with_context(|| format!("loading {}", model.display()))?,
             model.parent().unwrap_or(Path::new(".")).join("detect"),
         ),
         (None, Some(run), Some(class)) => (
-            Detector::load(run, class, column, args.threshold, &weights, device.device)
+            Detector::load(run, class, column, choice, &weights, device.device)
                 .with_context(|| format!("loading class {class} of {}", run.display()))?,
             run.join("detect").join(class),
         ),
         _ => anyhow::bail!("give --model FILE, or --run DIR and --class NAME"),
     };
+    if args.masks && detector.pixel_threshold.is_none() {
+        anyhow::bail!(
+            "--masks needs a model of image patches (MVTec or folder data): a CIFAR-10 model \
+             scores each image whole"
+        );
+    }
+    detector.masks = args.masks;
     let out = args.out.clone().unwrap_or(default_out);
     log_to(&out);
-    let threshold_source = if args.threshold.is_some() {
-        "given"
-    } else {
-        "flags about 1% of the normal training images"
+    let threshold_source = match &detector.operating_point {
+        None => "given".to_string(),
+        Some((rate, on)) => format!("flags {rate} of the {on}"),
     };
     tracing::info!("threshold {:.6} ({threshold_source})", detector.threshold);
+    if let Some(note) = &detector.calibration_note {
+        tracing::warn!("threshold: {note}");
+    }
     let heatmaps = match (args.no_heatmaps, args.residuals) {
         (true, _) => Heatmaps::None,
         (false, false) => Heatmaps::Scores,
@@ -77,6 +90,7 @@ pub fn detect(args: &DetectArgs) -> Result<ExitCode> {
         Format::Json => print_json(&serde_json::json!({
             "threshold": detector.threshold,
             "threshold_source": threshold_source,
+            "threshold_note": detector.calibration_note,
             "images": detections.iter().map(|d| match &d.outcome {
                 Ok(s) => serde_json::json!({
                     "path": d.path,
@@ -87,6 +101,7 @@ pub fn detect(args: &DetectArgs) -> Result<ExitCode> {
                     "as_rec": s.as_rec,
                     "heatmap": s.heatmap,
                     "residual": s.residual,
+                    "mask": s.mask,
                     "heatmap_error": s.output_error,
                 }),
                 Err(e) => serde_json::json!({"path": d.path, "decision": "error", "error": e}),

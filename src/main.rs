@@ -28,7 +28,7 @@ use multi_teacher_ad::{
     device::{DeviceChoice, select_device},
     inference::ensemble,
     output::run_folder::CONFIG_FILE,
-    output::tables::eval_table_path,
+    output::tables::{EvalRow, eval_table_path},
     students::StudentKind,
     teachers::{
         GET_REAL_TEACHERS, TeacherSize, WeightsLocation,
@@ -260,46 +260,63 @@ fn log_to(dir: &Path) {
     }
 }
 
+/// A number to 4 places, or `-` where it does not exist.
+fn shown(v: Option<f64>) -> String {
+    v.map_or("-".into(), |v| format!("{v:.4}"))
+}
+
+/// The mean of the values that exist.
+fn mean_of(values: impl Iterator<Item = Option<f64>>) -> Option<f64> {
+    let v: Vec<f64> = values.flatten().collect();
+    (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+}
+
 fn print_summary(summary: &RunSummary) {
+    let protocol = summary.config.protocol();
     println!(
-        "\n{} student, {} classes, {:.0} s: image ROC AUC of each class's best evaluation",
+        "\n{} student, {} classes, {:.0} s, {} protocol (deployed: {}): image ROC AUC",
         summary.config.settings.student,
         summary.classes.len(),
-        summary.seconds
+        summary.seconds,
+        protocol.name(),
+        protocol.selection()
     );
     println!(
-        "{:<14} {:>6} {:>10} {:>10}",
-        "class", "epoch", "oracle", "nor"
+        "{:<14} {:>9} {:>22} {:>22}",
+        "class", "deployed", "oracle (reference)", "nor (label-free)"
     );
+    let at = |v: Option<(usize, f64)>| v.map_or("-".into(), |(e, a)| format!("{a:.4} @ {e}"));
     for c in &summary.classes {
         println!(
-            "{:<14} {:>6} {:>10.4} {:>10.4}",
+            "{:<14} {:>9} {:>22} {:>22}",
             c.name,
-            c.best_epoch,
-            c.evaluation.oracle().0,
-            c.evaluation.nor
+            c.deployed_epoch,
+            at(c.side_by_side.reference),
+            at(c.side_by_side.label_free)
         );
     }
-    let n = summary.classes.len().max(1) as f64;
-    let mean_oracle: f64 = summary
-        .classes
-        .iter()
-        .map(|c| c.evaluation.oracle().0)
-        .sum::<f64>()
-        / n;
-    let mean_nor: f64 = summary
-        .classes
-        .iter()
-        .map(|c| c.evaluation.nor)
-        .sum::<f64>()
-        / n;
     println!(
-        "{:<14} {:>6} {:>10.4} {:>10.4}",
-        "mean", "", mean_oracle, mean_nor
+        "{:<14} {:>9} {:>22} {:>22}",
+        "mean",
+        "",
+        shown(mean_of(
+            summary
+                .classes
+                .iter()
+                .map(|c| Some(c.side_by_side.reference?.1))
+        )),
+        shown(mean_of(
+            summary
+                .classes
+                .iter()
+                .map(|c| Some(c.side_by_side.label_free?.1))
+        ))
     );
     println!(
-        "oracle = max over the 69 score columns (the reference protocol, picks the column with \
-         the test labels); nor = leakage-free (normalised on normal training data only)"
+        "oracle = max over the 69 score columns at the evaluation with the best one (the \
+         reference protocol: test labels choose both); nor = leakage-free score at the last \
+         evaluation (no test label chooses anything); '-': the test set lacks good or defect \
+         images"
     );
     print_teacher_counts(std::slice::from_ref(summary));
     println!("results: {}", summary.out.display());
@@ -388,8 +405,8 @@ fn demo(args: &DemoArgs) -> Result<ExitCode> {
         summaries.push(summary);
     }
     println!(
-        "\nDemo results: image ROC AUC per category, oracle (reference protocol) / nor \
-         (leakage-free), best of {epochs} epochs"
+        "\nDemo results: image ROC AUC per category, oracle (reference protocol: best of the \
+         evaluations) / nor (label-free: the last evaluation), {epochs} epochs"
     );
     print!("{:<10}", "category");
     for s in &summaries {
@@ -405,21 +422,18 @@ fn demo(args: &DemoArgs) -> Result<ExitCode> {
         };
         print!("{label:<10}");
         for s in &summaries {
+            let side = |c: &multi_teacher_ad::training::run::ClassResult| c.side_by_side;
             let (oracle, nor) = if i < rows {
-                let e = &s.classes[i].evaluation;
-                (e.oracle().0, e.nor)
+                let c = side(&s.classes[i]);
+                (c.reference.map(|r| r.1), c.label_free.map(|r| r.1))
             } else {
-                let n = s.classes.len() as f64;
                 (
-                    s.classes
-                        .iter()
-                        .map(|c| c.evaluation.oracle().0)
-                        .sum::<f64>()
-                        / n,
-                    s.classes.iter().map(|c| c.evaluation.nor).sum::<f64>() / n,
+                    mean_of(s.classes.iter().map(|c| Some(side(c).reference?.1))),
+                    mean_of(s.classes.iter().map(|c| Some(side(c).label_free?.1))),
                 )
             };
-            print!(" {:>19}", format!("{oracle:.3} / {nor:.3}"));
+            let (oracle, nor) = (shown(oracle), shown(nor));
+            print!(" {:>19}", format!("{oracle} / {nor}"));
         }
         println!();
     }
@@ -458,26 +472,30 @@ fn infer(args: &InferArgs) -> Result<ExitCode> {
         tracing::warn!("NOTE: {note}");
     }
     let rows = prepared.infer()?;
-    let n = rows.len().max(1) as f64;
-    let mean_oracle = rows.iter().map(|r| r.evaluation.oracle().0).sum::<f64>() / n;
-    let mean_nor = rows.iter().map(|r| r.evaluation.nor).sum::<f64>() / n;
+    let oracle = |r: &EvalRow| r.evaluation.as_ref().map(|e| e.oracle().0);
+    let nor = |r: &EvalRow| r.evaluation.as_ref().map(|e| e.nor);
+    let mean_oracle = mean_of(rows.iter().map(oracle));
+    let mean_nor = mean_of(rows.iter().map(nor));
     let path = eval_table_path(&args.run.join("infer"), prepared.config.settings.student);
     match args.format.format {
         Format::Text => {
             for r in &rows {
                 println!(
-                    "{:<14} oracle {:.4}, nor {:.4}{}",
+                    "{:<14} oracle {}, nor {}{}",
                     r.name,
-                    r.evaluation.oracle().0,
-                    r.evaluation.nor,
+                    shown(oracle(r)),
+                    shown(nor(r)),
                     r.evaluation
-                        .pixel_nor
+                        .as_ref()
+                        .and_then(|e| e.pixel_nor)
                         .map_or(String::new(), |p| format!(", pixel AUROC (nor) {p:.4}"))
                 );
             }
             println!(
-                "mean of {} classes: oracle {mean_oracle:.4}, nor {mean_nor:.4}",
-                rows.len()
+                "mean of {} classes: oracle {}, nor {}",
+                rows.len(),
+                shown(mean_oracle),
+                shown(mean_nor)
             );
             println!("wrote {}", path.display());
         }
@@ -486,9 +504,9 @@ fn infer(args: &InferArgs) -> Result<ExitCode> {
                 "index": r.index,
                 "name": r.name,
                 "epoch": r.epoch,
-                "oracle": r.evaluation.oracle().0,
-                "nor": r.evaluation.nor,
-                "pixel_nor": r.evaluation.pixel_nor,
+                "oracle": oracle(r),
+                "nor": nor(r),
+                "pixel_nor": r.evaluation.as_ref().and_then(|e| e.pixel_nor),
             })).collect::<Vec<_>>(),
             "mean": {"oracle": mean_oracle, "nor": mean_nor},
             "table": path,
@@ -499,21 +517,22 @@ fn infer(args: &InferArgs) -> Result<ExitCode> {
 
 fn ensemble(args: &EnsembleArgs) -> Result<ExitCode> {
     let (rows, path) = ensemble::ensemble(&args.runs, &args.out)?;
+    let oracle = |r: &EvalRow| r.evaluation.as_ref().map(|e| e.oracle().0);
+    let nor = |r: &EvalRow| r.evaluation.as_ref().map(|e| e.nor);
     println!("{:<14} {:>10} {:>10}", "class", "oracle", "nor");
     for r in &rows {
         println!(
-            "{:<14} {:>10.4} {:>10.4}",
+            "{:<14} {:>10} {:>10}",
             r.name,
-            r.evaluation.oracle().0,
-            r.evaluation.nor
+            shown(oracle(r)),
+            shown(nor(r))
         );
     }
-    let n = rows.len().max(1) as f64;
     println!(
-        "{:<14} {:>10.4} {:>10.4}",
+        "{:<14} {:>10} {:>10}",
         "mean",
-        rows.iter().map(|r| r.evaluation.oracle().0).sum::<f64>() / n,
-        rows.iter().map(|r| r.evaluation.nor).sum::<f64>() / n
+        shown(mean_of(rows.iter().map(oracle))),
+        shown(mean_of(rows.iter().map(nor)))
     );
     println!("wrote {}", path.display());
     Ok(ExitCode::from(exit::SUCCESS))

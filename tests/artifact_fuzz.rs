@@ -15,7 +15,7 @@ use proptest::prelude::*;
 use sha2::{Digest, Sha256};
 
 use common::{demo_data, request, run};
-use multi_teacher_ad::inference::detect::{Detector, Heatmaps, ScoreColumn};
+use multi_teacher_ad::inference::detect::{Detector, Heatmaps, ScoreColumn, ThresholdChoice};
 use multi_teacher_ad::output::artifact::Artifact;
 use multi_teacher_ad::teachers::WeightsLocation;
 
@@ -55,13 +55,17 @@ fn use_model(path: &Path, full: bool) {
     if !full {
         return;
     }
-    if let Ok(detector) = Detector::from_artifact(
+    if let Ok(mut detector) = Detector::from_artifact(
         path,
         ScoreColumn::Nor,
-        None,
+        ThresholdChoice {
+            threshold: None,
+            fpr: Some(0.05),
+        },
         &WeightsLocation::Build,
         Device::flex(),
     ) {
+        detector.masks = true;
         let _ = detector.score(&seed().1, Heatmaps::Scores, Some(seed().2.path()));
     }
     let _ = std::fs::remove_file(path);

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use burn::prelude::*;
 use common::{demo_data, mtad, read, request, rows, run};
-use multi_teacher_ad::inference::detect::{Detector, Heatmaps, ScoreColumn};
+use multi_teacher_ad::inference::detect::{Detector, Heatmaps, ScoreColumn, ThresholdChoice};
 use multi_teacher_ad::inference::ensemble;
 use multi_teacher_ad::output::artifact::Artifact;
 use multi_teacher_ad::teachers::WeightsLocation;
@@ -30,9 +30,10 @@ fn the_ensemble_combines_runs() {
     // nor keep the run's own AUCs.
     let same = [runs[0].clone(), runs[0].clone()];
     let (same_rows, _) = ensemble::ensemble(&same, &tmp.path().join("same")).unwrap();
-    let own = &first.classes[0].evaluation;
-    assert_eq!(same_rows[0].evaluation.aucs[..3], own.aucs[..3]);
-    assert_eq!(same_rows[0].evaluation.nor, own.nor);
+    let own = first.classes[0].evaluation.as_ref().unwrap();
+    let same_eval = same_rows[0].evaluation.as_ref().unwrap();
+    assert_eq!(same_eval.aucs[..3], own.aucs[..3]);
+    assert_eq!(same_eval.nor, own.nor);
 
     let (ens_rows, path) = ensemble::ensemble(&runs, &tmp.path().join("ens")).unwrap();
     assert_eq!(ens_rows.len(), 1);
@@ -58,7 +59,10 @@ fn detect_scores_new_images_like_the_evaluation() {
             &out,
             "weave",
             ScoreColumn::Nor,
-            threshold,
+            ThresholdChoice {
+                threshold,
+                fpr: None,
+            },
             &WeightsLocation::Build,
             Device::flex(),
         )
@@ -86,8 +90,8 @@ fn detect_scores_new_images_like_the_evaluation() {
     // (scores_test.csv holds the best evaluation's per-patch scores).
     let artifact = Artifact::read(&out.join("weave/model.mtad")).unwrap();
     let (min, max) = (
-        artifact.header.best.normaliser.min,
-        artifact.header.best.normaliser.max,
+        artifact.header.deployed.normaliser.min,
+        artifact.header.deployed.normaliser.max,
     );
     let scores = read(&out.join("weave/scores_test.csv"));
     for d in &found[..4] {
@@ -127,7 +131,7 @@ fn detect_scores_new_images_like_the_evaluation() {
     let alone = Detector::from_artifact(
         &moved,
         ScoreColumn::Nor,
-        None,
+        ThresholdChoice::default(),
         &WeightsLocation::Build,
         Device::flex(),
     )
@@ -161,7 +165,10 @@ fn detect_scores_new_images_like_the_evaluation() {
         let loaded = Detector::from_artifact(
             path,
             ScoreColumn::Nor,
-            threshold,
+            ThresholdChoice {
+                threshold,
+                fpr: None,
+            },
             &WeightsLocation::Build,
             Device::flex(),
         );
@@ -199,7 +206,7 @@ fn detect_scores_new_images_like_the_evaluation() {
         &out,
         "grain",
         ScoreColumn::Nor,
-        None,
+        ThresholdChoice::default(),
         &WeightsLocation::Build,
         Device::flex(),
     )
@@ -220,19 +227,36 @@ fn detect_scores_new_images_like_the_evaluation() {
         String::from_utf8_lossy(&done.stderr)
     );
     let report = read(&out.join("report/report.md"));
-    let e = &artifact.header.best.evaluation;
+    // One evaluation: both protocols choose it.
+    let e = artifact.header.deployed.evaluation.as_ref().unwrap();
+    let epoch = artifact.header.deployed.epoch;
     let row = format!(
-        "| weave | {} | {:.4} | {} | {:.4} | {:.4} | [roc](roc_weave.png) |",
-        artifact.header.best.epoch,
+        "| weave | {epoch} | {:.4} | {epoch} | {:.4} | {epoch} | {:.4} | {:.4} | {:.4} | {:.4} \
+         | [roc](roc_weave.png) |",
         e.oracle().0,
-        multi_teacher_ad::scoring::evaluation::column_names()[e.oracle().1],
         e.nor,
-        e.pixel_nor.unwrap()
+        e.aupr.unwrap(),
+        e.f1_max.unwrap(),
+        e.pixel_nor.unwrap(),
+        e.pixel_aupro.unwrap()
     );
     assert!(report.contains(&row), "{row}\n{report}");
     assert!(report.contains("TINY RANDOM TEACHERS"), "{report}");
     assert!(
         report.contains("no published numbers for a folder dataset"),
+        "{report}"
+    );
+    assert!(report.contains("[histogram](hist_weave.png)"), "{report}");
+    assert!(image::open(out.join("report/hist_weave.png")).is_ok());
+    // The decision at the threshold, with its test rates.
+    let decision = artifact.header.deployed.decision.as_ref().unwrap();
+    let rate = |v: Option<f64>| format!("{:.1}%", v.unwrap() * 100.0);
+    assert!(
+        report.contains(&format!(
+            "| {} | {} | [histogram]",
+            rate(decision.test_fpr),
+            rate(decision.test_tpr)
+        )),
         "{report}"
     );
     let roc = image::open(out.join("report/roc_weave.png")).unwrap();

@@ -101,7 +101,7 @@ fn a_run_writes_its_directory_and_reuses_the_teacher_cache() {
     // x 2 batches x 16 random crops (4 offsets x 4 images).
     assert_eq!(first.teacher_inputs, (8 + 4) * 25 + 2 * 2 * 16);
     assert_eq!(first.classes.len(), 1);
-    let eval = &first.classes[0].evaluation;
+    let eval = first.classes[0].evaluation.as_ref().unwrap();
     assert_eq!(eval.aucs.len(), 69);
     assert!(
         eval.aucs
@@ -125,16 +125,39 @@ fn a_run_writes_its_directory_and_reuses_the_teacher_cache() {
     );
     let eval_csv = read(&out.join("Eval_resnet.csv"));
     let header = eval_csv.lines().find(|l| !l.starts_with('#')).unwrap();
-    // The demo data has masks: the pixel AUROC of nor follows oracle.
-    assert_eq!(header.split(',').count(), 3 + 69 + 2 + 1);
-    assert!(header.ends_with(",oracle (reference protocol),pixel AUROC (nor)"));
+    // The reference's columns first, unchanged; then, the demo data having masks, the pixel
+    // metrics, nor's AUPR and F1-max, and both protocols' headline numbers.
+    let columns: Vec<&str> = header.split(',').collect();
+    assert_eq!(
+        columns[3 + 69..],
+        [
+            "nor",
+            "oracle (reference protocol)",
+            "pixel AUROC (nor)",
+            "AUPR (nor)",
+            "F1-max (nor)",
+            "pixel AUPRO@0.3 (nor)",
+            "reference: epoch",
+            "reference: oracle AUC",
+            "label-free: epoch",
+            "label-free: nor AUC"
+        ]
+    );
     let eval_rows = rows(&eval_csv);
     assert_eq!(eval_rows.len(), 2);
     assert_eq!(eval_rows[1][0], "mean");
-    let oracle: f64 = eval_rows[0][3 + 69 + 1].parse().unwrap();
-    assert!((oracle - eval.oracle().0).abs() < 1e-6);
-    let pixel: f64 = eval_rows[0].last().unwrap().parse().unwrap();
-    assert!((pixel - eval.pixel_nor.unwrap()).abs() < 1e-6);
+    let cell = |name: &str| -> f64 {
+        let i = columns.iter().position(|c| *c == name).unwrap();
+        eval_rows[0][i].parse().unwrap()
+    };
+    assert!((cell("oracle (reference protocol)") - eval.oracle().0).abs() < 1e-6);
+    assert!((cell("pixel AUROC (nor)") - eval.pixel_nor.unwrap()).abs() < 1e-6);
+    assert!((cell("pixel AUPRO@0.3 (nor)") - eval.pixel_aupro.unwrap()).abs() < 1e-6);
+    assert!((cell("AUPR (nor)") - eval.aupr.unwrap()).abs() < 1e-6);
+    // The AUROC of nor per defect type: the demo's weave has scratches and stains.
+    let kinds: Vec<&String> = eval.per_defect.keys().collect();
+    assert_eq!(kinds, ["scratch", "stain"]);
+    assert!(eval.per_defect.values().all(|a| (0.0..=1.0).contains(a)));
     let class_dir = out.join("weave");
     for file in ["model.mtad", "progress.json", "scores_train.csv"] {
         assert!(class_dir.join(file).is_file(), "{file} missing");
@@ -151,7 +174,7 @@ fn a_run_writes_its_directory_and_reuses_the_teacher_cache() {
     // Inference with the saved best models reproduces the training-time table exactly.
     let prepared = Prepared::for_run(&out, None, &WeightsLocation::Build, Device::flex()).unwrap();
     let rows = prepared.infer().unwrap();
-    assert_eq!(rows[0].evaluation, *eval);
+    assert_eq!(rows[0].evaluation.as_ref(), Some(eval));
     assert_eq!(read(&out.join("infer/Eval_resnet.csv")), eval_csv);
     // The run folder is infer's while `prepared` lives (its lock); a training waits for it.
     let mut busy = request(&data, &out, &cache);
@@ -480,11 +503,11 @@ fn check_artifact(path: &Path, summary: &RunSummary) {
     );
     assert_eq!(h.class_name, "weave");
     assert_eq!(h.config, summary.config);
-    assert_eq!(h.best.evaluation, summary.classes[0].evaluation);
+    assert_eq!(h.deployed.evaluation, summary.classes[0].evaluation);
     // 8 normal training images of 25 patches; the threshold flags floor(1% of 8) = 0 of them.
     assert_eq!((h.normal.images, h.normal.scores.len()), (8, 8 * 25));
     let nor: Vec<f64> = (0..h.normal.scores.len())
-        .map(|i| h.best.normaliser.score(&h.normal.scores, i))
+        .map(|i| h.deployed.normaliser.score(&h.normal.scores, i))
         .collect();
     let top = nor.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     assert_eq!(h.threshold, top);
@@ -497,7 +520,7 @@ fn check_artifact(path: &Path, summary: &RunSummary) {
     for line in scores.lines().skip(1) {
         let f: Vec<&str> = line.split(',').collect();
         let raw: Vec<f64> = f[5..8].iter().map(|v| v.parse().unwrap()).collect();
-        let n = &h.best.normaliser;
+        let n = &h.deployed.normaliser;
         let s: f64 = (0..3)
             .map(|k| (raw[k] - n.min[k]) / (n.max[k] - n.min[k]))
             .sum();
@@ -542,7 +565,7 @@ fn check_artifact(path: &Path, summary: &RunSummary) {
         }
     }
     let expected = roc_auc(&pixel_scores, &pixel_labels).unwrap();
-    let got = h.best.evaluation.pixel_nor.unwrap();
+    let got = h.deployed.evaluation.as_ref().unwrap().pixel_nor.unwrap();
     assert!(
         (got - expected).abs() < 1e-9,
         "pixel AUROC {got} vs {expected}"

@@ -72,17 +72,57 @@ impl Category {
                 self.train.len()
             ));
         }
-        let labels = self.test_labels();
-        if !labels.contains(&0) || !labels.contains(&1) {
-            return Err("the test set needs both good and defect images for a ROC AUC".into());
-        }
+        // A test set of good images only, or none, is fine: the model is trained and
+        // calibrated on normal images; what needs defects is left empty (`supported_metrics`).
         Ok(())
+    }
+
+    /// What this category's test set can measure (see [`supported_metrics`]).
+    pub fn supported_metrics(&self) -> (Vec<&'static str>, Option<String>) {
+        let good = self.test.iter().filter(|t| t.label == 0).count();
+        let masks = self.test.iter().filter(|t| t.mask.is_some()).count();
+        supported_metrics(good, self.test.len() - good, masks)
     }
 
     /// Test labels in test order.
     pub fn test_labels(&self) -> Vec<u8> {
         self.test.iter().map(|t| t.label).collect()
     }
+}
+
+/// What a test set of `good` normal and `defect` anomalous images (`masks` of them with a mask)
+/// can measure, and a note on what it cannot: the metrics written as empty for it.
+pub fn supported_metrics(
+    good: usize,
+    defect: usize,
+    masks: usize,
+) -> (Vec<&'static str>, Option<String>) {
+    let mut metrics = vec!["threshold at --fpr on held-out normals"];
+    if good > 0 {
+        metrics.push("test false-positive rate");
+    }
+    if defect > 0 {
+        metrics.push("test true-positive rate");
+    }
+    if good > 0 && defect > 0 {
+        metrics.extend(["image AUROC", "AUPR", "F1-max", "AUROC per defect type"]);
+        if masks > 0 {
+            metrics.extend(["pixel AUROC", "AUPRO"]);
+        }
+    }
+    let missing = match (good, defect) {
+        (0, 0) => Some("no test images"),
+        (_, 0) => Some("no defect test images"),
+        (0, _) => Some("no good test images"),
+        _ => None,
+    };
+    let note = missing.map(|m| {
+        format!(
+            "{m}: the AUROC, AUPR, F1-max and pixel metrics need both good and defect test \
+             images; they are left empty"
+        )
+    });
+    (metrics, note)
 }
 
 /// A root folder of categories in the MVTec layout.

@@ -22,11 +22,17 @@ use crate::data::transform::{center_crop, crop, normalize_rgb8, resize_bilinear}
 use crate::output::artifact::{ARTIFACT_FILE, Artifact};
 use crate::output::detections::{DETECTIONS_FILE, write_detections};
 use crate::output::run_folder::{class_dir, read_config};
-use crate::output::{png_bytes, write_atomic};
+use crate::output::write_atomic;
 use crate::progress::Progress;
 use crate::scoring::Mix;
 use crate::scoring::evaluation::{Normaliser, RawScores, column_mixes, column_names, group_max};
-use crate::scoring::threshold::calibrate;
+use crate::scoring::threshold::{PixelMaps, calibrate, patch_map};
+
+use super::pictures::{heatmap_png, mask_png, residual_png};
+
+/// Subfolders of `detect`'s output folder.
+pub const HEATMAPS_DIR: &str = "heatmaps";
+pub const MASKS_DIR: &str = "masks";
 use crate::teachers::{TeacherStatistics, WeightsLocation};
 use crate::training::inputs::images_tensor;
 use crate::training::model::{InputBatch, MtadModel};
@@ -92,6 +98,8 @@ pub struct Scored {
     pub heatmap: Option<PathBuf>,
     /// The reconstruction-residual heatmap, when asked for.
     pub residual: Option<PathBuf>,
+    /// The binary mask, when asked for.
+    pub mask: Option<PathBuf>,
     /// Why a heatmap of this image could not be written (a full disk...): the image was
     /// scored all the same, and the command reports it and fails at the end.
     pub output_error: Option<String>,
@@ -116,7 +124,22 @@ pub struct Detector {
     normaliser: Normaliser,
     column: ScoreColumn,
     pub threshold: f64,
+    /// Write a binary mask per image (see [`Detector::score`]).
+    pub masks: bool,
+    /// The rate the threshold was calibrated at (none: given by the user) and on what.
+    pub operating_point: Option<(f64, String)>,
+    /// The heatmaps' pixel threshold at that rate (full-cut models).
+    pub pixel_threshold: Option<f64>,
+    /// What limits the calibration (too few images for the rate, training images).
+    pub calibration_note: Option<String>,
     device: Device,
+}
+
+/// How `detect` sets its threshold: the stored one, a given value, or a new rate.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ThresholdChoice {
+    pub threshold: Option<f64>,
+    pub fpr: Option<f64>,
 }
 
 impl Detector {
@@ -125,7 +148,7 @@ impl Detector {
         run: &Path,
         class: &str,
         column: ScoreColumn,
-        threshold: Option<f64>,
+        choice: ThresholdChoice,
         weights: &WeightsLocation,
         device: Device,
     ) -> Result<Self> {
@@ -156,22 +179,29 @@ impl Detector {
             (header.class_index, &header.class_name),
             name,
         )?;
-        Self::from_artifact(&path, column, threshold, weights, device)
+        Self::from_artifact(&path, column, choice, weights, device)
     }
 
     /// Loads a class's artifact (`model.mtad`), refusing other teachers than its own.
     pub fn from_artifact(
         path: &Path,
         column: ScoreColumn,
-        threshold: Option<f64>,
+        choice: ThresholdChoice,
         weights: &WeightsLocation,
         device: Device,
     ) -> Result<Self> {
-        if let Some(t) = threshold
+        if let Some(t) = choice.threshold
             && !t.is_finite()
         {
             return Err(Error::InvalidArgument(format!(
                 "--threshold {t}: a threshold must be a finite number"
+            )));
+        }
+        if let Some(r) = choice.fpr
+            && !(r.is_finite() && r > 0.0 && r < 1.0)
+        {
+            return Err(Error::InvalidArgument(format!(
+                "--fpr {r}: a rate above 0 and below 1"
             )));
         }
         let artifact = Artifact::read(path)?;
@@ -186,20 +216,56 @@ impl Detector {
         let runner = load_teachers(&config.settings, weights, &device)?;
         let stats = artifact.statistics(runner.as_deref())?;
         let model = artifact.model(&device)?;
-        let normaliser = header.best.normaliser;
-        let threshold = match (threshold, column) {
-            (Some(t), _) => t,
-            (None, ScoreColumn::Nor) => header.threshold,
-            (None, _) => {
-                let normal = &header.normal;
-                let per_input: Vec<f64> = (0..normal.scores.len())
-                    .map(|i| column.score(&normal.scores, i, &normaliser))
-                    .collect();
-                calibrate(
-                    &group_max(&per_input, &normal.groups, normal.images),
-                    header.threshold_rate,
-                )?
-            }
+        let normaliser = header.deployed.normaliser;
+        // The calibration images' scores in the chosen column, per image and per patch.
+        let normal = &header.normal;
+        let per_input: Vec<f64> = (0..normal.scores.len())
+            .map(|i| column.score(&normal.scores, i, &normaliser))
+            .collect();
+        let rate = choice.fpr.unwrap_or(header.threshold_rate);
+        let source = header.deployed.decision.as_ref().map_or_else(
+            || crate::scoring::threshold::TRAINING.to_string(),
+            |d| d.calibration.source.clone(),
+        );
+        let threshold = match (choice.threshold, choice.fpr, column) {
+            (Some(t), _, _) => t,
+            (None, None, ScoreColumn::Nor) => header.threshold,
+            _ => calibrate(&group_max(&per_input, &normal.groups, normal.images), rate)?,
+        };
+        let pixel_threshold = if config.dataset() == DatasetKind::Cifar10 {
+            None
+        } else {
+            let cut = FullCut::new(config.full_size, config.settings.image_size, config.stride)?;
+            let offsets = cut.offsets();
+            let per_image: Vec<Vec<f64>> = per_input
+                .chunks(offsets.len())
+                .map(<[f64]>::to_vec)
+                .collect();
+            Some(
+                PixelMaps::new(
+                    &per_image,
+                    &offsets,
+                    config.full_size,
+                    config.settings.image_size,
+                )
+                .threshold(rate)?,
+            )
+        };
+        let images = normal.images;
+        let calibration_note = match (choice.threshold, choice.fpr) {
+            (Some(_), _) => None,
+            // A new rate is judged here; the stored note is the stored rate's.
+            (None, Some(r)) => (r * (images as f64) < 1.0).then(|| {
+                format!(
+                    "{images} calibration images are too few for a false-positive rate of {r}: \
+                     the threshold is their highest score"
+                )
+            }),
+            (None, None) => header
+                .deployed
+                .decision
+                .as_ref()
+                .and_then(|d| d.calibration.note.clone()),
         };
         Ok(Self {
             config,
@@ -209,20 +275,38 @@ impl Detector {
             normaliser,
             column,
             threshold,
+            masks: false,
+            operating_point: choice
+                .threshold
+                .is_none()
+                .then(|| (rate, format!("{} {source}", normal.images))),
+            pixel_threshold,
+            calibration_note,
             device,
         })
     }
 
-    /// The network inputs of an image file, as in training.
-    fn inputs(&self, path: &Path) -> Result<(FloatImage, Vec<FloatImage>, Vec<(usize, usize)>)> {
+    /// The network inputs of an image file, as in training: the image as the networks saw it,
+    /// the inputs, their offsets in it, and the file's own size (width, height).
+    #[allow(clippy::type_complexity)]
+    fn inputs(
+        &self,
+        path: &Path,
+    ) -> Result<(
+        FloatImage,
+        Vec<FloatImage>,
+        Vec<(usize, usize)>,
+        (usize, usize),
+    )> {
         let rgb = decode_rgb8(path)?;
         let (w, h) = rgb.dimensions();
+        let original = (w as usize, h as usize);
         let image = normalize_rgb8(rgb.as_raw(), w as usize, h as usize)?;
         let c = &self.config;
         if c.dataset() == DatasetKind::Cifar10 {
             let resized = resize_bilinear(&image, c.cifar_resize, c.cifar_resize)?;
             let input = center_crop(&resized, c.settings.image_size, c.settings.image_size)?;
-            return Ok((input.clone(), vec![input], vec![(0, 0)]));
+            return Ok((input.clone(), vec![input], vec![(0, 0)], original));
         }
         let full = resize_bilinear(&image, c.full_size, c.full_size)?;
         let cut = FullCut::new(c.full_size, c.settings.image_size, c.stride)?;
@@ -231,12 +315,13 @@ impl Detector {
             .iter()
             .map(|&(y, x)| crop(&full, y, x, c.settings.image_size, c.settings.image_size))
             .collect::<Result<Vec<_>>>()?;
-        Ok((full, patches, offsets))
+        Ok((full, patches, offsets, original))
     }
 
-    /// Scores one image; writes its heatmaps into `dir` when given.
-    pub fn score(&self, path: &Path, heatmaps: Heatmaps, dir: Option<&Path>) -> Result<Scored> {
-        let (full, inputs, offsets) = self.inputs(path)?;
+    /// Scores one image; writes its heatmaps into `<out>/heatmaps` (and, with
+    /// [`Detector::masks`], its mask into `<out>/masks`) when `out` is given.
+    pub fn score(&self, path: &Path, heatmaps: Heatmaps, out: Option<&Path>) -> Result<Scored> {
+        let (full, inputs, offsets, original) = self.inputs(path)?;
         let n = inputs.len();
         let teachers = match (&self.runner, &self.stats) {
             (Some(runner), Some(stats)) => {
@@ -269,7 +354,10 @@ impl Detector {
                 path.display()
             )));
         }
-        let dir = dir.filter(|_| heatmaps != Heatmaps::None);
+        let heatmap_dir = out.map(|o| o.join(HEATMAPS_DIR));
+        let dir = heatmap_dir
+            .as_deref()
+            .filter(|_| heatmaps != Heatmaps::None);
         let mut output_error = None;
         // A heatmap that cannot be written is this command's output problem, not the
         // image's: the score is kept.
@@ -310,9 +398,19 @@ impl Detector {
             }
             None => None,
         };
+        let mask = match (out, self.masks, self.pixel_threshold) {
+            (Some(out), true, Some(t)) => {
+                let side = self.config.settings.image_size;
+                let map = patch_map(&patch_scores, &offsets, full.height, side);
+                let png = mask_png(&map, full.height, original, t)?;
+                written(out.join(MASKS_DIR).join(heatmap_name(path, "mask")), &png)
+            }
+            _ => None,
+        };
         Ok(Scored {
             score,
             anomalous: score > self.threshold,
+            mask,
             as_z: raw.as_z[top],
             as_cossim: raw.as_cossim[top],
             as_rec: raw.as_rec[top],
@@ -341,7 +439,6 @@ impl Detector {
                 files.push(p.clone());
             }
         }
-        let heatmap_dir = out.join("heatmaps");
         let progress = Progress::start("scoring images", files.len() as u64);
         let detections: Vec<Detection> = files
             .into_iter()
@@ -350,7 +447,7 @@ impl Detector {
                 let outcome = if path.is_file() && !is_image(&path) {
                     Err("not an image file this build reads".to_string())
                 } else {
-                    self.score(&path, heatmaps, Some(&heatmap_dir))
+                    self.score(&path, heatmaps, Some(out))
                         .map_err(|e| e.to_string())
                 };
                 Detection { path, outcome }
@@ -361,9 +458,14 @@ impl Detector {
             ScoreColumn::Mix(i, _) => column_names()[i].clone(),
         };
         let note = format!(
-            "{} class, column {column}, threshold {:e}{}",
+            "{} class, column {column}, threshold {:e} ({}){}",
             self.config.settings.student,
             self.threshold,
+            self.operating_point
+                .as_ref()
+                .map_or("given".to_string(), |(rate, on)| format!(
+                    "false-positive rate {rate} on {on}"
+                )),
             self.config
                 .reduced()
                 .map_or(String::new(), |n| format!("; {n}"))
@@ -415,100 +517,6 @@ fn heatmap_name(path: &Path, kind: &str) -> String {
         .and_then(|p| p.file_name())
         .map_or(String::new(), |s| format!("{}_", s.to_string_lossy()));
     format!("{parent}{stem}_{kind}.png")
-}
-
-/// The image (as the networks saw it) with the patch scores over it: each pixel takes the max
-/// score of the patches covering it; scores at or above the threshold are red, lower ones fade
-/// from yellow to transparent.
-fn heatmap_png(
-    image: &FloatImage,
-    scores: &[f64],
-    offsets: &[(usize, usize)],
-    side: usize,
-    threshold: f64,
-) -> Result<Vec<u8>> {
-    let (h, w) = (image.height, image.width);
-    let mut map = vec![f64::NEG_INFINITY; h * w];
-    for (&s, &(y0, x0)) in scores.iter().zip(offsets) {
-        for y in y0..(y0 + side).min(h) {
-            for x in x0..(x0 + side).min(w) {
-                let m = &mut map[y * w + x];
-                *m = m.max(s);
-            }
-        }
-    }
-    let lo = scores.iter().copied().fold(f64::INFINITY, f64::min);
-    overlay_png(image, &map, lo, threshold)
-}
-
-/// The image with the student's reconstruction residual over it: per pixel, the squared error
-/// averaged over the colour channels and over the patches covering it; red at the image's
-/// largest residual, fading to transparent at its smallest.
-/// `squared` is `[patches, side, side]` in input order.
-fn residual_png(
-    image: &FloatImage,
-    squared: &[f32],
-    offsets: &[(usize, usize)],
-    side: usize,
-) -> Result<Vec<u8>> {
-    let (h, w) = (image.height, image.width);
-    let mut sum = vec![0f64; h * w];
-    let mut count = vec![0u32; h * w];
-    for (p, &(y0, x0)) in offsets.iter().enumerate() {
-        for y in 0..side.min(h - y0) {
-            for x in 0..side.min(w - x0) {
-                let i = (y0 + y) * w + x0 + x;
-                sum[i] += squared[(p * side + y) * side + x] as f64;
-                count[i] += 1;
-            }
-        }
-    }
-    let map: Vec<f64> = sum
-        .iter()
-        .zip(&count)
-        .map(|(&s, &n)| {
-            if n > 0 {
-                s / n as f64
-            } else {
-                f64::NEG_INFINITY
-            }
-        })
-        .collect();
-    let finite = map.iter().copied().filter(|v| v.is_finite());
-    let lo = finite.clone().fold(f64::INFINITY, f64::min);
-    let hi = finite.fold(f64::NEG_INFINITY, f64::max);
-    overlay_png(image, &map, lo, hi)
-}
-
-/// `image` (values in [-1, 1]) with `map` over it: at or above `high` red, between `low` and
-/// `high` from transparent to yellow-orange, not finite: the image alone.
-fn overlay_png(image: &FloatImage, map: &[f64], low: f64, high: f64) -> Result<Vec<u8>> {
-    let (h, w) = (image.height, image.width);
-    let span = (high - low).max(1e-12);
-    let mut rgb = image::RgbImage::new(w as u32, h as u32);
-    for y in 0..h {
-        for x in 0..w {
-            let base: Vec<f64> = (0..3)
-                .map(|c| ((image.get(c, y, x) as f64 + 1.0) * 127.5).clamp(0.0, 255.0))
-                .collect();
-            let v = map[y * w + x];
-            let t = if v.is_finite() {
-                ((v - low) / span).clamp(0.0, 1.0)
-            } else {
-                0.0
-            };
-            let (color, alpha) = if v.is_finite() && v >= high {
-                ([255.0, 0.0, 0.0], 0.6)
-            } else {
-                ([255.0, 220.0 * (1.0 - t), 0.0], 0.5 * t)
-            };
-            let px: Vec<u8> = (0..3)
-                .map(|c| (base[c] * (1.0 - alpha) + color[c] * alpha).round() as u8)
-                .collect();
-            rgb.put_pixel(x as u32, y as u32, image::Rgb([px[0], px[1], px[2]]));
-        }
-    }
-    png_bytes(&rgb, "a heatmap")
 }
 
 #[cfg(test)]

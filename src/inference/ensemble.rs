@@ -9,7 +9,7 @@ use crate::config::TrainConfig;
 use crate::output::run_folder::{class_dir, read_config};
 use crate::output::scores::{TEST_SCORES, TRAIN_SCORES, read_scores};
 use crate::output::tables::{EvalRow, write_eval_table};
-use crate::scoring::evaluation::{Normaliser, ensemble_scores, evaluate_with_nor};
+use crate::scoring::evaluation::{Normaliser, ensemble_scores, evaluate_with_nor, has_both_labels};
 use crate::{Error, Result};
 
 /// Evaluates the ensemble of `runs` (one per student) and writes `<out>/eval_<dataset>.csv`.
@@ -74,12 +74,23 @@ pub fn ensemble(runs: &[PathBuf], out: &Path) -> Result<(Vec<EvalRow>, PathBuf)>
             tests.push(test.scores);
         }
         let (groups, labels) = layout.expect("at least two runs");
-        let evaluation = evaluate_with_nor(&ensemble_scores(&tests)?, &groups, &labels, &nor)?;
+        // A test set without both labels has no AUC: its row is left empty.
+        let evaluation = if has_both_labels(&labels) {
+            Some(evaluate_with_nor(
+                &ensemble_scores(&tests)?,
+                &groups,
+                &labels,
+                &nor,
+            )?)
+        } else {
+            None
+        };
         rows.push(EvalRow {
             index: class,
             name: name.clone(),
             epoch: None,
             evaluation,
+            side_by_side: None,
         });
     }
     let students: Vec<String> = configs

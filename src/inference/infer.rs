@@ -9,15 +9,15 @@ use burn::prelude::*;
 
 use crate::output::artifact::{ARTIFACT_FILE, Artifact};
 use crate::output::lock::RunLock;
-use crate::output::run_folder::{class_dir, read_config};
-use crate::output::tables::{EvalRow, eval_table_path, write_eval_table};
-use crate::scoring::evaluation::{Normaliser, evaluate};
-use crate::teachers::WeightsLocation;
+use crate::output::run_folder::{class_dir, read_config, read_progress};
+use crate::output::tables::{EvalRow, eval_table_path, table_note, write_eval_table};
+use crate::scoring::evaluation::Normaliser;
+use crate::teachers::{TeacherChoice, WeightsLocation};
 use crate::training::inputs::ErrorSlot;
 use crate::training::prepare::{
     DataSet, Prepared, check_writable, invalid, load_teachers, open_dataset, teacher_identity,
 };
-use crate::training::session::{pixel_auroc, score_loader};
+use crate::training::session::{full_evaluation, score_loader};
 use crate::{Error, Result};
 
 impl Prepared {
@@ -95,13 +95,13 @@ impl Prepared {
             )?;
             let mut data = match &self.data {
                 DataSet::Cifar(cifar) => self.cifar_class(cifar, class, cifar_caches.as_ref())?,
-                DataSet::Folder(categories) => self.folder_class(&categories[position])?,
+                DataSet::Folder(categories) => self.folder_class(class, &categories[position])?,
             };
             data.stats = artifact.statistics(self.runner.as_deref())?.map(Arc::new);
             let model = artifact.model(&self.device)?;
-            let best = &artifact.header.best;
+            let deployed = &artifact.header.deployed;
             let errors = ErrorSlot::default();
-            let (test_loader, norm_loader) = self.eval_loaders(&data, &errors);
+            let (test_loader, norm_loader, _) = self.eval_loaders(&data, &errors);
             let test = score_loader(
                 &model,
                 test_loader.as_ref(),
@@ -116,27 +116,49 @@ impl Prepared {
                 return Err(e);
             }
             let normaliser = Normaliser::fit(&train)?;
-            let mut evaluation =
-                evaluate(&test, &data.test_groups, &data.test_labels, &normaliser)?;
-            evaluation.pixel_nor = pixel_auroc(data.pixels.as_deref(), &test, &normaliser)?;
-            tracing::info!(
-                "[{name}] oracle {:.4}, nor {:.4}{} (best evaluation: epoch {})",
-                evaluation.oracle().0,
-                evaluation.nor,
-                evaluation
-                    .pixel_nor
-                    .map_or(String::new(), |p| format!(", pixel AUROC (nor) {p:.4}")),
-                best.epoch
-            );
+            let evaluation = full_evaluation(
+                &test,
+                (&data.test_groups, &data.test_labels, &data.test_defects),
+                &normaliser,
+                data.pixels.as_deref(),
+                self.config.settings.teachers == TeacherChoice::None,
+            )?;
+            match &evaluation {
+                Some(e) => tracing::info!(
+                    "[{name}] oracle {:.4}, nor {:.4}{} (deployed evaluation: epoch {})",
+                    e.oracle().0,
+                    e.nor,
+                    e.pixel_nor
+                        .map_or(String::new(), |p| format!(", pixel AUROC (nor) {p:.4}")),
+                    deployed.epoch
+                ),
+                None => tracing::info!(
+                    "[{name}] no AUC: the test set lacks good or defect images (deployed \
+                     evaluation: epoch {})",
+                    deployed.epoch
+                ),
+            }
+            // Both protocols' numbers come from the training's evaluations.
+            let side_by_side = read_progress(&dir)?.map(|p| p.side_by_side());
             rows.push(EvalRow {
                 index: class,
                 name,
-                epoch: Some(best.epoch),
+                epoch: Some(deployed.epoch),
                 evaluation,
+                side_by_side,
             });
         }
         let path = eval_table_path(&self.out.join("infer"), self.config.settings.student);
-        write_eval_table(&path, self.config.reduced().as_deref(), &rows)?;
+        let unlabelled: Vec<&str> = rows
+            .iter()
+            .filter(|r| r.evaluation.is_none())
+            .map(|r| r.name.as_str())
+            .collect();
+        write_eval_table(
+            &path,
+            table_note(&self.config, &unlabelled).as_deref(),
+            &rows,
+        )?;
         Ok(rows)
     }
 }

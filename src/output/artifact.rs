@@ -7,8 +7,9 @@
 //! u32 LE           format version
 //! u64 LE           length of the header
 //! header           JSON: class, the run's config (with the teachers' names and sha256s), the
-//!                  best evaluation and its score normalisation, the calibrated threshold, the
-//!                  normal training inputs' scores, and each part's name, length and sha256
+//!                  deployed evaluation and its score normalisation, the calibrated threshold, the
+//!                  calibration images' scores (the held-out normals), and each part's name,
+//!                  length and sha256
 //! 32 bytes         the sha256 of the header
 //! parts            in header order: student.bpk, decoder.bpk, [weighting.bpk],
 //!                  [teacher_stats.bin]
@@ -41,9 +42,12 @@ pub const ARTIFACT_FILE: &str = "model.mtad";
 const MAGIC: &[u8] = b"MTAD-MODEL\n";
 /// 2: the run settings in the header are `config.json`'s (the settings declared once), and the
 /// header is followed by its sha256.
-const VERSION: u32 = 2;
-/// Share of normal training images the default threshold flags.
-pub const DEFAULT_FLAG_RATE: f64 = 0.01;
+/// 3: the deployed evaluation (`deployed`, was `best`) may lack AUCs (normal-only test sets)
+/// and holds its operating point; `normal` holds the calibration images' scores. Version 2
+/// files are still read.
+const VERSION: u32 = 3;
+/// Share of normal images the default threshold flags.
+pub const DEFAULT_FLAG_RATE: f64 = crate::config::DEFAULT_FPR;
 
 const STUDENT: &str = "student.bpk";
 const DECODER: &str = "decoder.bpk";
@@ -74,11 +78,15 @@ pub struct Header {
     pub class_index: usize,
     pub class_name: String,
     pub config: TrainConfig,
-    /// The best evaluation (its epoch, AUCs) and the `nor` normalisation fitted then.
-    pub best: BestRecord,
-    /// Threshold on `nor` flagging [`DEFAULT_FLAG_RATE`] of the normal training images.
+    /// The deployed evaluation (its epoch, AUCs where the test set had both labels, its
+    /// operating point) and the `nor` normalisation fitted then.
+    #[serde(alias = "best")]
+    pub deployed: BestRecord,
+    /// Threshold on `nor` flagging `threshold_rate` of the calibration images (`normal`).
     pub threshold: f64,
     pub threshold_rate: f64,
+    /// The scores of the images the threshold was calibrated on: the held-out normals (the
+    /// normal training images when nothing was held out, and in older files).
     pub normal: NormalScores,
     pub parts: Vec<Part>,
 }
@@ -105,7 +113,7 @@ impl Header {
                 self.threshold, self.threshold_rate
             ));
         }
-        let n = &self.best.normaliser;
+        let n = &self.deployed.normaliser;
         if n.min.iter().chain(&n.max).any(|v| !v.is_finite()) {
             return Err("the normaliser's bounds are not finite".into());
         }
@@ -150,8 +158,8 @@ fn record_bytes<M: Module>(module: &M, name: &str) -> Result<burn::tensor::Bytes
 }
 
 impl Artifact {
-    /// Writes the artifact of a class's best evaluation: `model` and `normal` (its scores of
-    /// the normal training inputs) must be that evaluation's.
+    /// Writes the artifact of a class's deployed evaluation: `model` and `normal` (its scores
+    /// of the calibration images) must be that evaluation's; the threshold is the record's.
     pub fn write(
         path: &Path,
         (class_index, class_name): (usize, &str),
@@ -161,13 +169,16 @@ impl Artifact {
         stats: Option<&TeacherStatistics>,
         normal: NormalScores,
     ) -> Result<()> {
-        let per_input: Vec<f64> = (0..normal.scores.len())
-            .map(|i| best.normaliser.score(&normal.scores, i))
-            .collect();
-        let threshold = calibrate(
-            &group_max(&per_input, &normal.groups, normal.images),
-            DEFAULT_FLAG_RATE,
-        )?;
+        let (threshold, threshold_rate) = match &best.decision {
+            Some(d) => (d.calibration.threshold, d.calibration.fpr),
+            None => {
+                let per_input: Vec<f64> = (0..normal.scores.len())
+                    .map(|i| best.normaliser.score(&normal.scores, i))
+                    .collect();
+                let images = group_max(&per_input, &normal.groups, normal.images);
+                (calibrate(&images, DEFAULT_FLAG_RATE)?, DEFAULT_FLAG_RATE)
+            }
+        };
         let mut blobs: Vec<(&str, burn::tensor::Bytes)> = vec![
             (STUDENT, record_bytes(&model.student, STUDENT)?),
             (DECODER, record_bytes(&model.decoder, DECODER)?),
@@ -184,9 +195,9 @@ impl Artifact {
             class_index,
             class_name: class_name.to_string(),
             config: config.clone(),
-            best: best.clone(),
+            deployed: best.clone(),
             threshold,
-            threshold_rate: DEFAULT_FLAG_RATE,
+            threshold_rate,
             normal,
             parts: slices
                 .iter()
@@ -245,9 +256,9 @@ impl Artifact {
         let mut word = [0u8; 4];
         file.read_exact(&mut word).map_err(truncated)?;
         let version = u32::from_le_bytes(word);
-        if version != VERSION {
+        if version != VERSION && version != 2 {
             return Err(bad(format!(
-                "format version {version}; this mtad reads version {VERSION}"
+                "format version {version}; this mtad reads versions 2 and {VERSION}"
             )));
         }
         let mut long = [0u8; 8];

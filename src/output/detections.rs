@@ -1,5 +1,5 @@
 //! `detections.csv`, what `mtad detect` decided: a `# class, column, threshold` line, then per
-//! image its path, score, decision, raw scores, heatmap files, or the error that kept it from
+//! image its path, score, decision, raw scores, heatmap and mask files, or the error that kept it from
 //! being scored. Written through the `csv` crate.
 
 use std::path::Path;
@@ -22,6 +22,7 @@ struct DetectionRow {
     as_rec: Option<f64>,
     heatmap: Option<String>,
     residual: Option<String>,
+    mask: Option<String>,
     error: Option<String>,
 }
 
@@ -44,6 +45,7 @@ pub fn write_detections(path: &Path, note: &str, detections: &[Detection]) -> Re
                 as_rec: Some(s.as_rec),
                 heatmap: shown(&s.heatmap),
                 residual: shown(&s.residual),
+                mask: shown(&s.mask),
                 error: None,
             },
             Err(e) => DetectionRow {
@@ -55,6 +57,7 @@ pub fn write_detections(path: &Path, note: &str, detections: &[Detection]) -> Re
                 as_rec: None,
                 heatmap: None,
                 residual: None,
+                mask: None,
                 error: Some(e.clone()),
             },
         };

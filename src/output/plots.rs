@@ -27,6 +27,13 @@ fn fonts() {
     });
 }
 
+/// A drawn RGB buffer of `w` x `h` pixels as PNG bytes.
+fn buffer_png(w: u32, h: u32, pixels: Vec<u8>, what: &str) -> Result<Vec<u8>> {
+    let image = image::RgbImage::from_raw(w, h, pixels)
+        .ok_or_else(|| Error::Training("drawing a plot: wrong buffer size".into()))?;
+    png_bytes(&image, what)
+}
+
 fn drawing<E: std::fmt::Debug>(e: E) -> Error {
     Error::Training(format!("drawing a plot: {e:?}"))
 }
@@ -86,9 +93,7 @@ pub fn roc_png(title: &str, curves: &[Curve]) -> Result<Vec<u8>> {
             .map_err(drawing)?;
         root.present().map_err(drawing)?;
     }
-    let image = image::RgbImage::from_raw(w, h, pixels)
-        .ok_or_else(|| Error::Training("drawing a plot: wrong buffer size".into()))?;
-    png_bytes(&image, "a ROC curve")
+    buffer_png(w, h, pixels, "a ROC curve")
 }
 
 /// Size of the histogram picture in pixels.
@@ -203,9 +208,7 @@ pub fn histogram_png(
             .map_err(drawing)?;
         root.present().map_err(drawing)?;
     }
-    let image = image::RgbImage::from_raw(w, h, pixels)
-        .ok_or_else(|| Error::Training("drawing a plot: wrong buffer size".into()))?;
-    png_bytes(&image, "a histogram")
+    buffer_png(w, h, pixels, "a histogram")
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use super::{read_json, write_json};
 use crate::config::TrainConfig;
 use crate::scoring::evaluation::{ClassEvaluation, Normaliser};
+use crate::scoring::threshold::Calibration;
 use crate::{Error, Result};
 
 /// A run's settings, in its folder.
@@ -42,17 +43,32 @@ pub fn write_config(run: &Path, config: &TrainConfig) -> Result<()> {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EvalRecord {
     pub epoch: usize,
-    /// The oracle AUC (max over the 69 columns) and the leakage-free AUC.
-    pub oracle: f64,
-    pub nor: f64,
+    /// The oracle AUC (max over the 69 columns) and the leakage-free AUC; none when the test
+    /// set lacks good or defect images.
+    pub oracle: Option<f64>,
+    pub nor: Option<f64>,
 }
 
-/// The best evaluation of a class, with what scoring needs besides the models.
+/// An evaluation whose models were kept, with what scoring needs besides the models.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BestRecord {
     pub epoch: usize,
-    pub evaluation: ClassEvaluation,
+    /// None when the test set lacks good or defect images.
+    pub evaluation: Option<ClassEvaluation>,
     pub normaliser: Normaliser,
+    /// The threshold calibrated then, and its test rates where labels exist.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decision: Option<Decision>,
+}
+
+/// A deployed evaluation's operating point and what it gives on the test set.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Decision {
+    pub calibration: Calibration,
+    /// Test false- and true-positive rates at the threshold (none without good, defect
+    /// test images).
+    pub test_fpr: Option<f64>,
+    pub test_tpr: Option<f64>,
 }
 
 /// `progress.json` of a class.
@@ -70,8 +86,40 @@ pub struct ClassProgress {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub partial: Option<PartialEpoch>,
     pub history: Vec<EvalRecord>,
+    /// The reference protocol's choice: the evaluation with the best oracle AUC (where the test
+    /// set has both labels).
     pub best: Option<BestRecord>,
+    /// The evaluation `model.mtad` holds: the run's protocol's choice (runs written before
+    /// it was recorded deployed `best`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deployed: Option<BestRecord>,
     pub complete: bool,
+}
+
+impl ClassProgress {
+    /// The evaluation `model.mtad` holds.
+    pub fn deployed(&self) -> Option<&BestRecord> {
+        self.deployed.as_ref().or(self.best.as_ref())
+    }
+
+    /// Both protocols' headline numbers: the reference's (epoch and oracle AUC of its best
+    /// evaluation) and the label-free one (epoch and `nor` AUC of the last evaluation).
+    pub fn side_by_side(&self) -> SideBySide {
+        SideBySide {
+            reference: self
+                .best
+                .as_ref()
+                .and_then(|b| Some((b.epoch, b.evaluation.as_ref()?.oracle().0))),
+            label_free: self.history.last().and_then(|r| Some((r.epoch, r.nor?))),
+        }
+    }
+}
+
+/// See [`ClassProgress::side_by_side`].
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SideBySide {
+    pub reference: Option<(usize, f64)>,
+    pub label_free: Option<(usize, f64)>,
 }
 
 /// An epoch stopped after `steps` training steps; the checkpoint of `epoch` holds the models

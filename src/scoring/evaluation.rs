@@ -143,8 +143,8 @@ pub fn group_max(values: &[f64], groups: &[usize], images: usize) -> Vec<f64> {
     out
 }
 
-/// One class's evaluation.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+/// One class's evaluation (of a test set with both good and defect images).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ClassEvaluation {
     /// ROC AUC of each of the 69 columns ([`column_names`]).
     pub aucs: Vec<f64>,
@@ -153,11 +153,77 @@ pub struct ClassEvaluation {
     /// Pixel-level ROC AUC of the leakage-free score's heatmaps, where masks exist.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pixel_nor: Option<f64>,
+    /// The no-teacher ablation: the oracle is the AS_rec column's AUC alone (the reference's
+    /// no-teacher script), not a max over 69 columns most of which are constant.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rec_only: bool,
+    /// Image-level average precision (AUPR) and best F1 of `nor`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aupr: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub f1_max: Option<f64>,
+    /// Pixel-level AUPRO of the `nor` heatmaps up to a false-positive rate of 0.3 (MVTec AD's
+    /// protocol), where masks exist.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pixel_aupro: Option<f64>,
+    /// ROC AUC of `nor` for each defect type (its images against the good ones).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub per_defect: std::collections::BTreeMap<String, f64>,
+}
+
+/// MVTec AD's AUPRO integrates up to this false-positive rate.
+pub const AUPRO_MAX_FPR: f64 = 0.3;
+
+/// Whether `labels` hold both classes (what the AUROC and the other ranking metrics need).
+pub fn has_both_labels(labels: &[u8]) -> bool {
+    labels.contains(&0) && labels.contains(&1)
+}
+
+/// The `nor` score of each image: the max over its inputs of [`Normaliser::score`].
+pub fn image_nor(test: &RawScores, groups: &[usize], images: usize, n: &Normaliser) -> Vec<f64> {
+    let per_input: Vec<f64> = (0..test.len()).map(|i| n.score(test, i)).collect();
+    group_max(&per_input, groups, images)
 }
 
 impl ClassEvaluation {
-    /// The oracle: the max over the 69 columns (the reference's "max AUC") and its column.
+    /// Adds the image AUPR, F1-max and per-defect AUROC of the `nor` image scores
+    /// (`defects[g]`: image `g`'s folder, `good` for normal ones).
+    pub fn add_nor_metrics(
+        &mut self,
+        nor: &[f64],
+        labels: &[u8],
+        defects: &[String],
+    ) -> Result<()> {
+        self.aupr = Some(super::metrics::average_precision(nor, labels)?);
+        self.f1_max = Some(super::metrics::f1_max(nor, labels)?.0);
+        let mut kinds: Vec<&String> = defects
+            .iter()
+            .zip(labels)
+            .filter(|(_, l)| **l == 1)
+            .map(|(d, _)| d)
+            .collect();
+        kinds.sort();
+        kinds.dedup();
+        for kind in kinds {
+            let (scores, kept): (Vec<f64>, Vec<u8>) = nor
+                .iter()
+                .zip(labels)
+                .zip(defects)
+                .filter(|((_, l), d)| **l == 0 || *d == kind)
+                .map(|((s, l), _)| (*s, *l))
+                .unzip();
+            self.per_defect
+                .insert(kind.clone(), roc_auc(&scores, &kept)?);
+        }
+        Ok(())
+    }
+
+    /// The oracle: the max over the 69 columns (the reference's "max AUC") and its column; for
+    /// the no-teacher ablation, the AS_rec column.
     pub fn oracle(&self) -> (f64, usize) {
+        if self.rec_only {
+            return (self.aucs[2], 2);
+        }
         self.aucs
             .iter()
             .enumerate()
@@ -211,7 +277,7 @@ pub fn evaluate_with_nor(
     Ok(ClassEvaluation {
         aucs,
         nor,
-        pixel_nor: None,
+        ..ClassEvaluation::default()
     })
 }
 

@@ -5,9 +5,9 @@
 
 use crate::{Error, Result};
 
-/// The input checks shared with [`roc_auc`](super::roc_auc): equal lengths, finite scores,
+/// The input checks of every image metric here and of [`roc_auc`](super::roc_auc): equal lengths, finite scores,
 /// labels 0 or 1. Returns the number of positives and negatives.
-fn check(what: &str, scores: &[f64], labels: &[u8]) -> Result<(usize, usize)> {
+pub(crate) fn check(what: &str, scores: &[f64], labels: &[u8]) -> Result<(usize, usize)> {
     if scores.len() != labels.len() {
         return Err(Error::InvalidArgument(format!(
             "{what}: {} scores but {} labels",

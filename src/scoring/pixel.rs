@@ -190,6 +190,21 @@ fn read_mask(path: &std::path::Path, side: usize) -> Result<Vec<bool>> {
     Ok(out)
 }
 
+/// The cells of an image cut by patches at `offsets` (an image without a mask): for each
+/// cell, the indices of the patches covering it and its area in pixels. Cells no patch covers
+/// are left out.
+pub(crate) fn patch_cells(
+    offsets: &[(usize, usize)],
+    side: usize,
+    patch: usize,
+) -> Vec<(Vec<usize>, u64)> {
+    let patches: Vec<(usize, (usize, usize))> = offsets.iter().copied().enumerate().collect();
+    image_cells(&patches, None, side, patch)
+        .into_iter()
+        .map(|c| (c.inputs, c.normal))
+        .collect()
+}
+
 /// The cells of one image: the grid cut by every patch border.
 fn image_cells(
     patches: &[(usize, (usize, usize))],
@@ -317,13 +332,11 @@ mod tests {
         assert!(weighted_roc_auc(&mut [(1.0, 3, 0)]).is_err());
     }
 
-    #[test]
-    fn pixel_auroc_counts_every_pixel_under_the_max_of_its_patches() {
-        // A 6x6 image, 4x4 patches at (0,0) and (2,2): borders 0,2,4,6 cut nine 2x2 cells,
-        // of which (0..2, 4..6) and (4..6, 0..2) no patch covers.
+    /// A 6x6 image cut by 4x4 patches at (0,0) and (2,2); its defect pixels are the 2x2 block
+    /// at rows 4..6, cols 4..6 (only patch 1 covers it).
+    fn two_patch_layout() -> PixelTruth {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("m.png");
-        // Defect pixels: the 2x2 block at rows 4..6, cols 4..6 (only patch 1 covers it).
         let mut mask = image::GrayImage::new(6, 6);
         for y in 4..6 {
             for x in 4..6 {
@@ -332,9 +345,16 @@ mod tests {
         }
         mask.save(&path).unwrap();
         let inputs = [(0, (0, 0)), (0, (2, 2))];
-        let truth = PixelTruth::build(&inputs, &[Mask::File(path)], 6, 4)
+        PixelTruth::build(&inputs, &[Mask::File(path)], 6, 4)
             .unwrap()
-            .unwrap();
+            .unwrap()
+    }
+
+    #[test]
+    fn pixel_auroc_counts_every_pixel_under_the_max_of_its_patches() {
+        // A 6x6 image, 4x4 patches at (0,0) and (2,2): borders 0,2,4,6 cut nine 2x2 cells,
+        // of which (0..2, 4..6) and (4..6, 0..2) no patch covers.
+        let truth = two_patch_layout();
         // Scores [1, 2]: the 4 defect pixels score 2; normal pixels: 12 covered by patch 0
         // only score 1, 4 covered by both and 8 by patch 1 only score 2.
         // AUC = (12 + 0.5 * 12) / (4 * 24) * 4 = 0.75.
@@ -363,19 +383,7 @@ mod tests {
         // region and 12 normal pixels score 2, the other 12 score 1. Curve: (0, 0), (0.5, 1),
         // (1, 1), (1, 1). Up to 0.3: the PRO at 0.3 interpolates to 0.6, area 0.5 * 0.6 * 0.3
         // = 0.09, normalised 0.3. Up to 1: 0.25 + 0.5 = 0.75.
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("m.png");
-        let mut mask = image::GrayImage::new(6, 6);
-        for y in 4..6 {
-            for x in 4..6 {
-                mask.put_pixel(x, y, image::Luma([255]));
-            }
-        }
-        mask.save(&path).unwrap();
-        let inputs = [(0, (0, 0)), (0, (2, 2))];
-        let truth = PixelTruth::build(&inputs, &[Mask::File(path)], 6, 4)
-            .unwrap()
-            .unwrap();
+        let truth = two_patch_layout();
         let aupro = truth.aupro(&[1.0, 2.0], 0.3).unwrap();
         assert!((aupro - 0.3).abs() < 1e-12, "{aupro}");
         let aupro = truth.aupro(&[1.0, 2.0], 1.0).unwrap();

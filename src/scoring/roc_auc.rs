@@ -6,27 +6,7 @@ use crate::{Error, Result};
 
 /// ROC AUC of `scores` against binary `labels` (1 = anomalous, the positive class).
 pub fn roc_auc(scores: &[f64], labels: &[u8]) -> Result<f64> {
-    if scores.len() != labels.len() {
-        return Err(Error::InvalidArgument(format!(
-            "ROC AUC: {} scores but {} labels",
-            scores.len(),
-            labels.len()
-        )));
-    }
-    if let Some(i) = scores.iter().position(|s| !s.is_finite()) {
-        return Err(Error::InvalidArgument(format!(
-            "ROC AUC: score {i} is {} (not finite)",
-            scores[i]
-        )));
-    }
-    if let Some(i) = labels.iter().position(|&l| l > 1) {
-        return Err(Error::InvalidArgument(format!(
-            "ROC AUC: label {i} is {}, labels must be 0 or 1",
-            labels[i]
-        )));
-    }
-    let positives = labels.iter().filter(|&&l| l == 1).count();
-    let negatives = labels.len() - positives;
+    let (positives, negatives) = super::metrics::check("ROC AUC", scores, labels)?;
     if positives == 0 || negatives == 0 {
         return Err(Error::InvalidArgument(
             "ROC AUC is undefined when only one class is present in the labels".to_string(),

@@ -26,15 +26,24 @@ pub(crate) struct ClassData {
     /// Training items: input indices (CIFAR) or image indices (MVTec crops).
     pub(crate) train_items: Vec<usize>,
     pub(crate) train: TrainKind,
-    /// The normal training inputs scored for `nor`.
+    /// The normal training inputs scored for `nor` (`norm_items`: those that train) and the
+    /// held-out normal inputs (`holdout_items`, of the same set: never fitted on).
     pub(crate) norm_set: Arc<InputSet>,
     pub(crate) norm_items: Vec<usize>,
+    pub(crate) holdout_items: Vec<usize>,
+    /// The held-out images, one line each (a path relative to the data root, or a CIFAR-10
+    /// training index), for `<class>/holdout.txt`.
+    pub(crate) holdout_names: Vec<String>,
     pub(crate) norm_cache: Option<Arc<EmbeddingCache>>,
     pub(crate) test_set: Arc<InputSet>,
     pub(crate) test_cache: Option<Arc<EmbeddingCache>>,
     /// Image of each test input, and each test image's label.
     pub(crate) test_groups: Vec<usize>,
     pub(crate) test_labels: Vec<u8>,
+    /// Each test image's folder (`good` or its defect type; CIFAR-10: its class name).
+    pub(crate) test_defects: Vec<String>,
+    /// Full-cut data: the patch offsets, the resized image's side and the patch side.
+    pub(crate) cut: Option<(Vec<(usize, usize)>, usize, usize)>,
     pub(crate) stats: Option<Arc<TeacherStatistics>>,
     /// Pixel ground truth of the test set, where masks exist.
     pub(crate) pixels: Option<Arc<PixelTruth>>,
@@ -179,27 +188,46 @@ impl Prepared {
         test_cache: Option<&Arc<EmbeddingCache>>,
     ) -> Result<ClassData> {
         let split = cifar.one_class(class)?;
+        let (fit, held) = holdout_split(
+            split.train.len(),
+            self.config.holdout(),
+            mix(self.config.settings.seed, class as u64, 5),
+        )?;
         let train_set = Arc::new(self.cifar_set(&cifar.train, Some(&split.train)));
         let test_set = Arc::new(self.cifar_set(&cifar.test, None));
         let train_cache = match &self.runner {
             Some(runner) => Some(self.cifar_train_cache(cifar, class, &split.train, runner)?),
             None => None,
         };
-        let items: Vec<usize> = (0..split.train.len()).collect();
         let stats = match &train_cache {
-            Some(cache) => Some(Arc::new(self.statistics(cache, &items)?)),
+            Some(cache) => Some(Arc::new(self.statistics(cache, &fit)?)),
             None => None,
         };
         let test_cache = test_cache.cloned();
         let n_train = split.train.len() as u64;
         let n_test = split.test.len() as u64;
         Ok(ClassData {
-            train_items: items.clone(),
+            train_items: fit.clone(),
             train: TrainKind::Cached(train_set.clone()),
             norm_set: train_set,
-            norm_items: items,
+            norm_items: fit,
+            holdout_names: held
+                .iter()
+                .map(|&i| format!("cifar10 training image {}", split.train[i]))
+                .collect(),
+            holdout_items: held,
             norm_cache: train_cache,
             test_groups: (0..split.test.len()).collect(),
+            test_defects: split
+                .test
+                .iter()
+                .zip(&split.test_labels)
+                .map(|(&i, &l)| match l {
+                    0 => crate::data::folder::GOOD.to_string(),
+                    _ => self.config.class_names[cifar.test.labels[i] as usize].clone(),
+                })
+                .collect(),
+            cut: None,
             test_labels: split.test_labels,
             test_set,
             test_cache,
@@ -212,10 +240,21 @@ impl Prepared {
         })
     }
 
-    pub(crate) fn folder_class(&self, category: &Category) -> Result<ClassData> {
+    pub(crate) fn folder_class(&self, class: usize, category: &Category) -> Result<ClassData> {
         let c = &self.config;
         let cut = FullCut::new(c.full_size, c.settings.image_size, c.stride)?;
         let patches = cut.patch_count();
+        let (fit, held) = holdout_split(
+            category.train.len(),
+            c.holdout(),
+            mix(c.settings.seed, class as u64, 5),
+        )?;
+        let inputs_of = |images: &[usize]| -> Vec<usize> {
+            images
+                .iter()
+                .flat_map(|&i| i * patches..(i + 1) * patches)
+                .collect()
+        };
         let train_source = Arc::new(ImageSource::files(category.train.clone(), c.full_size));
         let test_paths: Vec<PathBuf> = category.test.iter().map(|t| t.path.clone()).collect();
         let test_source = Arc::new(ImageSource::files(test_paths.clone(), c.full_size));
@@ -274,14 +313,12 @@ impl Prepared {
             }
             None => (None, None, None),
         };
+        let norm_items = inputs_of(&fit);
         let stats = match &norm_cache {
-            Some(cache) => {
-                let all: Vec<usize> = (0..norm_set.len()).collect();
-                Some(Arc::new(self.statistics(cache, &all)?))
-            }
+            Some(cache) => Some(Arc::new(self.statistics(cache, &norm_items)?)),
             None => None,
         };
-        let n_train = category.train.len() as u64;
+        let n_train = fit.len() as u64;
         let masks: Vec<Mask> = category
             .test
             .iter()
@@ -297,17 +334,31 @@ impl Prepared {
             .map(|&(image, offset)| (image, offset.unwrap_or((0, 0))))
             .collect();
         let pixels = PixelTruth::build(&patch_inputs, &masks, c.full_size, c.settings.image_size)?;
+        let root = c.data_root();
         Ok(ClassData {
-            train_items: (0..category.train.len()).collect(),
+            holdout_names: held
+                .iter()
+                .map(|&i| {
+                    let path = &category.train[i];
+                    path.strip_prefix(root)
+                        .unwrap_or(path)
+                        .display()
+                        .to_string()
+                })
+                .collect(),
+            holdout_items: inputs_of(&held),
+            train_items: fit,
             train: TrainKind::Crops {
                 source: train_source,
                 pool,
             },
-            norm_items: (0..norm_set.len()).collect(),
+            norm_items,
             norm_set,
             norm_cache,
             test_groups: (0..test_set.len()).map(|i| i / patches).collect(),
             test_labels: category.test_labels(),
+            test_defects: category.test.iter().map(|t| t.defect.clone()).collect(),
+            cut: Some((cut.offsets(), c.full_size, c.settings.image_size)),
             test_set,
             test_cache,
             stats,
@@ -320,7 +371,9 @@ impl Prepared {
         })
     }
 
-    /// Loaders of a class's test inputs and of its normal training inputs (for `nor`), in order.
+    /// Loaders of a class's test inputs, of its normal training inputs (for `nor`) and of its
+    /// held-out normal inputs (none when nothing is held out), in order.
+    #[allow(clippy::type_complexity)]
     pub(crate) fn eval_loaders(
         &self,
         data: &ClassData,
@@ -328,6 +381,7 @@ impl Prepared {
     ) -> (
         Arc<dyn DataLoader<InputBatch>>,
         Arc<dyn DataLoader<InputBatch>>,
+        Option<Arc<dyn DataLoader<InputBatch>>>,
     ) {
         let loader =
             |set: &Arc<InputSet>, cache: &Option<Arc<EmbeddingCache>>, items: Vec<usize>| {
@@ -347,6 +401,8 @@ impl Prepared {
                 (0..data.test_set.len()).collect(),
             ),
             loader(&data.norm_set, &data.norm_cache, data.norm_items.clone()),
+            (!data.holdout_items.is_empty())
+                .then(|| loader(&data.norm_set, &data.norm_cache, data.holdout_items.clone())),
         )
     }
 
@@ -377,6 +433,36 @@ impl Prepared {
             self.config.teacher_sha256.clone(),
         )
     }
+}
+
+/// Splits `n` normal training images into those that train and those held out: a seeded
+/// `fraction` of them (rounded, at least one when the fraction is not 0), each list in image
+/// order. At least 2 images must be left to train.
+pub(crate) fn holdout_split(
+    n: usize,
+    fraction: f64,
+    seed: u64,
+) -> Result<(Vec<usize>, Vec<usize>)> {
+    if fraction <= 0.0 {
+        return Ok(((0..n).collect(), Vec::new()));
+    }
+    let held = ((fraction * n as f64).round() as usize).max(1);
+    if n < held + 2 {
+        return Err(crate::Error::InvalidArgument(format!(
+            "--holdout {fraction}: {n} normal training images are too few to hold {held} out \
+             and train on at least 2; add images, or use --holdout 0 (the threshold is then \
+             calibrated on the training images, which flags new normal images more often)"
+        )));
+    }
+    let mut order: Vec<usize> = (0..n).collect();
+    let mut rng = crate::data::crops::SeededRng::new(seed);
+    for i in (1..n).rev() {
+        order.swap(i, rng.below(i as u64 + 1) as usize);
+    }
+    let mut out: Vec<usize> = order[..held].to_vec();
+    out.sort_unstable();
+    let fit = (0..n).filter(|i| out.binary_search(i).is_err()).collect();
+    Ok((fit, out))
 }
 
 pub(crate) fn cached_teachers(

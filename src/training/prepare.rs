@@ -8,8 +8,8 @@ use burn::prelude::*;
 
 use super::teacher_runner::TeacherRunner;
 use crate::config::{
-    MAX_BATCH_SIZE, MAX_CROP_POOL, MAX_CROPS_PER_BATCH, MAX_EPOCHS, MAX_IMAGE_SIZE, TrainConfig,
-    TrainSettings,
+    DEFAULT_HOLDOUT, MAX_BATCH_SIZE, MAX_CROP_POOL, MAX_CROPS_PER_BATCH, MAX_EPOCHS,
+    MAX_IMAGE_SIZE, Protocol, TrainConfig, TrainSettings,
 };
 use crate::data::DatasetKind;
 use crate::data::cifar::{self, Cifar10};
@@ -78,6 +78,19 @@ pub(crate) fn invalid(message: impl Into<String>) -> Error {
 /// Checks everything a run needs before any training: options, dataset, classes, teachers and
 /// output directory. Errors name what is wrong.
 pub fn prepare(request: TrainRequest) -> Result<Prepared> {
+    let mut request = request;
+    // A run written before the protocols were recorded used the reference's: resumed, it
+    // keeps it.
+    if request.resume
+        && request.settings.protocol.is_none()
+        && request
+            .out
+            .join(crate::output::run_folder::CONFIG_FILE)
+            .is_file()
+        && read_config(&request.out).is_ok_and(|c| c.settings.protocol.is_none())
+    {
+        request.settings.protocol = Some(Protocol::Reference);
+    }
     let r = &request;
     let s = &r.settings;
     let dataset = s.dataset.ok_or_else(|| {
@@ -134,6 +147,7 @@ pub fn prepare(request: TrainRequest) -> Result<Prepared> {
             "--crop-pool {n}: from 1 to {MAX_CROP_POOL} offsets per image"
         )));
     }
+    crate::config::check_decision_settings(s).map_err(invalid)?;
     if s.image_size != CROP_SIZE && !s.tiny_teachers && s.teachers != TeacherChoice::None {
         return Err(invalid(format!(
             "--image-size {} needs --tiny-teachers: the ImageNet teachers see {CROP_SIZE}x{CROP_SIZE} inputs",
@@ -149,10 +163,20 @@ pub fn prepare(request: TrainRequest) -> Result<Prepared> {
     let runner = load_teachers(s, &r.teacher_weights, &r.device)?;
     let (teacher_names, teacher_sha256) = teacher_identity(runner.as_deref());
 
+    if let DataSet::Folder(categories) = &data {
+        let holdout = settings_holdout(s, dataset);
+        for category in categories {
+            super::class_data::holdout_split(category.train.len(), holdout, 0)
+                .map_err(|e| invalid(format!("category {}: {e}", category.name)))?;
+        }
+    }
     let data_sha256 = data_sha256(&data, &data_root)?;
     let mut settings = s.clone();
     settings.dataset = Some(dataset);
     settings.data_root = Some(data_root);
+    settings.protocol = Some(s.protocol.unwrap_or(Protocol::default_for(dataset)));
+    settings.holdout = Some(settings_holdout(s, dataset));
+    let protocol = settings.protocol.unwrap_or_default();
     let config = TrainConfig {
         settings,
         class_indices,
@@ -163,13 +187,23 @@ pub fn prepare(request: TrainRequest) -> Result<Prepared> {
         teacher_names,
         teacher_sha256,
         data_sha256,
+        deployed: protocol.selection().to_string(),
+        notes: String::new(),
         device: r.device_name.clone(),
         version: env!("CARGO_PKG_VERSION").to_string(),
+    };
+    let config = TrainConfig {
+        notes: config.reduced().unwrap_or_default(),
+        ..config
     };
 
     // Output directory.
     let out = if r.resume {
-        let saved = read_config(&r.out)?;
+        let mut saved = read_config(&r.out)?;
+        if saved.settings.protocol.is_none() {
+            saved.settings.protocol = Some(Protocol::Reference);
+            saved.settings.holdout = Some(saved.holdout());
+        }
         config.resumable_from(&saved).map_err(|fields| {
             invalid(format!(
                 "--resume {}: the run was started with other settings ({fields}); give the same \
@@ -227,6 +261,15 @@ pub fn prepare(request: TrainRequest) -> Result<Prepared> {
         resume: r.resume,
         _lock: lock,
     })
+}
+
+/// The share held out: `--holdout`, or its protocol's default.
+fn settings_holdout(s: &TrainSettings, dataset: DatasetKind) -> f64 {
+    s.holdout
+        .unwrap_or(match s.protocol.unwrap_or(Protocol::default_for(dataset)) {
+            Protocol::Reference => 0.0,
+            Protocol::LabelFree => DEFAULT_HOLDOUT,
+        })
 }
 
 /// Opens a dataset and resolves `--classes`: the data, every class name, the chosen indices.

@@ -27,7 +27,9 @@ use super::strategy::{
 };
 use crate::config::TrainConfig;
 use crate::data::crops::MVTEC_IMAGES_PER_BATCH;
-use crate::output::run_folder::{ClassProgress, PROGRESS_FILE, class_dir, read_progress};
+use crate::output::run_folder::{
+    ClassProgress, PROGRESS_FILE, SideBySide, class_dir, read_progress,
+};
 use crate::scoring::evaluation::ClassEvaluation;
 use crate::{Error, Result};
 
@@ -36,8 +38,12 @@ use crate::{Error, Result};
 pub struct ClassResult {
     pub index: usize,
     pub name: String,
-    pub best_epoch: usize,
-    pub evaluation: ClassEvaluation,
+    /// The evaluation `model.mtad` holds (the run's protocol's choice).
+    pub deployed_epoch: usize,
+    /// Its evaluation (none when the test set lacks good or defect images).
+    pub evaluation: Option<ClassEvaluation>,
+    /// Both protocols' headline numbers.
+    pub side_by_side: SideBySide,
 }
 
 /// The result of a run.
@@ -86,7 +92,7 @@ impl Prepared {
             );
             let data = match &self.data {
                 DataSet::Cifar(cifar) => self.cifar_class(cifar, class, cifar_caches.as_ref())?,
-                DataSet::Folder(categories) => self.folder_class(&categories[position])?,
+                DataSet::Folder(categories) => self.folder_class(class, &categories[position])?,
             };
             let evals = EvalSchedule {
                 epochs: self.config.settings.epochs,
@@ -131,15 +137,10 @@ impl Prepared {
         };
         if let Some(progress) = &previous
             && progress.complete
-            && let Some(best) = &progress.best
+            && progress.deployed().is_some()
         {
             tracing::info!("{name}: already complete in {}: skipped", dir.display());
-            return Ok(ClassResult {
-                index: class,
-                name: name.to_string(),
-                best_epoch: best.epoch,
-                evaluation: best.evaluation.clone(),
-            });
+            return Ok(ClassResult::of(progress));
         }
         let resume_epoch = previous
             .as_ref()
@@ -235,8 +236,9 @@ impl Prepared {
                 .build(train_dataset)
             }
         };
-        let (test_loader, norm_loader) = self.eval_loaders(&data, &errors);
+        let (test_loader, norm_loader, holdout_loader) = self.eval_loaders(&data, &errors);
         let norm_items = data.norm_items.clone();
+        write_holdout_list(&dir, &data.holdout_names)?;
 
         let session = Session {
             config: c.clone(),
@@ -249,10 +251,14 @@ impl Prepared {
             test_set: data.test_set.clone(),
             norm_set: data.norm_set.clone(),
             norm_items,
+            holdout_loader,
+            holdout_items: data.holdout_items.clone(),
             test_groups: data.test_groups.clone(),
             test_labels: data.test_labels.clone(),
+            test_defects: data.test_defects.clone(),
             stats: data.stats.clone(),
             pixels: data.pixels.clone(),
+            cut: data.cut.clone(),
             batch_errors: errors.clone(),
             plain: self.plain,
         };
@@ -322,15 +328,46 @@ impl Prepared {
         }
         let mut session = session.lock().expect("class session");
         let progress = session.finish()?;
-        let best = progress
-            .best
-            .ok_or_else(|| Error::Training(format!("class {name}: no evaluation was made")))?;
-        Ok(ClassResult {
-            index: class,
-            name: name.to_string(),
-            best_epoch: best.epoch,
-            evaluation: best.evaluation,
-        })
+        if progress.deployed().is_none() {
+            return Err(Error::Training(format!(
+                "class {name}: no evaluation was made"
+            )));
+        }
+        Ok(ClassResult::of(&progress))
+    }
+}
+
+/// The held-out images of a class, one per line, in `<class>/holdout.txt` (removed when nothing
+/// is held out).
+pub(crate) const HOLDOUT_FILE: &str = "holdout.txt";
+
+fn write_holdout_list(dir: &std::path::Path, names: &[String]) -> Result<()> {
+    let path = dir.join(HOLDOUT_FILE);
+    if names.is_empty() {
+        if path.exists() {
+            std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+        }
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let mut text = names.join("\n");
+    text.push('\n');
+    crate::output::write_atomic(&path, text.as_bytes())
+}
+
+impl ClassResult {
+    /// A finished class's result from its progress (which has a deployed evaluation).
+    fn of(progress: &ClassProgress) -> Self {
+        let deployed = progress
+            .deployed()
+            .expect("a finished class has a deployed evaluation");
+        Self {
+            index: progress.index,
+            name: progress.name.clone(),
+            deployed_epoch: deployed.epoch,
+            evaluation: deployed.evaluation.clone(),
+            side_by_side: progress.side_by_side(),
+        }
     }
 }
 

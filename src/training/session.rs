@@ -13,18 +13,23 @@ use burn::module::Module;
 use super::inputs::{ErrorSlot, InputSet};
 use super::model::{InputBatch, MtadModel};
 use super::strategy::{AtomicCheckpointer, CHECKPOINT_PARTS, ClassSession, EpochLosses};
-use crate::config::TrainConfig;
+use crate::config::{Protocol, TrainConfig};
 use crate::output::artifact::{ARTIFACT_FILE, Artifact, NormalScores};
 use crate::output::run_folder::{
-    BestRecord, ClassProgress, EvalRecord, PartialEpoch, write_progress,
+    BestRecord, ClassProgress, Decision, EvalRecord, PartialEpoch, write_progress,
 };
 use crate::output::scores::{TEST_SCORES, TRAIN_SCORES, write_scores};
 use crate::output::tables::write_tables;
 use crate::output::write_atomic;
 use crate::progress::Progress;
-use crate::scoring::evaluation::{Normaliser, RawScores, column_names, evaluate};
+use crate::scoring::evaluation::{
+    AUPRO_MAX_FPR, ClassEvaluation, Normaliser, RawScores, column_names, evaluate, group_max,
+    has_both_labels, image_nor,
+};
+use crate::scoring::metrics::rates_at;
 use crate::scoring::pixel::PixelTruth;
-use crate::teachers::TeacherStatistics;
+use crate::scoring::threshold::{Calibration, HELD_OUT, PixelMaps, TRAINING};
+use crate::teachers::{TeacherChoice, TeacherStatistics};
 use crate::{Error, Result};
 
 /// Evaluation, outputs and progress of one class during training.
@@ -36,29 +41,56 @@ pub(crate) struct Session {
     pub(crate) progress: ClassProgress,
     pub(crate) test_loader: Arc<dyn DataLoader<InputBatch>>,
     pub(crate) norm_loader: Arc<dyn DataLoader<InputBatch>>,
+    /// The held-out normal inputs (none when nothing is held out).
+    pub(crate) holdout_loader: Option<Arc<dyn DataLoader<InputBatch>>>,
     pub(crate) test_set: Arc<InputSet>,
     pub(crate) norm_set: Arc<InputSet>,
     pub(crate) norm_items: Vec<usize>,
+    pub(crate) holdout_items: Vec<usize>,
     pub(crate) test_groups: Vec<usize>,
     pub(crate) test_labels: Vec<u8>,
+    /// Each test image's folder (`good` or its defect type; CIFAR-10: its class).
+    pub(crate) test_defects: Vec<String>,
     pub(crate) stats: Option<Arc<TeacherStatistics>>,
     pub(crate) pixels: Option<Arc<PixelTruth>>,
+    /// The full cut (patch offsets, image side, patch side) of full-cut data, for the pixel
+    /// threshold.
+    pub(crate) cut: Option<(Vec<(usize, usize)>, usize, usize)>,
     pub(crate) batch_errors: ErrorSlot,
     pub(crate) plain: bool,
 }
 
-/// The pixel AUROC of the `nor` heatmaps of `test`, where the class has masks.
-pub(crate) fn pixel_auroc(
+/// The pixel AUROC and AUPRO of the `nor` heatmaps of `test`, where the class has masks.
+pub(crate) fn pixel_metrics(
     pixels: Option<&PixelTruth>,
     test: &RawScores,
     normaliser: &Normaliser,
-) -> Result<Option<f64>> {
-    pixels
-        .map(|p| {
-            let nor: Vec<f64> = (0..test.len()).map(|i| normaliser.score(test, i)).collect();
-            p.auroc(&nor)
-        })
-        .transpose()
+) -> Result<(Option<f64>, Option<f64>)> {
+    let Some(p) = pixels else {
+        return Ok((None, None));
+    };
+    let nor: Vec<f64> = (0..test.len()).map(|i| normaliser.score(test, i)).collect();
+    Ok((Some(p.auroc(&nor)?), Some(p.aupro(&nor, AUPRO_MAX_FPR)?)))
+}
+
+/// A class's evaluation of `test` where its labels have both classes: the 69 columns, `nor`,
+/// the pixel metrics and `nor`'s image metrics.
+pub(crate) fn full_evaluation(
+    test: &RawScores,
+    (groups, labels, defects): (&[usize], &[u8], &[String]),
+    normaliser: &Normaliser,
+    pixels: Option<&PixelTruth>,
+    rec_only: bool,
+) -> Result<Option<ClassEvaluation>> {
+    if !has_both_labels(labels) {
+        return Ok(None);
+    }
+    let mut evaluation = evaluate(test, groups, labels, normaliser)?;
+    evaluation.rec_only = rec_only;
+    (evaluation.pixel_nor, evaluation.pixel_aupro) = pixel_metrics(pixels, test, normaliser)?;
+    let nor = image_nor(test, groups, labels.len(), normaliser);
+    evaluation.add_nor_metrics(&nor, labels, defects)?;
+    Ok(Some(evaluation))
 }
 
 /// The normal training inputs' scores with the image of each input (inputs of one image are
@@ -123,8 +155,47 @@ impl Session {
     }
 }
 
+impl Session {
+    /// The operating point of this evaluation: calibrated on the held-out normals' scores
+    /// (or the training normals' when nothing is held out), with its rates on the test set.
+    fn decide(
+        &self,
+        calibration_scores: &NormalScores,
+        normaliser: &Normaliser,
+        test: &RawScores,
+    ) -> Result<Decision> {
+        let c = calibration_scores;
+        let per_input: Vec<f64> = (0..c.scores.len())
+            .map(|i| normaliser.score(&c.scores, i))
+            .collect();
+        let images = group_max(&per_input, &c.groups, c.images);
+        let pixels = self.cut.as_ref().map(|(offsets, side, patch)| {
+            let per_image: Vec<Vec<f64>> = per_input
+                .chunks(offsets.len())
+                .map(<[f64]>::to_vec)
+                .collect();
+            PixelMaps::new(&per_image, offsets, *side, *patch)
+        });
+        let source = if self.holdout_items.is_empty() {
+            TRAINING
+        } else {
+            HELD_OUT
+        };
+        let calibration =
+            Calibration::new(&images, self.config.settings.fpr, source, pixels.as_ref())?;
+        let test_images = image_nor(test, &self.test_groups, self.test_labels.len(), normaliser);
+        let (test_fpr, test_tpr) =
+            rates_at(&test_images, &self.test_labels, calibration.threshold)?;
+        Ok(Decision {
+            calibration,
+            test_fpr,
+            test_tpr,
+        })
+    }
+}
+
 impl ClassSession for Session {
-    fn evaluate(&mut self, model: &MtadModel, epoch: usize) -> Result<f64> {
+    fn evaluate(&mut self, model: &MtadModel, epoch: usize) -> Result<Option<f64>> {
         let started = Instant::now();
         let test = score_loader(model, self.test_loader.as_ref(), "the test inputs")?;
         let train = score_loader(
@@ -132,11 +203,23 @@ impl ClassSession for Session {
             self.norm_loader.as_ref(),
             "the normal training inputs",
         )?;
+        let held = match &self.holdout_loader {
+            Some(loader) => Some(score_loader(
+                model,
+                loader.as_ref(),
+                "the held-out normal inputs",
+            )?),
+            None => None,
+        };
         if let Some(e) = self.batch_errors.take() {
             return Err(e);
         }
-        for (what, s) in [("test", &test), ("normal training", &train)] {
-            if let Some(i) = s.first_non_finite() {
+        for (what, s) in [
+            ("test", Some(&test)),
+            ("normal training", Some(&train)),
+            ("held-out", held.as_ref()),
+        ] {
+            if let Some(i) = s.and_then(RawScores::first_non_finite) {
                 return Err(Error::Training(format!(
                     "class {}: the score of {what} input {i} is not finite at epoch {epoch}; \
                      the model diverged (lower --lr and rerun)",
@@ -145,26 +228,53 @@ impl ClassSession for Session {
             }
         }
         let normaliser = Normaliser::fit(&train)?;
-        let mut evaluation = evaluate(&test, &self.test_groups, &self.test_labels, &normaliser)?;
-        evaluation.pixel_nor = pixel_auroc(self.pixels.as_deref(), &test, &normaliser)?;
-        let (oracle, column) = evaluation.oracle();
+        let evaluation = full_evaluation(
+            &test,
+            (&self.test_groups, &self.test_labels, &self.test_defects),
+            &normaliser,
+            self.pixels.as_deref(),
+            self.config.settings.teachers == TeacherChoice::None,
+        )?;
+        let calibration_scores = match held {
+            Some(held) => normal_scores(&self.norm_set, &self.holdout_items, held),
+            None => normal_scores(&self.norm_set, &self.norm_items, train.clone()),
+        };
+        let decision = self.decide(&calibration_scores, &normaliser, &test)?;
+        if let Some(note) = &decision.calibration.note
+            && self.progress.history.is_empty()
+        {
+            tracing::warn!("[{}] threshold: {note}", self.name());
+        }
+        let oracle = evaluation.as_ref().map(|e| e.oracle());
         self.progress.history.retain(|r| r.epoch < epoch);
         self.progress.history.push(EvalRecord {
             epoch,
-            oracle,
-            nor: evaluation.nor,
+            oracle: oracle.map(|o| o.0),
+            nor: evaluation.as_ref().map(|e| e.nor),
         });
-        let improved = self
-            .progress
-            .best
-            .as_ref()
-            .is_none_or(|b| oracle > b.evaluation.oracle().0);
+        let record = BestRecord {
+            epoch,
+            evaluation: evaluation.clone(),
+            normaliser,
+            decision: Some(decision),
+        };
+        // The reference's choice (tracked under both protocols, where labels exist).
+        let improved = oracle.is_some_and(|(o, _)| {
+            self.progress
+                .best
+                .as_ref()
+                .and_then(|b| b.evaluation.as_ref())
+                .is_none_or(|b| o > b.oracle().0)
+        });
         if improved {
-            let record = BestRecord {
-                epoch,
-                evaluation: evaluation.clone(),
-                normaliser,
-            };
+            self.progress.best = Some(record.clone());
+        }
+        let deploy = match self.config.protocol() {
+            Protocol::Reference if evaluation.is_some() => improved,
+            // The last evaluation (the reference protocol without test labels falls back to it).
+            _ => true,
+        };
+        if deploy {
             let all: Vec<usize> = (0..self.test_set.len()).collect();
             let labels: Vec<u8> = self
                 .test_groups
@@ -190,28 +300,38 @@ impl ClassSession for Session {
                 &record,
                 model,
                 self.stats.as_deref(),
-                normal_scores(&self.norm_set, &self.norm_items, train),
+                calibration_scores,
             )?;
-            self.progress.best = Some(record);
+            self.progress.deployed = Some(record.clone());
         }
         if self.config.settings.save_model {
             self.save_models(model, &self.dir.join(format!("epoch-{epoch}")))?;
         }
         write_tables(&self.out, &self.config, Some(&self.progress))?;
         if self.plain {
+            let measured = match (&evaluation, oracle) {
+                (Some(e), Some((oracle, column))) => format!(
+                    "AUC oracle {oracle:.4} ({}), leakage-free nor {:.4}{}",
+                    column_names()[column],
+                    e.nor,
+                    e.pixel_nor
+                        .map_or(String::new(), |p| format!(", pixel AUROC (nor) {p:.4}"))
+                ),
+                _ => "no AUC (the test set lacks good or defect images)".to_string(),
+            };
+            let d = &record.decision.as_ref().expect("decided").calibration;
             tracing::info!(
-                "[{}] epoch {epoch}: AUC oracle {oracle:.4} ({}), leakage-free nor {:.4}{}{} ({:.1} s)",
+                "[{}] epoch {epoch}: {measured}; threshold {:.4} at FPR {} on {} {}{} ({:.1} s)",
                 self.name(),
-                column_names()[column],
-                evaluation.nor,
-                evaluation
-                    .pixel_nor
-                    .map_or(String::new(), |p| format!(", pixel AUROC (nor) {p:.4}")),
-                if improved { ", best so far: saved" } else { "" },
+                d.threshold,
+                d.fpr,
+                d.images,
+                d.source,
+                if deploy { "; deployed: saved" } else { "" },
                 started.elapsed().as_secs_f64()
             );
         }
-        Ok(oracle)
+        Ok(oracle.map(|o| o.0))
     }
 
     fn checkpointed(

@@ -49,8 +49,9 @@ impl EvalSchedule {
 
 /// What the loop reports to, and what evaluates, for one class.
 pub trait ClassSession: Send {
-    /// Evaluates the model (in inference mode) after `epoch`; returns the AUC to display.
-    fn evaluate(&mut self, model: &MtadModel, epoch: usize) -> Result<f64>;
+    /// Evaluates the model (in inference mode) after `epoch`; returns the AUC to display (none
+    /// when the test set lacks good or defect images).
+    fn evaluate(&mut self, model: &MtadModel, epoch: usize) -> Result<Option<f64>>;
     /// The checkpoint of `epoch` is complete on disk, with the sha256 of each file; `partial`
     /// when it was taken in the middle of the epoch.
     fn checkpointed(
@@ -513,7 +514,7 @@ impl SupervisedLearningStrategy<MtadModel> for EvalEveryStrategy {
                     as_z: zero.clone(),
                     as_cossim: zero.clone(),
                     as_rec: zero,
-                    auc: Some(auc),
+                    auc,
                 };
                 interrupter.fail_on_error(processor.process_valid(LearnerEvent::ProcessedItem(
                     TrainingItem::new(summary, Progress::new(1, 1, None), Some(1), None),

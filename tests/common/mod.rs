@@ -110,6 +110,9 @@ pub fn request(data: &Path, out: &Path, cache: &Path) -> TrainRequest {
     r.settings.epochs = 2;
     r.settings.eval_every = 1;
     r.settings.seed = 5;
+    // The mechanics tests count every training image: the reference protocol (nothing held
+    // out). tests/label_free.rs runs the label-free one.
+    r.settings.protocol = Some(multi_teacher_ad::config::Protocol::Reference);
     r
 }
 

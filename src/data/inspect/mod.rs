@@ -51,6 +51,8 @@ pub struct CategoryReport {
     pub sizes: BTreeMap<String, usize>,
     /// Channel count -> count.
     pub channels: BTreeMap<u8, usize>,
+    /// What its test set can measure (`folder::supported_metrics`).
+    pub metrics: Vec<String>,
 }
 
 /// The result of inspecting a dataset.
@@ -183,6 +185,14 @@ fn inspect_category(
     // The rule `train` applies (`Category::check_trainable`): "usable" means train accepts it.
     if let Err(message) = category.check_trainable() {
         report.problem(Severity::Error, format!("{name}: {message}"));
+    }
+    let (metrics, note) = category.supported_metrics();
+    summary.metrics = metrics.iter().map(|m| m.to_string()).collect();
+    if let Some(note) = note {
+        report.problem(
+            Severity::Warning,
+            format!("{name}: {note} (training and the threshold need only normal images)"),
+        );
     }
     if summary.masks_missing > 0 {
         report.problem(
@@ -362,6 +372,11 @@ pub fn inspect_cifar(root: &Path) -> InspectReport {
             test_defect: data.test.len() - test[k],
             sizes: BTreeMap::from([("32x32".to_string(), train[k] + test[k])]),
             channels: BTreeMap::from([(3, train[k] + test[k])]),
+            metrics: folder::supported_metrics(test[k], data.test.len() - test[k], 0)
+                .0
+                .iter()
+                .map(|m| m.to_string())
+                .collect(),
             ..CategoryReport::default()
         });
     }
@@ -420,6 +435,9 @@ impl fmt::Display for InspectReport {
                 format!("{sizes} ({channels})"),
                 defects
             )?;
+        }
+        for c in self.categories.iter().filter(|c| !c.metrics.is_empty()) {
+            writeln!(f, "{} can measure: {}", c.name, c.metrics.join(", "))?;
         }
         for p in &self.problems {
             let tag = match p.severity {

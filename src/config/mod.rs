@@ -18,6 +18,10 @@ use crate::students::StudentKind;
 use crate::teachers::TeacherChoice;
 use crate::{Error, Result};
 
+mod protocol;
+use protocol::default_fpr;
+pub use protocol::{DEFAULT_FPR, DEFAULT_HOLDOUT, MAX_HOLDOUT, Protocol, check_decision_settings};
+
 /// The most crop offsets `--crop-pool` may draw per image: their teacher embeddings are cached
 /// (4 KB per teacher and crop), 1024 already being 12 MB per image with three teachers.
 pub const MAX_CROP_POOL: usize = 1024;
@@ -28,7 +32,6 @@ pub const MAX_IMAGE_SIZE: usize = 512;
 pub const MAX_BATCH_SIZE: usize = 1024;
 pub const MAX_CROPS_PER_BATCH: usize = 256;
 pub const MAX_EPOCHS: usize = 1_000_000;
-
 /// Every setting a user chooses for a training run.
 #[derive(Debug, Clone, PartialEq, Args, Serialize, Deserialize)]
 pub struct TrainSettings {
@@ -69,9 +72,10 @@ pub struct TrainSettings {
     /// (224 -> 1024 images, stride 200; 32 -> 148, stride 29).
     #[arg(long, default_value_t = 224, value_parser = RangedU64ValueParser::<usize>::new().range(32..=MAX_IMAGE_SIZE as u64))]
     pub image_size: usize,
-    /// MVTec/folder: draw N crop offsets per image once and cache their teacher embeddings, so
-    /// the teachers never run during training (default: the reference's fresh random crops,
-    /// teachers run on every batch).
+    /// MVTec/folder, a REDUCED PROTOCOL for quick trials: draw N crop offsets once, shared by
+    /// every image and every epoch, and cache their teacher embeddings, so the teachers never
+    /// run during training (default: the reference's fresh random crops, teachers run on every
+    /// batch). Flagged in the tables, config.json and the report.
     #[arg(long, value_name = "N", value_parser = RangedU64ValueParser::<usize>::new().range(1..=MAX_CROP_POOL as u64))]
     pub crop_pool: Option<usize>,
     /// MVTec/folder: random crops per training batch of 4 images (each offset cuts all 4).
@@ -98,6 +102,28 @@ pub struct TrainSettings {
     #[arg(long, value_name = "MINUTES")]
     #[serde(default)]
     pub checkpoint_every: Option<f64>,
+    /// How the deployed model and the threshold are decided. `label-free` (the default for
+    /// `--dataset folder`): --holdout of the normal training images are set aside, the last
+    /// evaluation is deployed and the threshold is calibrated on the held-out images; no test
+    /// label decides anything. `reference` (the default for `mvtec` and `cifar10`): the
+    /// reference's protocol, every training image trains and the evaluation with the best oracle
+    /// AUC (chosen with the test labels) is deployed. Where test labels exist, both protocols'
+    /// numbers are reported side by side.
+    #[arg(long, value_enum)]
+    #[serde(default)]
+    pub protocol: Option<Protocol>,
+    /// Share of the normal training images set aside (seeded by --seed) before anything is
+    /// fitted: they never train the student, decoder or weighting nor enter the teacher
+    /// statistics, and the threshold is calibrated on their scores. Default: 0.2 with the
+    /// label-free protocol, 0 (must be) with the reference protocol.
+    #[arg(long, value_name = "FRACTION")]
+    #[serde(default)]
+    pub holdout: Option<f64>,
+    /// Operating point: the threshold is the score that this share of the held-out normal
+    /// images exceed (0.01: about 1 in 100 good parts flagged). `detect --fpr` moves it later.
+    #[arg(long, value_name = "RATE", default_value_t = DEFAULT_FPR)]
+    #[serde(default = "default_fpr")]
+    pub fpr: f64,
 }
 
 impl TrainSettings {
@@ -134,6 +160,9 @@ impl TrainSettings {
             save_model: false,
             cache_dir: cache_dir.to_path_buf(),
             checkpoint_every: None,
+            protocol: None,
+            holdout: None,
+            fpr: DEFAULT_FPR,
         }
     }
 
@@ -204,6 +233,14 @@ pub struct TrainConfig {
     /// runs written before it was recorded.
     #[serde(default)]
     pub data_sha256: String,
+    /// How the deployed evaluation was chosen ([`Protocol::selection`]); empty in runs written
+    /// before it was recorded (they used the reference's).
+    #[serde(default)]
+    pub deployed: String,
+    /// How the run deviates from the method ([`TrainConfig::reduced`]; empty: it does not), as
+    /// the tables' first line says it.
+    #[serde(default)]
+    pub notes: String,
     pub device: String,
     /// `mtad` version that wrote the run.
     pub version: String,
@@ -265,6 +302,7 @@ impl TrainConfig {
         if s.epochs == 0 || s.epochs > MAX_EPOCHS || s.eval_every == 0 {
             return Err("epochs or eval_every out of range".into());
         }
+        check_decision_settings(s)?;
         if self.class_names.is_empty()
             || self
                 .class_indices
@@ -286,6 +324,16 @@ impl TrainConfig {
             .expect("a run's config names its dataset (checked when it is made or read)")
     }
 
+    /// The run's protocol (runs written before it was recorded used the reference's).
+    pub fn protocol(&self) -> Protocol {
+        self.settings.protocol.unwrap_or_default()
+    }
+
+    /// The share of normal training images held out (0 in runs written before it existed).
+    pub fn holdout(&self) -> f64 {
+        self.settings.holdout.unwrap_or(0.0)
+    }
+
     /// The dataset's root folder (present in every run's config, as `dataset`).
     pub fn data_root(&self) -> &Path {
         self.settings
@@ -295,8 +343,10 @@ impl TrainConfig {
     }
 
     /// The keys of `config.json` that are resolved, not chosen.
-    pub fn resolved_keys() -> [&'static str; 10] {
+    pub fn resolved_keys() -> [&'static str; 12] {
         [
+            "deployed",
+            "notes",
             "class_indices",
             "class_names",
             "full_size",
@@ -377,6 +427,20 @@ impl TrainConfig {
                 s.image_size
             ));
         }
+        if let Some(n) = s.crop_pool
+            && self.dataset() != DatasetKind::Cifar10
+        {
+            notes.push(format!(
+                "REDUCED PROTOCOL: --crop-pool {n} (the same {n} crop offsets for every image \
+                 and epoch; the method draws fresh random crops every batch)"
+            ));
+        }
+        if self.holdout() > 0.0 {
+            notes.push(format!(
+                "{:.0}% of the normal training images held out (label-free protocol)",
+                self.holdout() * 100.0
+            ));
+        }
         (!notes.is_empty()).then(|| notes.join("; "))
     }
 
@@ -393,6 +457,9 @@ impl TrainConfig {
             c.settings.cache_dir = PathBuf::new();
             c.settings.data_root = None;
             c.settings.checkpoint_every = None;
+            // Derived from the settings compared (and absent in older runs).
+            c.deployed = String::new();
+            c.notes = String::new();
         }
         if a == b {
             Ok(())
@@ -453,6 +520,8 @@ mod tests {
             teacher_names: Vec::new(),
             teacher_sha256: Vec::new(),
             data_sha256: String::new(),
+            deployed: String::new(),
+            notes: String::new(),
             device: String::new(),
             version: String::new(),
         };
