@@ -27,18 +27,18 @@ use crate::progress::Progress;
 use crate::scoring::Mix;
 use crate::scoring::evaluation::{Normaliser, RawScores, column_mixes, column_names, group_max};
 use crate::scoring::threshold::{PixelMaps, calibrate, patch_map};
-
-use super::pictures::{heatmap_png, mask_png, residual_png};
-
-/// Subfolders of `detect`'s output folder.
-pub const HEATMAPS_DIR: &str = "heatmaps";
-pub const MASKS_DIR: &str = "masks";
 use crate::teachers::{TeacherStatistics, WeightsLocation};
 use crate::training::inputs::images_tensor;
 use crate::training::model::{InputBatch, MtadModel};
 use crate::training::prepare::load_teachers;
 use crate::training::teacher_runner::{TeacherRunner, z_scores_host};
 use crate::{Error, Result};
+
+use super::pictures::{heatmap_png, mask_png, residual_png};
+
+/// Subfolders of `detect`'s output folder.
+pub const HEATMAPS_DIR: &str = "heatmaps";
+pub const MASKS_DIR: &str = "masks";
 
 /// Which score decides.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -241,15 +241,14 @@ impl Detector {
                 .chunks(offsets.len())
                 .map(<[f64]>::to_vec)
                 .collect();
-            Some(
-                PixelMaps::new(
-                    &per_image,
-                    &offsets,
-                    config.full_size,
-                    config.settings.image_size,
-                )
-                .threshold(rate)?,
+            let maps = PixelMaps::new(
+                &per_image,
+                &offsets,
+                config.full_size,
+                config.settings.image_size,
             )
+            .map_err(|e| Error::invalid_file(path, format!("its calibration scores: {e}")))?;
+            Some(maps.threshold(rate)?)
         };
         let images = normal.images;
         let calibration_note = match (choice.threshold, choice.fpr) {

@@ -112,10 +112,22 @@ pub struct PixelMaps {
 impl PixelMaps {
     /// From each image's patch scores (`scores[g]`: image `g`'s patches, at `offsets`): each
     /// cell of the patch grid counts its area at the max score of the patches covering it.
-    pub fn new(images: &[Vec<f64>], offsets: &[(usize, usize)], side: usize, patch: usize) -> Self {
+    pub fn new(
+        images: &[Vec<f64>],
+        offsets: &[(usize, usize)],
+        side: usize,
+        patch: usize,
+    ) -> Result<Self> {
         let cells = super::pixel::patch_cells(offsets, side, patch);
         let mut values = Vec::with_capacity(images.len() * cells.len());
         for scores in images {
+            if scores.len() != offsets.len() {
+                return Err(Error::InvalidArgument(format!(
+                    "an image has {} patch scores, its cut {} patches",
+                    scores.len(),
+                    offsets.len()
+                )));
+            }
             for (covering, area) in &cells {
                 let v = covering
                     .iter()
@@ -126,7 +138,7 @@ impl PixelMaps {
                 }
             }
         }
-        Self { values }
+        Ok(Self { values })
     }
 
     /// The pixel threshold that `rate` of these pixels exceed (as [`calibrate`] over every
@@ -190,7 +202,8 @@ mod tests {
     fn the_pixel_threshold_is_the_quantile_of_every_pixel() {
         // A 4x4 image, 2x2 patches at the four corners: 4 pixels per score.
         let offsets = [(0, 0), (0, 2), (2, 0), (2, 2)];
-        let maps = PixelMaps::new(&[vec![1.0, 2.0, 3.0, 4.0]], &offsets, 4, 2);
+        let maps = PixelMaps::new(&[vec![1.0, 2.0, 3.0, 4.0]], &offsets, 4, 2).unwrap();
+        assert!(PixelMaps::new(&[vec![1.0]], &offsets, 4, 2).is_err());
         // 16 pixels, rate 0.25: 4 may be above -> the threshold is 3 (4 pixels at 4).
         assert_eq!(maps.threshold(0.25).unwrap(), 3.0);
         assert_eq!(maps.threshold(0.0).unwrap(), 4.0);
@@ -200,7 +213,7 @@ mod tests {
         let scores = vec![0.5, 2.0, 1.5, 1.0, 3.0];
         let map = patch_map(&scores, &offsets, 7, 4);
         let painted: Vec<f64> = map.iter().copied().filter(|v| v.is_finite()).collect();
-        let cells = PixelMaps::new(&[scores], &offsets, 7, 4);
+        let cells = PixelMaps::new(&[scores], &offsets, 7, 4).unwrap();
         for rate in [0.0, 0.05, 0.2, 0.5, 0.9] {
             assert_eq!(
                 cells.threshold(rate).unwrap(),

@@ -169,13 +169,17 @@ impl Session {
             .map(|i| normaliser.score(&c.scores, i))
             .collect();
         let images = group_max(&per_input, &c.groups, c.images);
-        let pixels = self.cut.as_ref().map(|(offsets, side, patch)| {
-            let per_image: Vec<Vec<f64>> = per_input
-                .chunks(offsets.len())
-                .map(<[f64]>::to_vec)
-                .collect();
-            PixelMaps::new(&per_image, offsets, *side, *patch)
-        });
+        let pixels = self
+            .cut
+            .as_ref()
+            .map(|(offsets, side, patch)| {
+                let per_image: Vec<Vec<f64>> = per_input
+                    .chunks(offsets.len())
+                    .map(<[f64]>::to_vec)
+                    .collect();
+                PixelMaps::new(&per_image, offsets, *side, *patch)
+            })
+            .transpose()?;
         let source = if self.holdout_items.is_empty() {
             TRAINING
         } else {
