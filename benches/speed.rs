@@ -129,6 +129,8 @@ fn main() {
         args.rounds,
         s = args.image_size
     );
+    // Where it ran: the CPU and the instruction sets (PyTorch's line follows from its side).
+    println!("cpu: {}", mtad_kernels::isa::describe());
     let py = python(&args);
     let reference = !args.no_reference && has_torch(&py);
     if !args.no_reference && !reference {

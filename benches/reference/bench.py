@@ -186,7 +186,9 @@ def main():
         if not cases:
             parser.error(f"--only {args.only!r} matches no case")
 
-    print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads, "
+    capability = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "unknown")()
+    print(f"torch {torch.__version__}, CPU capability {capability} (ATEN_CPU_CAPABILITY caps it), "
+          f"device {device}, {torch.get_num_threads()} threads, "
           f"S={args.image_size}, warmup {args.warmup}, iters {args.iters}, "
           f"decoder {nets.decoder_params(args.image_size):,} parameters", file=sys.stderr)
     if args.serve:

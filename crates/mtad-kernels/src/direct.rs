@@ -130,15 +130,9 @@ mod avx2 {
     }
 }
 
+/// Whether the kernels may use AVX2 and FMA (see [`crate::isa`]).
 fn has_avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    crate::isa::capability() >= crate::isa::Capability::Avx2
 }
 
 /// `x` [n, cin, h, w], `weight` [cout, cin, 3, 3] -> [n, cout, h, w].

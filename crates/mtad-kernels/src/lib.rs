@@ -16,6 +16,7 @@ pub mod conv1x1;
 pub mod conv3x3;
 mod direct;
 pub mod fused;
+pub mod isa;
 pub(crate) mod matmul;
 mod padded;
 pub mod pool;

@@ -48,16 +48,10 @@ const PAIRS_PER_JOB: usize = 4;
 /// planes (16 padded 56x56 planes are 216 kB).
 const WG_CI_BLOCK: usize = 16;
 
-/// Whether the CPU has AVX-512 (foundation), which these kernels need.
+/// Whether the kernels may use AVX-512 (foundation), which these kernels need: the CPU has it
+/// and `MTAD_CPU_CAPABILITY` does not cap it (see [`crate::isa`]).
 pub fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    crate::isa::capability() >= crate::isa::Capability::Avx512
 }
 
 /// Whether the forward kernel takes a convolution to `cout` channels (and the input gradient
