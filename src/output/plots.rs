@@ -27,6 +27,21 @@ fn fonts() {
     });
 }
 
+/// The legend of a chart's labelled series, framed, at `position`.
+fn legend<'a, DB: DrawingBackend + 'a, CT: CoordTranslate>(
+    chart: &mut ChartContext<'a, DB, CT>,
+    position: SeriesLabelPosition,
+) -> Result<()> {
+    chart
+        .configure_series_labels()
+        .position(position)
+        .label_font(("sans-serif", 13))
+        .background_style(WHITE.mix(0.9))
+        .border_style(BLACK)
+        .draw()
+        .map_err(drawing)
+}
+
 /// A drawn RGB buffer of `w` x `h` pixels as PNG bytes.
 fn buffer_png(w: u32, h: u32, pixels: Vec<u8>, what: &str) -> Result<Vec<u8>> {
     let image = image::RgbImage::from_raw(w, h, pixels)
@@ -83,14 +98,7 @@ pub fn roc_png(title: &str, curves: &[Curve]) -> Result<Vec<u8>> {
                     PathElement::new([(x, y), (x + 20, y)], color.stroke_width(3))
                 });
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::LowerRight)
-            .label_font(("sans-serif", 13))
-            .background_style(WHITE.mix(0.9))
-            .border_style(BLACK)
-            .draw()
-            .map_err(drawing)?;
+        legend(&mut chart, SeriesLabelPosition::LowerRight)?;
         root.present().map_err(drawing)?;
     }
     buffer_png(w, h, pixels, "a ROC curve")
@@ -198,14 +206,7 @@ pub fn histogram_png(
                 .label("threshold")
                 .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], RED.stroke_width(2)));
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .label_font(("sans-serif", 13))
-            .background_style(WHITE.mix(0.9))
-            .border_style(BLACK)
-            .draw()
-            .map_err(drawing)?;
+        legend(&mut chart, SeriesLabelPosition::UpperRight)?;
         root.present().map_err(drawing)?;
     }
     buffer_png(w, h, pixels, "a histogram")

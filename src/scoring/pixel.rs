@@ -127,11 +127,7 @@ impl PixelTruth {
             .cells
             .iter()
             .map(|c| {
-                let score = c
-                    .inputs
-                    .iter()
-                    .map(|&i| per_input[i])
-                    .fold(f64::NEG_INFINITY, f64::max);
+                let score = cover_max(&c.inputs, per_input);
                 (score, c.defect, c.normal)
             })
             .collect();
@@ -148,11 +144,7 @@ impl PixelTruth {
             .cells
             .iter()
             .map(|c| {
-                let score = c
-                    .inputs
-                    .iter()
-                    .map(|&i| per_input[i])
-                    .fold(f64::NEG_INFINITY, f64::max);
+                let score = cover_max(&c.inputs, per_input);
                 let overlap = c
                     .regions
                     .iter()
@@ -188,6 +180,14 @@ fn read_mask(path: &std::path::Path, side: usize) -> Result<Vec<bool>> {
         }
     }
     Ok(out)
+}
+
+/// A pixel's score: the max of the scores of the patches (inputs) covering it.
+pub(crate) fn cover_max(covering: &[usize], per_input: &[f64]) -> f64 {
+    covering
+        .iter()
+        .map(|&i| per_input[i])
+        .fold(f64::NEG_INFINITY, f64::max)
 }
 
 /// The cells of an image cut by patches at `offsets` (an image without a mask): for each

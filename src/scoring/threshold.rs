@@ -129,10 +129,7 @@ impl PixelMaps {
                 )));
             }
             for (covering, area) in &cells {
-                let v = covering
-                    .iter()
-                    .map(|&p| scores[p])
-                    .fold(f64::NEG_INFINITY, f64::max);
+                let v = super::pixel::cover_max(covering, scores);
                 if v.is_finite() {
                     values.push((v, *area));
                 }
