@@ -63,7 +63,11 @@ pub fn select_device(choice: DeviceChoice) -> Result<SelectedDevice> {
 fn cpu() -> SelectedDevice {
     SelectedDevice {
         device: Device::flex(),
-        description: format!("cpu (Burn flex backend, {} threads)", rayon_threads()),
+        description: format!(
+            "cpu (Burn flex backend, {} threads; {})",
+            rayon_threads(),
+            mtad_kernels::isa::describe()
+        ),
     }
 }
 

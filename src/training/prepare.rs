@@ -83,10 +83,6 @@ pub fn prepare(request: TrainRequest) -> Result<Prepared> {
     // keeps it.
     if request.resume
         && request.settings.protocol.is_none()
-        && request
-            .out
-            .join(crate::output::run_folder::CONFIG_FILE)
-            .is_file()
         && read_config(&request.out).is_ok_and(|c| c.settings.protocol.is_none())
     {
         request.settings.protocol = Some(Protocol::Reference);
