@@ -25,8 +25,8 @@ use crate::output::run_folder::{class_dir, read_config};
 use crate::output::write_atomic;
 use crate::progress::Progress;
 use crate::scoring::Mix;
-use crate::scoring::evaluation::{Normaliser, RawScores, column_mixes, column_names, group_max};
-use crate::scoring::threshold::{PixelMaps, calibrate, patch_map};
+use crate::scoring::evaluation::{Normaliser, RawScores, column_mixes, column_names};
+use crate::scoring::threshold::{Calibration, patch_map};
 use crate::teachers::{TeacherStatistics, WeightsLocation};
 use crate::training::inputs::images_tensor;
 use crate::training::model::{InputBatch, MtadModel};
@@ -227,45 +227,36 @@ impl Detector {
             || crate::scoring::threshold::TRAINING.to_string(),
             |d| d.calibration.source.clone(),
         );
+        // Full-cut models have heatmaps, and so a pixel threshold.
+        let offsets = match config.dataset() {
+            DatasetKind::Cifar10 => None,
+            _ => Some(
+                FullCut::new(config.full_size, config.settings.image_size, config.stride)?
+                    .offsets(),
+            ),
+        };
+        let cut = offsets
+            .as_deref()
+            .map(|o| (o, config.full_size, config.settings.image_size));
+        let calibration = Calibration::from_inputs(
+            &per_input,
+            (&normal.groups, normal.images),
+            rate,
+            &source,
+            cut,
+        )
+        .map_err(|e| Error::invalid_file(path, format!("its calibration scores: {e}")))?;
         let threshold = match (choice.threshold, choice.fpr, column) {
             (Some(t), _, _) => t,
             (None, None, ScoreColumn::Nor) => header.threshold,
-            _ => calibrate(&group_max(&per_input, &normal.groups, normal.images), rate)?,
+            _ => calibration.threshold,
         };
-        let pixel_threshold = if config.dataset() == DatasetKind::Cifar10 {
-            None
-        } else {
-            let cut = FullCut::new(config.full_size, config.settings.image_size, config.stride)?;
-            let offsets = cut.offsets();
-            let per_image: Vec<Vec<f64>> = per_input
-                .chunks(offsets.len())
-                .map(<[f64]>::to_vec)
-                .collect();
-            let maps = PixelMaps::new(
-                &per_image,
-                &offsets,
-                config.full_size,
-                config.settings.image_size,
-            )
-            .map_err(|e| Error::invalid_file(path, format!("its calibration scores: {e}")))?;
-            Some(maps.threshold(rate)?)
-        };
-        let images = normal.images;
-        let calibration_note = match (choice.threshold, choice.fpr) {
-            (Some(_), _) => None,
-            // A new rate is judged here; the stored note is the stored rate's.
-            (None, Some(r)) => (r * (images as f64) < 1.0).then(|| {
-                format!(
-                    "{images} calibration images are too few for a false-positive rate of {r}: \
-                     the threshold is their highest score"
-                )
-            }),
-            (None, None) => header
-                .deployed
-                .decision
-                .as_ref()
-                .and_then(|d| d.calibration.note.clone()),
-        };
+        let pixel_threshold = calibration.pixel_threshold;
+        let calibration_note = choice
+            .threshold
+            .is_none()
+            .then_some(calibration.note)
+            .flatten();
         Ok(Self {
             config,
             model,

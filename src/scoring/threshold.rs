@@ -84,6 +84,34 @@ impl Calibration {
     }
 }
 
+/// The patch layout of full-cut images: the patch offsets, the image's side, the patch side.
+pub type Cut<'a> = (&'a [(usize, usize)], usize, usize);
+
+impl Calibration {
+    /// Calibrates on normal images' per-input scores (`groups[i]`: input `i`'s image, of
+    /// `images`; an image's inputs consecutive), with the pixel threshold where `cut` gives
+    /// the images' patch layout.
+    pub fn from_inputs(
+        per_input: &[f64],
+        (groups, images): (&[usize], usize),
+        fpr: f64,
+        source: &str,
+        cut: Option<Cut<'_>>,
+    ) -> Result<Self> {
+        let pixels = cut
+            .map(|(offsets, side, patch)| {
+                let per_image: Vec<Vec<f64>> = per_input
+                    .chunks(offsets.len().max(1))
+                    .map(<[f64]>::to_vec)
+                    .collect();
+                PixelMaps::new(&per_image, offsets, side, patch)
+            })
+            .transpose()?;
+        let image_scores = super::evaluation::group_max(per_input, groups, images);
+        Self::new(&image_scores, fpr, source, pixels.as_ref())
+    }
+}
+
 /// The heatmap of one image: each pixel of the `side` x `side` image takes the max score of the
 /// `patch` x `patch` patches (at `offsets`) covering it; uncovered pixels are -inf.
 pub fn patch_map(

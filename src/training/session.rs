@@ -23,12 +23,12 @@ use crate::output::tables::write_tables;
 use crate::output::write_atomic;
 use crate::progress::Progress;
 use crate::scoring::evaluation::{
-    AUPRO_MAX_FPR, ClassEvaluation, Normaliser, RawScores, column_names, evaluate, group_max,
-    has_both_labels, image_nor,
+    AUPRO_MAX_FPR, ClassEvaluation, Normaliser, RawScores, column_names, evaluate, has_both_labels,
+    image_nor,
 };
 use crate::scoring::metrics::rates_at;
 use crate::scoring::pixel::PixelTruth;
-use crate::scoring::threshold::{Calibration, HELD_OUT, PixelMaps, TRAINING};
+use crate::scoring::threshold::{Calibration, HELD_OUT, TRAINING};
 use crate::teachers::{TeacherChoice, TeacherStatistics};
 use crate::{Error, Result};
 
@@ -168,25 +168,22 @@ impl Session {
         let per_input: Vec<f64> = (0..c.scores.len())
             .map(|i| normaliser.score(&c.scores, i))
             .collect();
-        let images = group_max(&per_input, &c.groups, c.images);
-        let pixels = self
-            .cut
-            .as_ref()
-            .map(|(offsets, side, patch)| {
-                let per_image: Vec<Vec<f64>> = per_input
-                    .chunks(offsets.len())
-                    .map(<[f64]>::to_vec)
-                    .collect();
-                PixelMaps::new(&per_image, offsets, *side, *patch)
-            })
-            .transpose()?;
         let source = if self.holdout_items.is_empty() {
             TRAINING
         } else {
             HELD_OUT
         };
-        let calibration =
-            Calibration::new(&images, self.config.settings.fpr, source, pixels.as_ref())?;
+        let cut = self
+            .cut
+            .as_ref()
+            .map(|(offsets, side, patch)| (offsets.as_slice(), *side, *patch));
+        let calibration = Calibration::from_inputs(
+            &per_input,
+            (&c.groups, c.images),
+            self.config.settings.fpr,
+            source,
+            cut,
+        )?;
         let test_images = image_nor(test, &self.test_groups, self.test_labels.len(), normaliser);
         let (test_fpr, test_tpr) =
             rates_at(&test_images, &self.test_labels, calibration.threshold)?;
