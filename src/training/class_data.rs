@@ -21,6 +21,9 @@ use crate::scoring::pixel::{Mask, PixelTruth};
 use crate::students::EMBEDDING_DIM;
 use crate::teachers::{StatisticsAccumulator, TeacherStatistics, hex};
 
+/// Full-cut images' patch layout: the patch offsets, the image's side, the patch side.
+pub(crate) type PatchLayout = (Vec<(usize, usize)>, usize, usize);
+
 /// A class's data, ready for loaders.
 pub(crate) struct ClassData {
     /// Training items: input indices (CIFAR) or image indices (MVTec crops).
@@ -43,7 +46,7 @@ pub(crate) struct ClassData {
     /// Each test image's folder (`good` or its defect type; CIFAR-10: its class name).
     pub(crate) test_defects: Vec<String>,
     /// Full-cut data: the patch offsets, the resized image's side and the patch side.
-    pub(crate) cut: Option<(Vec<(usize, usize)>, usize, usize)>,
+    pub(crate) cut: Option<PatchLayout>,
     pub(crate) stats: Option<Arc<TeacherStatistics>>,
     /// Pixel ground truth of the test set, where masks exist.
     pub(crate) pixels: Option<Arc<PixelTruth>>,

@@ -55,7 +55,7 @@ pub(crate) struct Session {
     pub(crate) pixels: Option<Arc<PixelTruth>>,
     /// The full cut (patch offsets, image side, patch side) of full-cut data, for the pixel
     /// threshold.
-    pub(crate) cut: Option<(Vec<(usize, usize)>, usize, usize)>,
+    pub(crate) cut: Option<super::class_data::PatchLayout>,
     pub(crate) batch_errors: ErrorSlot,
     pub(crate) plain: bool,
 }
