@@ -56,7 +56,7 @@ struct Args {
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Backend for our side.
-    #[arg(long, value_enum, default_value_t = DeviceChoice::Cpu)]
+    #[arg(long, default_value_t = DeviceChoice::Cpu)]
     device: DeviceChoice,
     /// Python interpreter with torch and torchvision (default: $MTAD_PYTHON, else python3).
     /// Without torch the reference columns are left empty.

@@ -99,14 +99,19 @@ pub enum Command {
     /// Write the small procedural dataset (MVTec layout: two textures, two objects, local
     /// defects with masks) that the CPU demo trains on.
     DemoData(DemoDataArgs),
+    /// List the devices this binary can compute on (`--device` values, backend, name, kind):
+    /// the CPU, then each CUDA device and wgpu adapter of the backends compiled in.
+    Devices(FormatArgs),
 }
 
 /// `--device`, shared by every command that computes.
 #[derive(Debug, Clone, Args)]
 pub struct DeviceArgs {
-    /// Where to compute: `auto` takes CUDA, then a wgpu GPU, then the CPU, among the backends
-    /// compiled in (`cargo build --features cuda` or `--features wgpu` adds them).
-    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+    /// Where to compute: `auto`, `cpu`, `cuda`, `cuda:N`, `wgpu` or `wgpu:N`. `auto` takes
+    /// CUDA, then a wgpu GPU, then the CPU (never a CPU-emulated wgpu adapter), among the
+    /// backends compiled in (`cargo build --features cuda` or `--features wgpu` adds them);
+    /// `mtad devices` lists the numbered devices.
+    #[arg(long, value_name = "DEVICE", default_value_t = DeviceChoice::Auto)]
     pub device: DeviceChoice,
 }
 

@@ -1,28 +1,73 @@
-//! `--device auto|cpu|cuda|wgpu` -> a Burn [`Device`].
+//! `--device auto|cpu|cuda[:N]|wgpu[:N]` -> a Burn [`Device`]; `mtad devices` lists them.
 //!
 //! The CPU backend (Burn's `flex`) is always compiled in; `cuda` and `wgpu` are cargo features.
 //! `auto` takes the best backend compiled in that actually has a GPU, and never prefers a
 //! CPU-emulated wgpu adapter (such as Mesa's lavapipe) over the native CPU backend.
 
 use std::fmt;
+use std::str::FromStr;
 
 use burn::prelude::*;
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+use burn::tensor::DeviceType;
 
 use crate::{Error, Result};
 
-/// The backend a user asks for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
+/// The backend a user asks for: `auto`, `cpu`, `cuda`, `cuda:N`, `wgpu` or `wgpu:N`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DeviceChoice {
     /// The best backend compiled in: CUDA, then a wgpu GPU adapter, then the CPU.
     #[default]
     Auto,
     /// Burn's native CPU backend (flex), always available.
     Cpu,
-    /// An NVIDIA GPU through CUDA (cargo feature `cuda`).
-    Cuda,
-    /// Any GPU through wgpu: Vulkan, Metal, DirectX (cargo feature `wgpu`).
-    Wgpu,
+    /// An NVIDIA GPU through CUDA (cargo feature `cuda`): `cuda` is `cuda:0`.
+    Cuda(Option<usize>),
+    /// A GPU through wgpu: Vulkan, Metal, DirectX (cargo feature `wgpu`). Without an index, the
+    /// first discrete, then integrated GPU, else the default adapter; `wgpu:N` is the Nth
+    /// adapter `mtad devices` lists.
+    Wgpu(Option<usize>),
+}
+
+impl FromStr for DeviceChoice {
+    type Err = String;
+
+    fn from_str(text: &str) -> std::result::Result<Self, String> {
+        let lower = text.trim().to_ascii_lowercase();
+        let (name, index) = match lower.split_once(':') {
+            Some((name, index)) => {
+                let index = index.parse::<usize>().map_err(|_| {
+                    format!("`{text}`: the part after `:` must be a device number, as in cuda:1")
+                })?;
+                (name, Some(index))
+            }
+            None => (lower.as_str(), None),
+        };
+        match (name, index) {
+            ("auto", None) => Ok(Self::Auto),
+            ("cpu", None) => Ok(Self::Cpu),
+            ("cuda", index) => Ok(Self::Cuda(index)),
+            ("wgpu", index) => Ok(Self::Wgpu(index)),
+            ("auto" | "cpu", Some(_)) => Err(format!("`{text}`: {name} takes no device number")),
+            _ => Err(format!(
+                "`{text}` is not a device: use auto, cpu, cuda, cuda:N, wgpu or wgpu:N \
+                 (`mtad devices` lists what this binary can use)"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for DeviceChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Auto => f.write_str("auto"),
+            Self::Cpu => f.write_str("cpu"),
+            Self::Cuda(None) => f.write_str("cuda"),
+            Self::Wgpu(None) => f.write_str("wgpu"),
+            Self::Cuda(Some(i)) => write!(f, "cuda:{i}"),
+            Self::Wgpu(Some(i)) => write!(f, "wgpu:{i}"),
+        }
+    }
 }
 
 /// A device together with a human-readable description of what was chosen.
@@ -54,8 +99,9 @@ pub fn compiled_backends() -> Vec<&'static str> {
 pub fn select_device(choice: DeviceChoice) -> Result<SelectedDevice> {
     match choice {
         DeviceChoice::Cpu => Ok(cpu()),
-        DeviceChoice::Cuda => cuda(),
-        DeviceChoice::Wgpu => wgpu(),
+        DeviceChoice::Cuda(index) => cuda(index.unwrap_or(0)),
+        DeviceChoice::Wgpu(None) => wgpu(),
+        DeviceChoice::Wgpu(Some(index)) => wgpu_index(index),
         DeviceChoice::Auto => Ok(auto()),
     }
 }
@@ -76,7 +122,7 @@ fn rayon_threads() -> usize {
 }
 
 fn auto() -> SelectedDevice {
-    if let Ok(device) = cuda() {
+    if let Ok(device) = cuda(0) {
         return device;
     }
     #[cfg(feature = "wgpu")]
@@ -89,18 +135,146 @@ fn auto() -> SelectedDevice {
 }
 
 #[cfg(feature = "cuda")]
-fn cuda() -> Result<SelectedDevice> {
-    let device = Device::cuda(0);
-    probe(&device).map_err(|e| Error::Device(format!("cuda: no usable CUDA device: {e}")))?;
+fn cuda(index: usize) -> Result<SelectedDevice> {
+    let count = Device::enumerate(DeviceType::Cuda).len();
+    if index >= count {
+        return Err(Error::Device(format!(
+            "cuda:{index}: this machine has {count} CUDA device(s) (numbered from 0); \
+             `mtad devices` lists them"
+        )));
+    }
+    let device = Device::cuda(index);
+    probe(&device)
+        .map_err(|e| Error::Device(format!("cuda:{index}: no usable CUDA device: {e}")))?;
+    let name = identity_name(&device);
     Ok(SelectedDevice {
         device,
-        description: "cuda:0".to_string(),
+        description: format!("cuda:{index} ({name})"),
     })
 }
 
 #[cfg(not(feature = "cuda"))]
-fn cuda() -> Result<SelectedDevice> {
+fn cuda(_index: usize) -> Result<SelectedDevice> {
     Err(not_compiled("cuda"))
+}
+
+/// What a GPU calls itself, or `unnamed`.
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+fn identity_name(device: &Device) -> String {
+    device
+        .identity()
+        .map(|identity| identity.name)
+        .unwrap_or_else(|| "unnamed".to_string())
+}
+
+/// `wgpu:N`: the Nth wgpu adapter, in the order `mtad devices` lists them.
+#[cfg(feature = "wgpu")]
+fn wgpu_index(index: usize) -> Result<SelectedDevice> {
+    let adapters = Device::enumerate(DeviceType::Wgpu).into_vec();
+    let Some(device) = adapters.get(index).cloned() else {
+        return Err(Error::Device(format!(
+            "wgpu:{index}: this machine has {} wgpu adapter(s) (numbered from 0); \
+             `mtad devices` lists them",
+            adapters.len()
+        )));
+    };
+    probe(&device).map_err(|e| Error::Device(format!("wgpu:{index}: {e}")))?;
+    let description = format!(
+        "wgpu:{index} ({}, {})",
+        identity_name(&device),
+        wgpu_kind_name(&device)
+    );
+    Ok(SelectedDevice {
+        device,
+        description,
+    })
+}
+
+#[cfg(not(feature = "wgpu"))]
+fn wgpu_index(_index: usize) -> Result<SelectedDevice> {
+    Err(not_compiled("wgpu"))
+}
+
+/// The adapter kind of a wgpu device, in words (`discrete GPU`, `CPU-emulated`, ...).
+#[cfg(feature = "wgpu")]
+fn wgpu_kind_name(device: &Device) -> &'static str {
+    // Burn's device handle names its adapter kind only in its Debug form.
+    let debug = format!("{device:?}");
+    if debug.contains("DiscreteGpu") {
+        "discrete GPU"
+    } else if debug.contains("IntegratedGpu") {
+        "integrated GPU"
+    } else if debug.contains("VirtualGpu") {
+        "virtual GPU"
+    } else if debug.contains("Cpu") {
+        "CPU-emulated (software), slower than --device cpu"
+    } else {
+        "other adapter"
+    }
+}
+
+/// One device this binary can use, for `mtad devices`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ListedDevice {
+    /// What `--device` takes to choose it.
+    pub choice: String,
+    pub backend: &'static str,
+    /// The adapter's or the CPU's name.
+    pub name: String,
+    /// `cpu`, `discrete GPU`, `integrated GPU`, `CPU-emulated ...`.
+    pub kind: String,
+}
+
+/// Every device this binary can use, each opened once to read its name: the CPU first, then
+/// the CUDA devices and the wgpu adapters compiled in. Backends that fail to start are skipped.
+pub fn list_devices() -> Vec<ListedDevice> {
+    let mut out = vec![ListedDevice {
+        choice: "cpu".into(),
+        backend: "flex",
+        name: mtad_kernels::isa::cpu_model(),
+        kind: format!(
+            "cpu ({} threads; {})",
+            rayon_threads(),
+            mtad_kernels::isa::describe()
+        ),
+    }];
+    #[cfg(feature = "cuda")]
+    for (index, device) in quietly(|| Device::enumerate(DeviceType::Cuda).into_vec())
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+    {
+        out.push(ListedDevice {
+            choice: format!("cuda:{index}"),
+            backend: "cuda",
+            name: quietly(|| identity_name(&device)).unwrap_or_else(|| "unusable".into()),
+            kind: "GPU".into(),
+        });
+    }
+    #[cfg(feature = "wgpu")]
+    for (index, device) in quietly(|| Device::enumerate(DeviceType::Wgpu).into_vec())
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+    {
+        out.push(ListedDevice {
+            choice: format!("wgpu:{index}"),
+            backend: "wgpu",
+            name: quietly(|| identity_name(&device)).unwrap_or_else(|| "unusable".into()),
+            kind: wgpu_kind_name(&device).into(),
+        });
+    }
+    out
+}
+
+/// Runs `f`, turning a backend panic into `None` without printing it.
+#[allow(dead_code)] // unused without a GPU backend
+fn quietly<T>(f: impl FnOnce() -> T + std::panic::UnwindSafe) -> Option<T> {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let outcome = std::panic::catch_unwind(f);
+    std::panic::set_hook(hook);
+    outcome.ok()
 }
 
 #[cfg(feature = "wgpu")]
@@ -183,15 +357,59 @@ mod tests {
     #[cfg(not(feature = "cuda"))]
     #[test]
     fn cuda_without_the_feature_names_the_feature() {
-        let err = select_device(DeviceChoice::Cuda).unwrap_err().to_string();
+        let err = select_device(DeviceChoice::Cuda(Some(1)))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("--features cuda"), "{err}");
     }
 
     #[cfg(not(feature = "wgpu"))]
     #[test]
     fn wgpu_without_the_feature_names_the_feature() {
-        let err = select_device(DeviceChoice::Wgpu).unwrap_err().to_string();
+        let err = select_device(DeviceChoice::Wgpu(None))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("--features wgpu"), "{err}");
+    }
+
+    #[test]
+    fn device_choices_parse_with_and_without_a_number() {
+        for (text, want) in [
+            ("auto", DeviceChoice::Auto),
+            ("CPU", DeviceChoice::Cpu),
+            ("cuda", DeviceChoice::Cuda(None)),
+            ("cuda:1", DeviceChoice::Cuda(Some(1))),
+            ("wgpu", DeviceChoice::Wgpu(None)),
+            ("wgpu:0", DeviceChoice::Wgpu(Some(0))),
+        ] {
+            let got: DeviceChoice = text.parse().unwrap();
+            assert_eq!(got, want, "{text}");
+            assert_eq!(got.to_string().parse::<DeviceChoice>().unwrap(), want);
+        }
+        for bad in ["gpu", "cuda:", "cuda:x", "cpu:0", "wgpu:-1", ""] {
+            let err = bad.parse::<DeviceChoice>().unwrap_err();
+            assert!(err.contains(bad) && err.contains("device"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_device_list_starts_with_the_cpu() {
+        let listed = list_devices();
+        assert_eq!(listed[0].choice, "cpu");
+        assert!(listed.iter().all(|d| !d.name.is_empty()));
+    }
+
+    #[test]
+    fn a_device_number_past_the_last_is_an_error() {
+        if cfg!(feature = "wgpu") {
+            let err = select_device(DeviceChoice::Wgpu(Some(99)))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("wgpu:99") && err.contains("mtad devices"),
+                "{err}"
+            );
+        }
     }
 
     #[test]

@@ -15,8 +15,8 @@ use clap::{ArgMatches, CommandFactory, FromArgMatches};
 use std::io::IsTerminal;
 
 use cli::{
-    Cli, Command, DemoArgs, DemoDataArgs, DeviceArgs, EnsembleArgs, Format, InferArgs, InspectArgs,
-    ReportArgs, TeacherArgs, TeachersArgs, TrainArgs, exit,
+    Cli, Command, DemoArgs, DemoDataArgs, DeviceArgs, EnsembleArgs, Format, FormatArgs, InferArgs,
+    InspectArgs, ReportArgs, TeacherArgs, TeachersArgs, TrainArgs, exit,
 };
 use multi_teacher_ad::{
     config::TrainSettings,
@@ -25,7 +25,7 @@ use multi_teacher_ad::{
         demo::{DEMO_CATEGORIES, DemoSpec, write_demo_dataset},
         inspect::{inspect_cifar, inspect_folder},
     },
-    device::{DeviceChoice, select_device},
+    device::{DeviceChoice, compiled_backends, list_devices, select_device},
     inference::ensemble,
     output::run_folder::CONFIG_FILE,
     output::tables::{EvalRow, eval_table_path},
@@ -104,6 +104,7 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<ExitCode> {
         Some(Command::Inspect(args)) => inspect(&args),
         Some(Command::Teachers(args)) => teachers(&args),
         Some(Command::DemoData(args)) => demo_data(&args),
+        Some(Command::Devices(args)) => devices(&args),
     }
 }
 
@@ -158,6 +159,25 @@ fn teachers(args: &TeachersArgs) -> Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+fn devices(args: &FormatArgs) -> Result<ExitCode> {
+    let listed = list_devices();
+    if args.format == Format::Json {
+        print_json(&serde_json::json!({
+            "compiled_in": compiled_backends(),
+            "devices": listed,
+        }))?;
+        return Ok(ExitCode::from(exit::SUCCESS));
+    }
+    println!("backends compiled in: {}", compiled_backends().join(", "));
+    for d in &listed {
+        println!(
+            "{:<8}  {:<5}  {}  [{}]",
+            d.choice, d.backend, d.name, d.kind
+        );
+    }
+    Ok(ExitCode::from(exit::SUCCESS))
 }
 
 fn inspect(args: &InspectArgs) -> Result<ExitCode> {

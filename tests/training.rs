@@ -421,7 +421,7 @@ fn bad_input_is_reported_before_training() {
     r.settings.crops_per_batch = 1_000_000;
     assert!(err(r).contains("from 1 to 256"));
     let mut r = request(&data, &out, &cache);
-    r.settings.batch_size = 1 << 40;
+    r.settings.batch_size = Some(1 << 40);
     assert!(err(r).contains("to 1024"));
     let mut r = request(&data, &out, &cache);
     r.settings.epochs = usize::MAX;
@@ -468,7 +468,7 @@ fn cifar_runs_the_teachers_once_per_image_of_the_trained_classes() {
     let mut r = request(&cifar, &tmp.path().join("cifar"), &cache);
     r.settings.dataset = Some(DatasetKind::Cifar10);
     r.settings.classes = "airplane,1".into();
-    r.settings.batch_size = 2;
+    r.settings.batch_size = Some(2);
     r.settings.epochs = 2;
     let first = run(r.clone());
     // Each class's 2 training images and the 10 test images (shared), once; none per epoch.

@@ -13,8 +13,12 @@ pub(crate) fn python(args: &Args) -> String {
         .unwrap_or_else(|| "python3".into())
 }
 
+/// `benches/reference`: `$MTAD_REFERENCE_DIR` where set (a bench binary carried to another
+/// machine, as `benches/gpu.sh` runs it), else this checkout's.
 pub(crate) fn reference_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("benches/reference")
+    std::env::var_os("MTAD_REFERENCE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("benches/reference"))
 }
 
 /// Whether `python` can import torch and torchvision.

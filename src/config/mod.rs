@@ -31,6 +31,39 @@ pub const MAX_CROP_POOL: usize = 1024;
 pub const MAX_IMAGE_SIZE: usize = 512;
 pub const MAX_BATCH_SIZE: usize = 1024;
 pub const MAX_CROPS_PER_BATCH: usize = 256;
+
+/// `--batch-size` when not given: 32 CIFAR-10 inputs, the reference's 4 MVTec/folder images.
+pub fn default_batch_size(dataset: DatasetKind) -> usize {
+    match dataset {
+        DatasetKind::Cifar10 => 32,
+        _ => crate::data::crops::MVTEC_IMAGES_PER_BATCH,
+    }
+}
+
+/// `--batch-size` within bounds: at least 2 inputs per step (batch norm), at most
+/// [`MAX_BATCH_SIZE`] images and, for crops, at most [`MAX_BATCH_SIZE`] inputs.
+pub fn check_batch_size(
+    batch: Option<usize>,
+    crops: usize,
+    dataset: DatasetKind,
+) -> std::result::Result<(), String> {
+    let images = batch.unwrap_or(default_batch_size(dataset));
+    let inputs = match dataset {
+        DatasetKind::Cifar10 => images,
+        _ => images.saturating_mul(crops),
+    };
+    if images == 0 || images > MAX_BATCH_SIZE || inputs < 2 || inputs > MAX_BATCH_SIZE {
+        let per = match dataset {
+            DatasetKind::Cifar10 => String::new(),
+            _ => format!(" ({images} images x {crops} crops = {inputs} inputs)"),
+        };
+        return Err(format!(
+            "--batch-size {images}{per}: a step takes from 2 inputs (batch norm needs two) to \
+             {MAX_BATCH_SIZE}"
+        ));
+    }
+    Ok(())
+}
 pub const MAX_EPOCHS: usize = 1_000_000;
 /// Every setting a user chooses for a training run.
 #[derive(Debug, Clone, PartialEq, Args, Serialize, Deserialize)]
@@ -57,10 +90,11 @@ pub struct TrainSettings {
     /// at the last epoch.
     #[arg(long, default_value_t = 50, value_parser = RangedU64ValueParser::<usize>::new().range(1..))]
     pub eval_every: usize,
-    /// CIFAR-10 batch size for training and evaluation. MVTec/folder batches are always the
-    /// reference's 4 images, each giving 16 random crops (64 inputs).
-    #[arg(long, default_value_t = 32, value_parser = RangedU64ValueParser::<usize>::new().range(2..=MAX_BATCH_SIZE as u64))]
-    pub batch_size: usize,
+    /// Images per training step. CIFAR-10: inputs per training and evaluation batch (default
+    /// 32). MVTec/folder: full images per step (default the reference's 4), each cut at
+    /// --crops-per-batch random offsets (4 x 16 = 64 inputs); larger batches keep a GPU busy.
+    #[arg(long, value_parser = RangedU64ValueParser::<usize>::new().range(1..=MAX_BATCH_SIZE as u64))]
+    pub batch_size: Option<usize>,
     /// Adam learning rate (PyTorch defaults otherwise: betas 0.9/0.999, eps 1e-8).
     #[arg(long, default_value_t = 1e-3)]
     pub lr: f64,
@@ -149,7 +183,7 @@ impl TrainSettings {
             classes: "all".into(),
             epochs: 3,
             eval_every: 3,
-            batch_size: 32,
+            batch_size: None,
             lr: 1e-3,
             seed: 0,
             image_size: 32,
@@ -237,6 +271,10 @@ pub struct TrainConfig {
     /// before it was recorded (they used the reference's).
     #[serde(default)]
     pub deployed: String,
+    /// Images per training step, resolved from `--batch-size` and the dataset; 0 in runs
+    /// written before MVTec/folder steps could take other than the reference's 4.
+    #[serde(default)]
+    pub images_per_step: usize,
     /// How the run deviates from the method ([`TrainConfig::reduced`]; empty: it does not), as
     /// the tables' first line says it.
     #[serde(default)]
@@ -288,12 +326,7 @@ impl TrainConfig {
                 s.crops_per_batch
             ));
         }
-        if s.batch_size < 2 || s.batch_size > MAX_BATCH_SIZE {
-            return Err(format!(
-                "batch_size {} is not from 2 to {MAX_BATCH_SIZE}",
-                s.batch_size
-            ));
-        }
+        check_batch_size(s.batch_size, s.crops_per_batch, self.dataset())?;
         if s.crop_pool
             .is_some_and(|n| !(1..=MAX_CROP_POOL).contains(&n))
         {
@@ -324,6 +357,13 @@ impl TrainConfig {
             .expect("a run's config names its dataset (checked when it is made or read)")
     }
 
+    /// Images per training step (`--batch-size`, or the dataset's default).
+    pub fn batch_size(&self) -> usize {
+        self.settings
+            .batch_size
+            .unwrap_or(default_batch_size(self.dataset()))
+    }
+
     /// The run's protocol (runs written before it was recorded used the reference's).
     pub fn protocol(&self) -> Protocol {
         self.settings.protocol.unwrap_or_default()
@@ -343,9 +383,10 @@ impl TrainConfig {
     }
 
     /// The keys of `config.json` that are resolved, not chosen.
-    pub fn resolved_keys() -> [&'static str; 12] {
+    pub fn resolved_keys() -> [&'static str; 13] {
         [
             "deployed",
+            "images_per_step",
             "notes",
             "class_indices",
             "class_names",
@@ -460,6 +501,7 @@ impl TrainConfig {
             // Derived from the settings compared (and absent in older runs).
             c.deployed = String::new();
             c.notes = String::new();
+            c.images_per_step = 0;
         }
         if a == b {
             Ok(())
@@ -521,6 +563,7 @@ mod tests {
             teacher_sha256: Vec::new(),
             data_sha256: String::new(),
             deployed: String::new(),
+            images_per_step: 4,
             notes: String::new(),
             device: String::new(),
             version: String::new(),

@@ -236,7 +236,7 @@ impl Prepared {
             test_cache,
             stats,
             pixels: None,
-            eval_batch: self.config.settings.batch_size,
+            eval_batch: self.config.batch_size(),
             reference_per_epoch: n_train,
             reference_per_eval: n_test,
             reference_stats: n_train,

@@ -17,10 +17,10 @@ use rayon::prelude::*;
 
 use super::cache::EmbeddingCache;
 use super::model::InputBatch;
-use super::teacher_runner::{TeacherRunner, z_scores_host};
+use super::teacher_runner::z_scores_host;
 use crate::data::FloatImage;
 use crate::data::cifar::{self, CifarSplit};
-use crate::data::crops::{FullCut, SeededRng, random_offsets};
+use crate::data::crops::{FullCut, SeededRng};
 use crate::data::folder::load_image;
 use crate::data::transform::crop;
 use crate::students::EMBEDDING_DIM;
@@ -327,7 +327,7 @@ pub struct CachedTeachers {
 }
 
 impl CachedTeachers {
-    fn z(&self, indices: &[usize]) -> Vec<f32> {
+    pub(crate) fn z(&self, indices: &[usize]) -> Vec<f32> {
         let k = self.raw.teachers;
         let mut raw = Vec::with_capacity(indices.len() * k * EMBEDDING_DIM);
         for &i in indices {
@@ -376,7 +376,12 @@ impl CachedBatcher {
     }
 }
 
-fn zeros_batch(n: usize, side: usize, teachers: Option<usize>, device: &Device) -> InputBatch {
+pub(crate) fn zeros_batch(
+    n: usize,
+    side: usize,
+    teachers: Option<usize>,
+    device: &Device,
+) -> InputBatch {
     InputBatch {
         images: Tensor::zeros([n, 3, side, side], device),
         teachers: teachers.map(|k| Tensor::zeros([n, k, EMBEDDING_DIM], device)),
@@ -393,110 +398,6 @@ impl Batcher<TrainItem, InputBatch> for CachedBatcher {
     fn batch(&self, items: Vec<TrainItem>, device: &Device) -> InputBatch {
         let indices: Vec<usize> = items.iter().map(|i| i.index).collect();
         self.batch_or_zeros(&indices, device)
-    }
-}
-
-/// Where the random training crops' teacher embeddings come from.
-#[derive(Clone)]
-pub enum CropTeachers {
-    /// The no-teacher ablation.
-    None,
-    /// The teachers run on every batch's crops (the reference's way).
-    OnTheFly {
-        runner: Arc<TeacherRunner>,
-        stats: Arc<TeacherStatistics>,
-    },
-    /// `--crop-pool N`: N crop offsets drawn once, shared by every image, their embeddings
-    /// cached (input `image * N + j` of the cache is image `image` at `offsets[j]`); each batch
-    /// draws its crops from the pool.
-    Pool {
-        offsets: Arc<Vec<(usize, usize)>>,
-        cached: CachedTeachers,
-    },
-}
-
-/// The reference's MVTec training batches: `images` images, `crops` random offsets each
-/// applied to all of them, offset-major (64 crops of 224 from 4 images of 1024).
-#[derive(Clone)]
-pub struct CropBatcher {
-    pub source: Arc<ImageSource>,
-    /// Side of the full images.
-    pub full: usize,
-    /// Side of the crops.
-    pub side: usize,
-    pub crops: usize,
-    pub seed: u64,
-    pub teachers: CropTeachers,
-    pub errors: ErrorSlot,
-}
-
-impl CropBatcher {
-    fn make(&self, items: &[TrainItem], device: &Device) -> Result<InputBatch> {
-        let first = items.first().copied().unwrap_or(TrainItem {
-            index: 0,
-            epoch: 0,
-            position: 0,
-        });
-        let mut rng = SeededRng::new(mix(self.seed, first.epoch as u64, first.position as u64));
-        let (offsets, pool_indices) = match &self.teachers {
-            CropTeachers::Pool { offsets, .. } => {
-                let picks: Vec<usize> = (0..self.crops)
-                    .map(|_| rng.below(offsets.len() as u64) as usize)
-                    .collect();
-                (picks.iter().map(|&j| offsets[j]).collect(), Some(picks))
-            }
-            _ => (
-                random_offsets(self.full, self.full, self.side, self.crops, &mut rng)?,
-                None,
-            ),
-        };
-        let images = items
-            .par_iter()
-            .map(|item| self.source.image(item.index))
-            .collect::<Result<Vec<_>>>()?;
-        let crops = offsets
-            .par_iter()
-            .flat_map_iter(|&(y, x)| {
-                images
-                    .iter()
-                    .map(move |image| crop(image, y, x, self.side, self.side))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let n = crops.len();
-        let teachers = match &self.teachers {
-            CropTeachers::None => None,
-            CropTeachers::OnTheFly { runner, stats } => {
-                let raw = runner.raw(&crops)?;
-                Some((z_scores_host(&raw, stats), runner.len()))
-            }
-            CropTeachers::Pool { cached, offsets } => {
-                let picks = pool_indices.expect("pool picks");
-                let indices: Vec<usize> = picks
-                    .iter()
-                    .flat_map(|&j| items.iter().map(move |item| item.index * offsets.len() + j))
-                    .collect();
-                Some((cached.z(&indices), cached.raw.teachers))
-            }
-        };
-        Ok(InputBatch {
-            images: images_tensor(&crops, device),
-            teachers: teachers
-                .map(|(z, k)| Tensor::from_data(TensorData::new(z, [n, k, EMBEDDING_DIM]), device)),
-        })
-    }
-}
-
-impl Batcher<TrainItem, InputBatch> for CropBatcher {
-    fn batch(&self, items: Vec<TrainItem>, device: &Device) -> InputBatch {
-        self.make(&items, device).unwrap_or_else(|e| {
-            self.errors.set(e);
-            let k = match &self.teachers {
-                CropTeachers::None => None,
-                CropTeachers::OnTheFly { runner, .. } => Some(runner.len()),
-                CropTeachers::Pool { cached, .. } => Some(cached.raw.teachers),
-            };
-            zeros_batch(items.len() * self.crops, self.side, k, device)
-        })
     }
 }
 

@@ -8,12 +8,12 @@ use burn::prelude::*;
 
 use super::teacher_runner::TeacherRunner;
 use crate::config::{
-    DEFAULT_HOLDOUT, MAX_BATCH_SIZE, MAX_CROP_POOL, MAX_CROPS_PER_BATCH, MAX_EPOCHS,
-    MAX_IMAGE_SIZE, Protocol, TrainConfig, TrainSettings,
+    DEFAULT_HOLDOUT, MAX_CROP_POOL, MAX_CROPS_PER_BATCH, MAX_EPOCHS, MAX_IMAGE_SIZE, Protocol,
+    TrainConfig, TrainSettings, check_batch_size, default_batch_size,
 };
 use crate::data::DatasetKind;
 use crate::data::cifar::{self, Cifar10};
-use crate::data::crops::{CROP_SIZE, IMAGE_SIZE};
+use crate::data::crops::{CROP_SIZE, IMAGE_SIZE, MVTEC_IMAGES_PER_BATCH};
 use crate::data::folder::{Category, FolderDataset};
 use crate::data::mvtec::{self, parse_class_list};
 use crate::output::lock::RunLock;
@@ -87,6 +87,16 @@ pub fn prepare(request: TrainRequest) -> Result<Prepared> {
     {
         request.settings.protocol = Some(Protocol::Reference);
     }
+    // A MVTec/folder run written before `--batch-size` applied to it trained on the reference's
+    // 4 images per step, whatever its `batch_size` said: resumed, it keeps them.
+    if request.resume
+        && let Ok(saved) = read_config(&request.out)
+        && saved.images_per_step == 0
+        && saved.dataset() != DatasetKind::Cifar10
+        && request.settings.batch_size == saved.settings.batch_size
+    {
+        request.settings.batch_size = Some(MVTEC_IMAGES_PER_BATCH);
+    }
     let r = &request;
     let s = &r.settings;
     let dataset = s.dataset.ok_or_else(|| {
@@ -100,12 +110,6 @@ pub fn prepare(request: TrainRequest) -> Result<Prepared> {
     }
     if s.eval_every == 0 {
         return Err(invalid("--eval-every must be at least 1"));
-    }
-    if s.batch_size < 2 || s.batch_size > MAX_BATCH_SIZE {
-        return Err(invalid(format!(
-            "--batch-size {}: from 2 (batch norm needs two inputs) to {MAX_BATCH_SIZE}",
-            s.batch_size
-        )));
     }
     if s.epochs > MAX_EPOCHS {
         return Err(invalid(format!(
@@ -136,6 +140,7 @@ pub fn prepare(request: TrainRequest) -> Result<Prepared> {
             s.crops_per_batch
         )));
     }
+    check_batch_size(s.batch_size, s.crops_per_batch, dataset).map_err(invalid)?;
     if let Some(n) = s.crop_pool
         && !(1..=MAX_CROP_POOL).contains(&n)
     {
@@ -172,7 +177,9 @@ pub fn prepare(request: TrainRequest) -> Result<Prepared> {
     settings.data_root = Some(data_root);
     settings.protocol = Some(s.protocol.unwrap_or(Protocol::default_for(dataset)));
     settings.holdout = Some(settings_holdout(s, dataset));
+    settings.batch_size = Some(s.batch_size.unwrap_or(default_batch_size(dataset)));
     let protocol = settings.protocol.unwrap_or_default();
+    let images_per_step = settings.batch_size.unwrap_or_default();
     let config = TrainConfig {
         settings,
         class_indices,
@@ -184,6 +191,7 @@ pub fn prepare(request: TrainRequest) -> Result<Prepared> {
         teacher_sha256,
         data_sha256,
         deployed: protocol.selection().to_string(),
+        images_per_step,
         notes: String::new(),
         device: r.device_name.clone(),
         version: env!("CARGO_PKG_VERSION").to_string(),
@@ -199,6 +207,9 @@ pub fn prepare(request: TrainRequest) -> Result<Prepared> {
         if saved.settings.protocol.is_none() {
             saved.settings.protocol = Some(Protocol::Reference);
             saved.settings.holdout = Some(saved.holdout());
+        }
+        if saved.images_per_step == 0 && saved.dataset() != DatasetKind::Cifar10 {
+            saved.settings.batch_size = Some(MVTEC_IMAGES_PER_BATCH);
         }
         config.resumable_from(&saved).map_err(|fields| {
             invalid(format!(

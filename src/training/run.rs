@@ -11,12 +11,12 @@ use burn::data::dataloader::{DataLoader, DataLoaderBuilder};
 use burn::train::metric::LossMetric;
 use burn::train::{Learner, SupervisedTraining, TrainingStrategy};
 use mtad_kernels::adam::Adam;
+use mtad_kernels::is_flex;
 
 use super::cache::EmbeddingCache;
 use super::class_data::{ClassData, TrainKind, cached_teachers};
-use super::inputs::{
-    CachedBatcher, CachedTeachers, CropBatcher, CropTeachers, EpochShuffled, ErrorSlot, mix,
-};
+use super::crop_batcher::{CropBatcher, CropTeachers, Prefetch};
+use super::inputs::{CachedBatcher, CachedTeachers, EpochShuffled, ErrorSlot, mix};
 use super::interrupt;
 use super::model::{AucMetric, InputBatch, MtadModelConfig};
 use super::prepare::{DataSet, Prepared};
@@ -26,7 +26,6 @@ use super::strategy::{
     SaveCounter, SaveWhenAsked,
 };
 use crate::config::TrainConfig;
-use crate::data::crops::MVTEC_IMAGES_PER_BATCH;
 use crate::output::run_folder::{
     ClassProgress, PROGRESS_FILE, SideBySide, class_dir, read_progress,
 };
@@ -195,8 +194,8 @@ impl Prepared {
         );
         let skip = train_dataset.skip();
         let items_per_step = match &data.train {
-            TrainKind::Cached(_) => c.settings.batch_size,
-            TrainKind::Crops { .. } => MVTEC_IMAGES_PER_BATCH,
+            TrainKind::Cached(_) => c.batch_size(),
+            TrainKind::Crops { .. } => c.batch_size(),
         };
         let train_loader: Arc<dyn DataLoader<InputBatch>> = match &data.train {
             TrainKind::Cached(set) => DataLoaderBuilder::new(CachedBatcher {
@@ -204,7 +203,7 @@ impl Prepared {
                 teachers: cached(&data.norm_cache),
                 errors: errors.clone(),
             })
-            .batch_size(c.settings.batch_size)
+            .batch_size(c.batch_size())
             .set_device(training_device.clone())
             .build(train_dataset),
             TrainKind::Crops { source, pool } => {
@@ -230,8 +229,15 @@ impl Prepared {
                     seed: mix(c.settings.seed, class as u64, 2),
                     teachers,
                     errors: errors.clone(),
+                    on_device: !is_flex(&training_device),
+                    prefetch: (!is_flex(&training_device)).then(|| {
+                        Arc::new(Prefetch::new(
+                            data.train_items.clone(),
+                            mix(c.settings.seed, class as u64, 1),
+                        ))
+                    }),
                 })
-                .batch_size(MVTEC_IMAGES_PER_BATCH)
+                .batch_size(c.batch_size())
                 .set_device(training_device.clone())
                 .build(train_dataset)
             }

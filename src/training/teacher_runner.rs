@@ -98,6 +98,29 @@ impl TeacherRunner {
         Ok(out)
     }
 
+    /// The teachers' z-scored outputs for a batch already on the device, `[n, teacher, 1000]`,
+    /// computed there: nothing is read back to the host.
+    pub fn z_on_device(&self, inputs: Tensor<4>, stats: &TeacherStatistics) -> Result<Tensor<3>> {
+        let n = inputs.dims()[0];
+        let guard = self
+            .ensemble
+            .read()
+            .map_err(|_| Error::Training("the teachers' lock is poisoned".into()))?;
+        let ensemble = guard
+            .as_ref()
+            .ok_or_else(|| Error::Training("the teachers were released".into()))?;
+        let outputs = ensemble.forward(inputs);
+        self.inputs_forwarded.fetch_add(n as u64, Ordering::Relaxed);
+        let k = outputs.len();
+        let raw = Tensor::stack::<3>(outputs, 1);
+        let device = raw.device();
+        let table = |rows: &[Vec<f32>]| {
+            let flat: Vec<f32> = rows.iter().flatten().copied().collect();
+            Tensor::<3>::from_data(TensorData::new(flat, [1, k, EMBEDDING_DIM]), &device)
+        };
+        Ok((raw - table(&stats.mean)) / table(&stats.std))
+    }
+
     /// [`raw`](Self::raw) for a whole input set, in batches of `batch`, reporting progress.
     pub fn raw_set(&self, set: &InputSet, batch: usize, what: &str) -> Result<Vec<f32>> {
         let total = set.len();

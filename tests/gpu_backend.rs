@@ -1,0 +1,225 @@
+//! Every command on a GPU backend (wgpu; Mesa's software Vulkan in CI), against the CPU backend
+//! with the same seed: `train`, `infer`, `detect` and `ensemble` through the binary, and one
+//! training step of the same model on both backends. `MTAD_REQUIRE_WGPU=1` (set by CI) makes a
+//! missing adapter a failure instead of a skip.
+//!
+//! What must agree, and how closely (measured on lavapipe, then given headroom; the figures are
+//! in docs/PERFORMANCE.md, "GPU backends"):
+//! - the teacher statistics of a class (the same images through the same tiny teachers),
+//!   relative L2 below [`STATS_TOLERANCE`];
+//! - the first step's losses and a gradient of one model initialised on the CPU and copied to
+//!   the GPU, relative below [`LOSS_TOLERANCE`];
+//! - `detect`'s scores of one trained model on both backends, relative below
+//!   [`SCORE_TOLERANCE`], and the same decisions where a score is not at the threshold.
+//!
+//! The two training runs themselves are not compared number for number: the networks'
+//! initial weights come from each backend's own random generator.
+#![cfg(feature = "wgpu")]
+
+mod common;
+
+use std::path::Path;
+
+use burn::prelude::*;
+use burn::tensor::Distribution;
+use common::{demo_data, read, relative_l2, rows};
+use multi_teacher_ad::device::wgpu_kind;
+use multi_teacher_ad::students::StudentKind;
+use multi_teacher_ad::teachers::TeacherStatistics;
+use multi_teacher_ad::training::model::{InputBatch, MtadModelConfig};
+
+const STATS_TOLERANCE: f64 = 1e-4;
+const LOSS_TOLERANCE: f64 = 1e-4;
+const SCORE_TOLERANCE: f64 = 1e-3;
+
+/// The wgpu device the tests run on (lavapipe in CI), or `None` (skip) where there is none and
+/// none is required.
+fn wgpu() -> Option<Device> {
+    match wgpu_kind(DeviceKind::Cpu).or_else(|_| wgpu_kind(DeviceKind::DefaultDevice)) {
+        Ok(selected) => Some(selected.device),
+        Err(e) if std::env::var_os("MTAD_REQUIRE_WGPU").is_none() => {
+            eprintln!("skipped: no wgpu adapter ({e}); set MTAD_REQUIRE_WGPU=1 to fail instead");
+            None
+        }
+        Err(e) => panic!("MTAD_REQUIRE_WGPU is set but wgpu cannot start: {e}"),
+    }
+}
+
+/// Runs the binary in `dir`, whose `cubecl.toml` keeps autotune's benchmarks short: on a
+/// software rasterizer each candidate kernel takes seconds to minutes, on a GPU milliseconds.
+fn ok_in(dir: &Path, args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mtad"))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn relative(a: f64, b: f64) -> f64 {
+    (a - b).abs() / a.abs().max(b.abs()).max(1e-12)
+}
+
+#[test]
+fn the_first_training_step_agrees_with_the_cpu() {
+    let Some(gpu) = wgpu() else { return };
+    let cpu = Device::flex().autodiff();
+    let gpu = gpu.autodiff();
+    cpu.seed(11);
+    let model = MtadModelConfig::new(StudentKind::Resnet, 32, 3)
+        .init(&cpu)
+        .unwrap();
+    let images = Tensor::<4>::random([4, 3, 32, 32], Distribution::Uniform(-1.0, 1.0), &cpu);
+    let teachers = Tensor::<3>::random([4, 3, 1000], Distribution::Default, &cpu);
+    let step = |model: &multi_teacher_ad::training::model::MtadModel, device: &Device| {
+        let batch = InputBatch {
+            images: Tensor::from_data(images.clone().into_data(), device),
+            teachers: Some(Tensor::from_data(teachers.clone().into_data(), device)),
+        };
+        let losses = model.losses(batch);
+        let reconstruction = losses.reconstruction.clone().into_scalar::<f32>() as f64;
+        let total = losses.total();
+        let value = total.clone().into_scalar::<f32>() as f64;
+        let grads = total.backward();
+        let grad = model
+            .decoder
+            .linear1
+            .weight
+            .val()
+            .grad(&grads)
+            .expect("a gradient")
+            .into_data()
+            .try_into_vec::<f32>()
+            .unwrap();
+        (value, reconstruction, grad)
+    };
+    let on_gpu = model.clone().to_device(&gpu);
+    let (cpu_total, cpu_rec, cpu_grad) = step(&model, &cpu);
+    let (gpu_total, gpu_rec, gpu_grad) = step(&on_gpu, &gpu);
+    let grad_error = relative_l2(&gpu_grad, &cpu_grad);
+    println!(
+        "first step: loss {cpu_total:.6} (cpu) vs {gpu_total:.6} (wgpu), reconstruction \
+         {cpu_rec:.6} vs {gpu_rec:.6}, decoder gradient relative L2 {grad_error:.2e}"
+    );
+    assert!(relative(cpu_total, gpu_total) < LOSS_TOLERANCE);
+    assert!(relative(cpu_rec, gpu_rec) < LOSS_TOLERANCE);
+    assert!(grad_error < LOSS_TOLERANCE * 10.0, "{grad_error}");
+}
+
+#[test]
+fn every_command_runs_on_wgpu_and_agrees_with_the_cpu() {
+    if wgpu().is_none() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let data = demo_data(tmp.path());
+    let cache = tmp.path().join("cache");
+    std::fs::write(
+        tmp.path().join("cubecl.toml"),
+        "[autotune.bench]\nmin_samples = 1\nmax_samples = 1\nadaptive = false\n",
+    )
+    .unwrap();
+    let ok = |args: &[&str]| ok_in(tmp.path(), args);
+    let path = |p: &Path| p.to_str().unwrap().to_string();
+    let train = |device: &str, out: &Path| {
+        let (data, cache, out) = (path(&data), path(&cache), path(out));
+        #[rustfmt::skip]
+        let args = [
+            "train", "--dataset", "folder", "--data-root", &data, "--classes", "weave",
+            "--tiny-teachers", "--image-size", "32", "--epochs", "1", "--eval-every", "1",
+            "--seed", "5", "--protocol", "reference", "--batch-size", "2",
+            "--crops-per-batch", "2",
+            "--cache-dir", &cache, "--out", &out, "--device", device,
+        ];
+        ok(&args);
+    };
+    let (cpu_run, gpu_run) = (tmp.path().join("cpu"), tmp.path().join("gpu"));
+    let started = std::time::Instant::now();
+    train("cpu", &cpu_run);
+    let cpu_seconds = started.elapsed().as_secs_f64();
+    let started = std::time::Instant::now();
+    train("wgpu", &gpu_run);
+    println!(
+        "train: {cpu_seconds:.1} s on the cpu, {:.1} s on wgpu",
+        started.elapsed().as_secs_f64()
+    );
+    let config = read(&gpu_run.join("config.json"));
+    assert!(config.contains("\"device\": \"wgpu"), "{config}");
+    assert!(config.contains("\"images_per_step\": 2"), "{config}");
+    for run in [&cpu_run, &gpu_run] {
+        assert!(run.join("weave/model.mtad").is_file());
+        assert_eq!(rows(&read(&run.join("Eval_resnet.csv"))).len(), 1);
+    }
+
+    // The same images through the same teachers.
+    let stats = |run: &Path| TeacherStatistics::load(&run.join("weave/teacher_stats.bin")).unwrap();
+    let (a, b) = (stats(&cpu_run), stats(&gpu_run));
+    assert_eq!(a.count, b.count);
+    let flat = |s: &TeacherStatistics| -> Vec<f32> {
+        s.mean.iter().chain(&s.std).flatten().copied().collect()
+    };
+    let error = relative_l2(&flat(&b), &flat(&a));
+    println!("teacher statistics, wgpu vs cpu: relative L2 {error:.2e}");
+    assert!(error < STATS_TOLERANCE, "{error}");
+
+    // One trained model scored on both backends.
+    let run_arg = path(&cpu_run);
+    let test = path(&data.join("weave/test"));
+    let detect = |device: &str| -> serde_json::Value {
+        let out = ok(&[
+            "detect", "--run", &run_arg, "--class", "weave", "--format", "json", "--device",
+            device, &test,
+        ]);
+        serde_json::from_str(&out).unwrap()
+    };
+    let (on_cpu, on_gpu) = (detect("cpu"), detect("wgpu"));
+    let images = |v: &serde_json::Value| v["images"].as_array().unwrap().clone();
+    let (cpu_images, gpu_images) = (images(&on_cpu), images(&on_gpu));
+    assert_eq!(cpu_images.len(), gpu_images.len());
+    assert!(!cpu_images.is_empty());
+    let threshold = on_cpu["threshold"].as_f64().unwrap();
+    let mut worst: f64 = 0.0;
+    for (c, g) in cpu_images.iter().zip(&gpu_images) {
+        assert_eq!(c["path"], g["path"]);
+        for key in ["score", "as_z", "as_cossim", "as_rec"] {
+            let (x, y) = (c[key].as_f64().unwrap(), g[key].as_f64().unwrap());
+            worst = worst.max(relative(x, y));
+        }
+        let score = c["score"].as_f64().unwrap();
+        if relative(score, threshold) > SCORE_TOLERANCE {
+            assert_eq!(c["decision"], g["decision"], "{}", c["path"]);
+        }
+    }
+    println!("detect scores, wgpu vs cpu: largest relative difference {worst:.2e}");
+    assert!(worst < SCORE_TOLERANCE, "{worst}");
+
+    // infer on the GPU reproduces the run's own evaluation table (the AUCs of the same scores).
+    ok(&["infer", "--run", &run_arg, "--device", "wgpu"]);
+    let (own, again) = (
+        rows(&read(&cpu_run.join("Eval_resnet.csv"))),
+        rows(&read(&cpu_run.join("infer/Eval_resnet.csv"))),
+    );
+    assert_eq!(own.len(), again.len());
+    for (x, y) in own[0].iter().zip(&again[0]).skip(1) {
+        if let (Ok(x), Ok(y)) = (x.parse::<f64>(), y.parse::<f64>()) {
+            assert!((x - y).abs() < 1e-6, "infer's AUC {y} vs the run's {x}");
+        }
+    }
+    // The GPU-trained run: its own models rescored on the GPU, and the ensemble of both runs.
+    ok(&["infer", "--run", &path(&gpu_run), "--device", "wgpu"]);
+    let ensemble = tmp.path().join("ensemble");
+    ok(&[
+        "ensemble",
+        "--out",
+        &path(&ensemble),
+        "--runs",
+        &run_arg,
+        &path(&gpu_run),
+    ]);
+    assert_eq!(rows(&read(&ensemble.join("eval_folder.csv"))).len(), 2);
+}
