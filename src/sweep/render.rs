@@ -108,7 +108,7 @@ pub fn job(plan: &Plan, sweep: &Path) -> String {
          a failed index does not stop the others.\n  backoffLimitPerIndex: {retries}\n  \
          maxFailedIndexes: {n}\n  podFailurePolicy:\n    rules:\n      # Preempted or \
          evicted: not a failure; the index reruns and resumes from its checkpoint.\n      - \
-         action: Ignore\n        onPodConditions:\n          - type: DisruptionTarget\n  \
+         action: Ignore\n        onPodConditions:\n          - type: DisruptionTarget\n            status: \"True\"\n  \
          template:\n    metadata:\n      labels:\n        app: mtad-sweep\n    spec:\n      \
          restartPolicy: Never\n      # SIGTERM: mtad finishes its step and writes a \
          checkpoint.\n      terminationGracePeriodSeconds: 300\n      containers:\n        - \
