@@ -102,6 +102,11 @@ pub enum Command {
     /// List the devices this binary can compute on (`--device` values, backend, name, kind):
     /// the CPU, then each CUDA device and wgpu adapter of the backends compiled in.
     Devices(FormatArgs),
+    /// Many machines: plan the protocol as (class, student) tasks for a Slurm array or a
+    /// Kubernetes Indexed Job, run one task, follow them, gather their tables (docs/CLUSTER.md).
+    Sweep(SweepArgs),
+    /// The teacher-embedding cache that runs and sweep tasks share.
+    Cache(CacheArgs),
 }
 
 /// `--device`, shared by every command that computes.
@@ -306,6 +311,164 @@ pub struct DemoArgs {
     /// Training epochs per class (evaluated after the last).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     pub epochs: u32,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct SweepArgs {
+    #[command(subcommand)]
+    pub command: SweepCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SweepCommand {
+    /// Write a sweep folder: one task per (class, student) with its own run folder, the plan
+    /// (sweep.json), a Slurm array script (slurm.sh), a Kubernetes Indexed Job (job.yaml) and
+    /// the Containerfile of its image.
+    Plan(Box<SweepPlanArgs>),
+    /// Run one task: the index given, or the scheduler's (SLURM_ARRAY_TASK_ID,
+    /// JOB_COMPLETION_INDEX, AWS_BATCH_JOB_ARRAY_INDEX). A started task resumes from its
+    /// checkpoint; a finished one is left as it is.
+    Run(SweepRunArgs),
+    /// List every task: pending, running, finished (its AUCs) or failed (its error).
+    Status(SweepStatusArgs),
+    /// Collect the finished tasks: per student the reference's tables with the means
+    /// recomputed and a report, the multi-student ensemble per class, a summary; tasks not
+    /// finished are listed, never averaged in.
+    Gather(SweepGatherArgs),
+}
+
+/// The backend a sweep's container image is built with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Backend {
+    /// NVIDIA GPUs (`--features cuda`).
+    Cuda,
+    /// Any GPU through Vulkan (`--features wgpu`).
+    Wgpu,
+    /// The CPU only.
+    Cpu,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SweepPlanArgs {
+    #[command(flatten)]
+    pub settings: TrainSettings,
+    /// Read the settings from a TOML or JSON file, as `train --config`.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// The students, comma-separated (default: all three; or the one --student names).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub students: Option<Vec<multi_teacher_ad::students::StudentKind>>,
+    /// The sweep folder to write, on a filesystem every job sees.
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Tasks running at once (Slurm's array limit, the Job's parallelism).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
+    pub concurrency: u32,
+    /// Retries of a failed task (preempted tasks are requeued and resume, not counted).
+    #[arg(long, default_value_t = 2)]
+    pub retries: u32,
+    /// GPUs requested per task (0: none; for CPU clusters).
+    #[arg(long, default_value_t = 1)]
+    pub gpus: u32,
+    /// The backend the Containerfile builds in.
+    #[arg(long, value_enum, default_value_t = Backend::Cuda)]
+    pub backend: Backend,
+    /// The container image the Kubernetes Job runs (build it with the Containerfile).
+    #[arg(long, default_value = "mtad:latest")]
+    pub image: String,
+    /// The PersistentVolumeClaim the Job mounts: it holds the dataset and the sweep folder.
+    #[arg(long, default_value = "mtad-data")]
+    pub volume_claim: String,
+    /// Where the Job mounts the claim (plan with the paths the pods see under it).
+    #[arg(long, value_name = "DIR", default_value = "/data")]
+    pub mount: PathBuf,
+    /// The mtad binary the Slurm script runs (default: this one).
+    #[arg(long, value_name = "FILE")]
+    pub mtad: Option<PathBuf>,
+    /// An extra `#SBATCH` line for the Slurm script (repeatable), e.g. `--partition=gpu`.
+    #[arg(long, value_name = "OPTION", allow_hyphen_values = true)]
+    pub slurm_option: Vec<String>,
+    /// Folder holding the teachers' `<name>.bpk` weights, for the tasks (default: the
+    /// build's). Also read from the environment variable MTAD_TEACHER_WEIGHTS.
+    #[arg(long, env = "MTAD_TEACHER_WEIGHTS", value_name = "DIR")]
+    pub teacher_weights: Option<PathBuf>,
+    /// Where the tasks compute (passed to `sweep run --device`).
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+/// `--sweep`, shared by the sweep commands.
+#[derive(Debug, Clone, Args)]
+pub struct SweepFolder {
+    /// The sweep folder `mtad sweep plan` wrote. Also read from MTAD_SWEEP.
+    #[arg(long, env = "MTAD_SWEEP", value_name = "DIR")]
+    pub sweep: PathBuf,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SweepRunArgs {
+    #[command(flatten)]
+    pub sweep: SweepFolder,
+    /// The task to run (default: from SLURM_ARRAY_TASK_ID, JOB_COMPLETION_INDEX or
+    /// AWS_BATCH_JOB_ARRAY_INDEX).
+    #[arg(long)]
+    pub index: Option<usize>,
+    /// Folder holding the teachers' `<name>.bpk` weights (default: the plan's, else the
+    /// build's). Also read from the environment variable MTAD_TEACHER_WEIGHTS.
+    #[arg(long, env = "MTAD_TEACHER_WEIGHTS", value_name = "DIR")]
+    pub teacher_weights: Option<PathBuf>,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SweepStatusArgs {
+    #[command(flatten)]
+    pub sweep: SweepFolder,
+    #[command(flatten)]
+    pub format: FormatArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SweepGatherArgs {
+    #[command(flatten)]
+    pub sweep: SweepFolder,
+    /// Folder to write the gathered tables into (default: <sweep>/gathered).
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    #[command(flatten)]
+    pub format: FormatArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct CacheArgs {
+    #[command(subcommand)]
+    pub command: CacheCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CacheCommand {
+    /// Fill the teacher-embedding cache of a dataset's classes once (train's options, or a
+    /// sweep's), so that the jobs sharing it only read it.
+    Build(Box<CacheBuildArgs>),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CacheBuildArgs {
+    #[command(flatten)]
+    pub settings: TrainSettings,
+    /// Read the settings from a TOML or JSON file, as `train --config`.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Take the settings, classes and cache folder of this sweep's plan instead.
+    #[arg(long, value_name = "DIR", conflicts_with = "config")]
+    pub sweep: Option<PathBuf>,
+    /// Folder holding the teachers' `<name>.bpk` weights (default: the build's). Also read
+    /// from the environment variable MTAD_TEACHER_WEIGHTS.
+    #[arg(long, env = "MTAD_TEACHER_WEIGHTS", value_name = "DIR")]
+    pub teacher_weights: Option<PathBuf>,
     #[command(flatten)]
     pub device: DeviceArgs,
 }

@@ -12,6 +12,7 @@ pub mod output;
 pub mod progress;
 pub mod scoring;
 pub mod students;
+pub mod sweep;
 pub mod teachers;
 pub mod training;
 pub mod weighting;

@@ -4,6 +4,7 @@
 mod cli;
 mod detect_command;
 mod logging;
+mod sweep_command;
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -105,6 +106,8 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<ExitCode> {
         Some(Command::Teachers(args)) => teachers(&args),
         Some(Command::DemoData(args)) => demo_data(&args),
         Some(Command::Devices(args)) => devices(&args),
+        Some(Command::Sweep(args)) => sweep_command::sweep(args, matches),
+        Some(Command::Cache(args)) => sweep_command::cache(args, matches),
     }
 }
 

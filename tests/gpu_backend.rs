@@ -127,7 +127,8 @@ fn every_command_runs_on_wgpu_and_agrees_with_the_cpu() {
     let ok = |args: &[&str]| ok_in(tmp.path(), args);
     let path = |p: &Path| p.to_str().unwrap().to_string();
     let train = |device: &str, out: &Path| {
-        let (data, cache, out) = (path(&data), path(&cache), path(out));
+        // Each backend fills its own teacher cache: the statistics below are then each's own.
+        let (data, cache, out) = (path(&data), path(&cache.join(device)), path(out));
         #[rustfmt::skip]
         let args = [
             "train", "--dataset", "folder", "--data-root", &data, "--classes", "weave",

@@ -14,6 +14,15 @@ use crate::{Error, Result};
 
 /// Evaluates the ensemble of `runs` (one per student) and writes `<out>/eval_<dataset>.csv`.
 pub fn ensemble(runs: &[PathBuf], out: &Path) -> Result<(Vec<EvalRow>, PathBuf)> {
+    let (rows, note, first) = ensemble_rows(runs)?;
+    let path = out.join(format!("eval_{}.csv", first.dataset().name()));
+    write_eval_table(&path, Some(&note), &rows)?;
+    Ok((rows, path))
+}
+
+/// The ensemble's rows of `runs`, its table's note and the first run's config (`mtad sweep
+/// gather` puts the rows of several ensembles in one table).
+pub fn ensemble_rows(runs: &[PathBuf]) -> Result<(Vec<EvalRow>, String, TrainConfig)> {
     if runs.len() < 2 {
         return Err(Error::InvalidArgument(
             "--runs: an ensemble needs at least two runs".into(),
@@ -101,7 +110,5 @@ pub fn ensemble(runs: &[PathBuf], out: &Path) -> Result<(Vec<EvalRow>, PathBuf)>
     if let Some(reduced) = first.reduced() {
         note.push_str(&format!("; {reduced}"));
     }
-    let path = out.join(format!("eval_{}.csv", first.dataset().name()));
-    write_eval_table(&path, Some(&note), &rows)?;
-    Ok((rows, path))
+    Ok((rows, note, first.clone()))
 }

@@ -99,7 +99,7 @@ pub fn write_atomic_parts(path: &Path, parts: &[&[u8]]) -> Result<()> {
     let tmp = parent.join(format!(
         ".{}.tmp{}",
         file_name.to_string_lossy(),
-        std::process::id()
+        temporary_suffix()
     ));
     let result = (|| {
         let mut file = fs::File::create(&tmp)?;
@@ -118,12 +118,36 @@ pub fn write_atomic_parts(path: &Path, parts: &[&[u8]]) -> Result<()> {
     })
 }
 
-/// Whether `name` is a temporary file of [`write_atomic_parts`]: `.<name>.tmp<pid>`.
+/// What makes a temporary file's name unique among every writer of a shared filesystem:
+/// `<pid>-<host>-<n>`, the host as 8 hex digits of its name's sha256 (two hosts may run the
+/// same pid) and `n` counting this process's writes (two threads may write the same file).
+fn temporary_suffix() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    static HOST: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let host = HOST.get_or_init(|| sha256_hex(lock::host_name().as_bytes())[..8].to_string());
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!("{}-{host}-{n}", std::process::id())
+}
+
+/// Whether `name` is a temporary file of [`write_atomic_parts`]: `.<name>.tmp<pid>` (older
+/// versions) or `.<name>.tmp<pid>-<host>-<n>`.
 fn is_temporary(name: &str) -> bool {
     name.starts_with('.')
-        && name
-            .rsplit_once(".tmp")
-            .is_some_and(|(_, pid)| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
+        && name.rsplit_once(".tmp").is_some_and(|(_, suffix)| {
+            let parts: Vec<&str> = suffix.split('-').collect();
+            let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+            match parts.as_slice() {
+                [pid] => digits(pid),
+                [pid, host, n] => {
+                    digits(pid)
+                        && host.len() == 8
+                        && host.bytes().all(|b| b.is_ascii_hexdigit())
+                        && digits(n)
+                }
+                _ => false,
+            }
+        })
 }
 
 /// Removes the temporary files that a killed writer left in `dir` and in its subfolders down to
@@ -182,13 +206,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let class = dir.path().join("weave/checkpoint");
         fs::create_dir_all(&class).unwrap();
-        for name in [".model.mtad.tmp123", "checkpoint/.model-2.bpk.tmp9"] {
+        for name in [
+            ".model.mtad.tmp123",
+            "checkpoint/.model-2.bpk.tmp9",
+            ".scores.csv.tmp77-0a1b2c3d-4",
+        ] {
             fs::write(dir.path().join("weave").join(name), b"half").unwrap();
         }
-        for name in ["model.mtad", ".hidden", ".x.tmp", "a.tmp12"] {
+        for name in ["model.mtad", ".hidden", ".x.tmp", "a.tmp12", ".y.tmp1-zz-2"] {
             fs::write(dir.path().join("weave").join(name), b"kept").unwrap();
         }
-        assert_eq!(remove_stale_temporaries(dir.path(), 2).unwrap(), 2);
+        assert_eq!(remove_stale_temporaries(dir.path(), 2).unwrap(), 3);
         let mut left: Vec<String> = fs::read_dir(dir.path().join("weave"))
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -196,7 +224,14 @@ mod tests {
         left.sort();
         assert_eq!(
             left,
-            [".hidden", ".x.tmp", "a.tmp12", "checkpoint", "model.mtad"]
+            [
+                ".hidden",
+                ".x.tmp",
+                ".y.tmp1-zz-2",
+                "a.tmp12",
+                "checkpoint",
+                "model.mtad"
+            ]
         );
         assert!(fs::read_dir(&class).unwrap().next().is_none());
     }

@@ -36,6 +36,17 @@ pub fn write_tables(
     config: &TrainConfig,
     current: Option<&ClassProgress>,
 ) -> Result<()> {
+    write_tables_noted(out, config, current, None)
+}
+
+/// [`write_tables`], with `extra` added to the tables' note (`mtad sweep gather`: the tasks
+/// left out).
+pub fn write_tables_noted(
+    out: &Path,
+    config: &TrainConfig,
+    current: Option<&ClassProgress>,
+    extra: Option<&str>,
+) -> Result<()> {
     let mut classes = Vec::new();
     for &c in &config.class_indices {
         let name = &config.class_names[c];
@@ -52,7 +63,10 @@ pub fn write_tables(
         .filter(|p| !p.history.is_empty() && p.history.iter().all(|r| r.nor.is_none()))
         .map(|p| p.name.as_str())
         .collect();
-    let note = table_note(config, &unlabelled);
+    let note = match (table_note(config, &unlabelled), extra) {
+        (Some(n), Some(e)) => Some(format!("{n}; {e}")),
+        (n, e) => n.or(e.map(str::to_string)),
+    };
     let student = config.settings.student;
     let number = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.6}"));
 
