@@ -158,7 +158,7 @@ fn sweep_plan(a: &SweepPlanArgs, m: Option<&ArgMatches>) -> Result<ExitCode> {
     let name = |v: &dyn Fn() -> Option<clap::builder::PossibleValue>| {
         v().map_or(String::new(), |p| p.get_name().to_string())
     };
-    let device = name(&|| a.device.device.to_possible_value());
+    let device = a.device.device.to_string();
     let backend = name(&|| a.backend.to_possible_value());
     debug_assert!(matches!(
         a.backend,

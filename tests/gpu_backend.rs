@@ -1,6 +1,6 @@
 //! Every command on a GPU backend (wgpu; Mesa's software Vulkan in CI), against the CPU backend
-//! with the same seed: `train`, `infer`, `detect` and `ensemble` through the binary, and one
-//! training step of the same model on both backends. `MTAD_REQUIRE_WGPU=1` (set by CI) makes a
+//! with the same seed: what `train`, `infer`, `detect` and `ensemble` run, and one training step
+//! of the same model on both backends. `MTAD_REQUIRE_WGPU=1` (set by CI) makes a
 //! missing adapter a failure instead of a skip.
 //!
 //! What must agree, and how closely (measured on lavapipe, then given headroom; the figures are
@@ -22,11 +22,15 @@ use std::path::Path;
 
 use burn::prelude::*;
 use burn::tensor::Distribution;
-use common::{demo_data, read, relative_l2, rows};
+use common::{demo_data, read, relative_l2, request, rows, run};
 use multi_teacher_ad::device::wgpu_kind;
+use multi_teacher_ad::inference::detect::{Detector, Heatmaps, ScoreColumn, ThresholdChoice};
+use multi_teacher_ad::inference::ensemble;
 use multi_teacher_ad::students::StudentKind;
 use multi_teacher_ad::teachers::TeacherStatistics;
+use multi_teacher_ad::teachers::WeightsLocation;
 use multi_teacher_ad::training::model::{InputBatch, MtadModelConfig};
+use multi_teacher_ad::training::prepare::Prepared;
 
 const STATS_TOLERANCE: f64 = 1e-4;
 const LOSS_TOLERANCE: f64 = 1e-4;
@@ -43,22 +47,6 @@ fn wgpu() -> Option<Device> {
         }
         Err(e) => panic!("MTAD_REQUIRE_WGPU is set but wgpu cannot start: {e}"),
     }
-}
-
-/// Runs the binary in `dir`, whose `cubecl.toml` keeps autotune's benchmarks short: on a
-/// software rasterizer each candidate kernel takes seconds to minutes, on a GPU milliseconds.
-fn ok_in(dir: &Path, args: &[&str]) -> String {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mtad"))
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn relative(a: f64, b: f64) -> f64 {
@@ -98,7 +86,7 @@ fn the_first_training_step_agrees_with_the_cpu() {
             .unwrap();
         (value, reconstruction, grad)
     };
-    let on_gpu = model.clone().to_device(&gpu);
+    let on_gpu = model.clone().fork(&gpu);
     let (cpu_total, cpu_rec, cpu_grad) = step(&model, &cpu);
     let (gpu_total, gpu_rec, gpu_grad) = step(&on_gpu, &gpu);
     let grad_error = relative_l2(&gpu_grad, &cpu_grad);
@@ -113,48 +101,33 @@ fn the_first_training_step_agrees_with_the_cpu() {
 
 #[test]
 fn every_command_runs_on_wgpu_and_agrees_with_the_cpu() {
-    if wgpu().is_none() {
-        return;
-    }
+    let Some(gpu) = wgpu() else { return };
+    // In this process, as the binary's commands run them: on a software rasterizer autotune's
+    // first look at each kernel shape takes seconds, and a process tunes each shape once.
     let tmp = tempfile::tempdir().unwrap();
     let data = demo_data(tmp.path());
-    let cache = tmp.path().join("cache");
-    std::fs::write(
-        tmp.path().join("cubecl.toml"),
-        "[autotune.bench]\nmin_samples = 1\nmax_samples = 1\nadaptive = false\n",
-    )
-    .unwrap();
-    let ok = |args: &[&str]| ok_in(tmp.path(), args);
-    let path = |p: &Path| p.to_str().unwrap().to_string();
-    let train = |device: &str, out: &Path| {
+    let train = |device: &Device, name: &str| {
         // Each backend fills its own teacher cache: the statistics below are then each's own.
-        let (data, cache, out) = (path(&data), path(&cache.join(device)), path(out));
-        #[rustfmt::skip]
-        let args = [
-            "train", "--dataset", "folder", "--data-root", &data, "--classes", "weave",
-            "--tiny-teachers", "--image-size", "32", "--epochs", "1", "--eval-every", "1",
-            "--seed", "5", "--protocol", "reference", "--batch-size", "2",
-            "--crops-per-batch", "2",
-            "--cache-dir", &cache, "--out", &out, "--device", device,
-        ];
-        ok(&args);
+        let out = tmp.path().join(name);
+        let mut r = request(&data, &out, &tmp.path().join(format!("cache-{name}")));
+        r.device = device.clone();
+        r.device_name = name.to_string();
+        r.settings.epochs = 1;
+        r.settings.batch_size = Some(2);
+        r.settings.crops_per_batch = 2;
+        let started = std::time::Instant::now();
+        run(r);
+        println!("train on {name}: {:.1} s", started.elapsed().as_secs_f64());
+        out
     };
-    let (cpu_run, gpu_run) = (tmp.path().join("cpu"), tmp.path().join("gpu"));
-    let started = std::time::Instant::now();
-    train("cpu", &cpu_run);
-    let cpu_seconds = started.elapsed().as_secs_f64();
-    let started = std::time::Instant::now();
-    train("wgpu", &gpu_run);
-    println!(
-        "train: {cpu_seconds:.1} s on the cpu, {:.1} s on wgpu",
-        started.elapsed().as_secs_f64()
-    );
+    let cpu_run = train(&Device::flex(), "cpu");
+    let gpu_run = train(&gpu, "wgpu");
     let config = read(&gpu_run.join("config.json"));
     assert!(config.contains("\"device\": \"wgpu"), "{config}");
     assert!(config.contains("\"images_per_step\": 2"), "{config}");
     for run in [&cpu_run, &gpu_run] {
         assert!(run.join("weave/model.mtad").is_file());
-        assert_eq!(rows(&read(&run.join("Eval_resnet.csv"))).len(), 1);
+        assert_eq!(rows(&read(&run.join("Eval_resnet.csv"))).len(), 2);
     }
 
     // The same images through the same teachers.
@@ -169,38 +142,57 @@ fn every_command_runs_on_wgpu_and_agrees_with_the_cpu() {
     assert!(error < STATS_TOLERANCE, "{error}");
 
     // One trained model scored on both backends.
-    let run_arg = path(&cpu_run);
-    let test = path(&data.join("weave/test"));
-    let detect = |device: &str| -> serde_json::Value {
-        let out = ok(&[
-            "detect", "--run", &run_arg, "--class", "weave", "--format", "json", "--device",
-            device, &test,
-        ]);
-        serde_json::from_str(&out).unwrap()
+    let test = data.join("weave/test");
+    let detect = |device: &Device, name: &str| {
+        let detector = Detector::load(
+            &cpu_run,
+            "weave",
+            ScoreColumn::Nor,
+            ThresholdChoice {
+                threshold: None,
+                fpr: None,
+            },
+            &WeightsLocation::Build,
+            device.clone(),
+        )
+        .unwrap();
+        let found = detector
+            .run(
+                std::slice::from_ref(&test),
+                &tmp.path().join(format!("detect-{name}")),
+                Heatmaps::Scores,
+            )
+            .unwrap();
+        (detector.threshold, found)
     };
-    let (on_cpu, on_gpu) = (detect("cpu"), detect("wgpu"));
-    let images = |v: &serde_json::Value| v["images"].as_array().unwrap().clone();
-    let (cpu_images, gpu_images) = (images(&on_cpu), images(&on_gpu));
-    assert_eq!(cpu_images.len(), gpu_images.len());
-    assert!(!cpu_images.is_empty());
-    let threshold = on_cpu["threshold"].as_f64().unwrap();
+    let (threshold, on_cpu) = detect(&Device::flex(), "cpu");
+    let (_, on_gpu) = detect(&gpu, "wgpu");
+    assert_eq!(on_cpu.len(), on_gpu.len());
+    assert!(!on_cpu.is_empty());
     let mut worst: f64 = 0.0;
-    for (c, g) in cpu_images.iter().zip(&gpu_images) {
-        assert_eq!(c["path"], g["path"]);
-        for key in ["score", "as_z", "as_cossim", "as_rec"] {
-            let (x, y) = (c[key].as_f64().unwrap(), g[key].as_f64().unwrap());
+    for (c, g) in on_cpu.iter().zip(&on_gpu) {
+        assert_eq!(c.path, g.path);
+        let (c, g) = (c.outcome.as_ref().unwrap(), g.outcome.as_ref().unwrap());
+        for (x, y) in [
+            (c.score, g.score),
+            (c.as_z, g.as_z),
+            (c.as_cossim, g.as_cossim),
+            (c.as_rec, g.as_rec),
+        ] {
             worst = worst.max(relative(x, y));
         }
-        let score = c["score"].as_f64().unwrap();
-        if relative(score, threshold) > SCORE_TOLERANCE {
-            assert_eq!(c["decision"], g["decision"], "{}", c["path"]);
+        if relative(c.score, threshold) > SCORE_TOLERANCE {
+            assert_eq!(c.anomalous, g.anomalous);
         }
     }
     println!("detect scores, wgpu vs cpu: largest relative difference {worst:.2e}");
     assert!(worst < SCORE_TOLERANCE, "{worst}");
 
     // infer on the GPU reproduces the run's own evaluation table (the AUCs of the same scores).
-    ok(&["infer", "--run", &run_arg, "--device", "wgpu"]);
+    Prepared::for_run(&cpu_run, None, &WeightsLocation::Build, gpu.clone())
+        .unwrap()
+        .infer()
+        .unwrap();
     let (own, again) = (
         rows(&read(&cpu_run.join("Eval_resnet.csv"))),
         rows(&read(&cpu_run.join("infer/Eval_resnet.csv"))),
@@ -211,16 +203,7 @@ fn every_command_runs_on_wgpu_and_agrees_with_the_cpu() {
             assert!((x - y).abs() < 1e-6, "infer's AUC {y} vs the run's {x}");
         }
     }
-    // The GPU-trained run: its own models rescored on the GPU, and the ensemble of both runs.
-    ok(&["infer", "--run", &path(&gpu_run), "--device", "wgpu"]);
-    let ensemble = tmp.path().join("ensemble");
-    ok(&[
-        "ensemble",
-        "--out",
-        &path(&ensemble),
-        "--runs",
-        &run_arg,
-        &path(&gpu_run),
-    ]);
-    assert_eq!(rows(&read(&ensemble.join("eval_folder.csv"))).len(), 2);
+    // The ensemble of the CPU-trained and the GPU-trained runs.
+    let (rows_, _) = ensemble::ensemble(&[cpu_run, gpu_run], &tmp.path().join("ens")).unwrap();
+    assert_eq!(rows_.len(), 1);
 }
