@@ -15,8 +15,10 @@
 #   student's training step at batch 8 and 32, scoring at batch 32, one CPU-demo epoch (ours),
 #   and one CIFAR-sized class end to end (ours with the teacher cache, the reference's way
 #   with the teachers at every epoch).
-# Environment: MTAD_DEVICE (wgpu), TORCH_DEVICE (cuda when torch sees one, else cpu),
-# ROUNDS (3), ITERS (5), MTAD_PYTHON (python3), E2E (1: also the end-to-end class; 0: not).
+# Environment: MTAD_BIN (the mtad binary of the same build, for the end-to-end class; carry it
+# with the bench), MTAD_DEVICE (wgpu), TORCH_DEVICE (cuda when torch sees one, else cpu),
+# ROUNDS (3), ITERS (5), MTAD_PYTHON (python3), E2E (1: also the end-to-end class; 0: not),
+# ONLY (the cases, as the bench's --only: teacher/,train/,score/,demo-epoch/).
 # More options go to the speed bench, e.g. --image-size 64 --only train/ --e2e-train 500.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -54,7 +56,7 @@ trap '[ -n "$sampler" ] && kill "$sampler" 2>/dev/null; rm -f "$peak_file"' EXIT
 
 echo "== cases"
 "$bin" --device "$device" --torch-device "$torch_device" --rounds "$rounds" --iters "$iters" \
-  --warmup 2 --only teacher/,train/,score/,demo-epoch/ "$@"
+  --warmup 2 --only "${ONLY:-teacher/,train/,score/,demo-epoch/}" "$@"
 peak
 if [ "${E2E:-1}" = 1 ]; then
   echo "== one class end to end"

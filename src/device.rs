@@ -228,6 +228,7 @@ pub struct ListedDevice {
 /// Every device this binary can use, each opened once to read its name: the CPU first, then
 /// the CUDA devices and the wgpu adapters compiled in. Backends that fail to start are skipped.
 pub fn list_devices() -> Vec<ListedDevice> {
+    #[cfg_attr(not(any(feature = "cuda", feature = "wgpu")), allow(unused_mut))]
     let mut out = vec![ListedDevice {
         choice: "cpu".into(),
         backend: "flex",

@@ -23,7 +23,7 @@ use std::path::Path;
 use burn::prelude::*;
 use burn::tensor::Distribution;
 use common::{demo_data, read, relative_l2, request, rows, run};
-use multi_teacher_ad::device::wgpu_kind;
+use multi_teacher_ad::device::{DeviceChoice, select_device, wgpu_kind};
 use multi_teacher_ad::inference::detect::{Detector, Heatmaps, ScoreColumn, ThresholdChoice};
 use multi_teacher_ad::inference::ensemble;
 use multi_teacher_ad::students::StudentKind;
@@ -206,4 +206,28 @@ fn every_command_runs_on_wgpu_and_agrees_with_the_cpu() {
     // The ensemble of the CPU-trained and the GPU-trained runs.
     let (rows_, _) = ensemble::ensemble(&[cpu_run, gpu_run], &tmp.path().join("ens")).unwrap();
     assert_eq!(rows_.len(), 1);
+}
+
+#[test]
+fn mtad_devices_lists_the_cpu_and_the_adapter_that_wgpu_n_selects() {
+    if wgpu().is_none() {
+        return;
+    }
+    let out = common::mtad(&["devices", "--format", "json"], None);
+    assert!(out.status.success());
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let devices = listed["devices"].as_array().unwrap();
+    assert_eq!(devices[0]["choice"], "cpu");
+    let first = devices
+        .iter()
+        .find(|d| d["backend"] == "wgpu")
+        .expect("a wgpu adapter in the list");
+    assert_eq!(first["choice"], "wgpu:0");
+    let selected = select_device(DeviceChoice::Wgpu(Some(0))).unwrap();
+    let name = first["name"].as_str().unwrap();
+    assert!(selected.description.contains(name), "{selected} vs {name}");
+    if std::env::var_os("MTAD_EXPECT_NO_GPU").is_some() {
+        // CI's only adapter is the software one: listed as such, and never `auto`'s choice.
+        assert!(first["kind"].as_str().unwrap().contains("CPU-emulated"));
+    }
 }

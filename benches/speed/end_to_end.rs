@@ -104,13 +104,23 @@ pub(crate) fn end_to_end(args: &Args, reference: bool) {
         args.e2e_epochs,
         if tiny { "the tiny" } else { "the full-size" }
     );
-    let mut ours = Command::new(env!("CARGO_BIN_EXE_mtad"));
+    // `$MTAD_BIN`: the mtad binary carried beside this bench to another machine (benches/gpu.sh).
+    let bin = std::env::var_os("MTAD_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_mtad").into());
+    let device = args.device.to_string();
+    let mut ours = Command::new(bin);
     ours.args(["train", "--dataset", "cifar10", "--classes", "0"])
         .arg("--data-root")
         .arg(&data)
         .args(["--student", args.e2e_student.name()])
         .args(["--epochs", &epochs, "--eval-every", &epochs])
-        .args(["--image-size", &s, "--batch-size", "32", "--device", "cpu"])
+        .args([
+            "--image-size",
+            &s,
+            "--batch-size",
+            "32",
+            "--device",
+            &device,
+        ])
         .arg("--out")
         .arg(dir.path().join("run"))
         .arg("--cache-dir")

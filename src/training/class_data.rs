@@ -83,7 +83,13 @@ impl Prepared {
     ) -> Result<Arc<EmbeddingCache>> {
         let key = cache_key(&format!("{}; {description}", self.teacher_key()));
         let path = self.config.settings.cache_dir.join(file);
-        let batch = if set.side >= 128 { 32 } else { 256 };
+        // Large batches keep a GPU busy; on the CPU, 32 inputs of 224 already do.
+        let gpu = !mtad_kernels::is_flex(&runner.device);
+        let batch = match (set.side >= 128, gpu) {
+            (true, false) => 32,
+            (true, true) => 128,
+            (false, _) => 256,
+        };
         let (cache, outcome) = EmbeddingCache::load_or_build(
             &path,
             key,
