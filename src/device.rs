@@ -240,32 +240,30 @@ pub fn list_devices() -> Vec<ListedDevice> {
         ),
     }];
     #[cfg(feature = "cuda")]
-    for (index, device) in quietly(|| Device::enumerate(DeviceType::Cuda).into_vec())
-        .unwrap_or_default()
-        .into_iter()
-        .enumerate()
-    {
-        out.push(ListedDevice {
-            choice: format!("cuda:{index}"),
-            backend: "cuda",
-            name: quietly(|| identity_name(&device)).unwrap_or_else(|| "unusable".into()),
-            kind: "GPU".into(),
-        });
-    }
+    out.extend(listed(DeviceType::Cuda, "cuda", |_| "GPU"));
     #[cfg(feature = "wgpu")]
-    for (index, device) in quietly(|| Device::enumerate(DeviceType::Wgpu).into_vec())
-        .unwrap_or_default()
+    out.extend(listed(DeviceType::Wgpu, "wgpu", wgpu_kind_name));
+    out
+}
+
+/// The devices of one GPU backend, numbered as `--device <backend>:N` takes them.
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+fn listed(
+    device_type: DeviceType,
+    backend: &'static str,
+    kind: fn(&Device) -> &'static str,
+) -> Vec<ListedDevice> {
+    let devices = quietly(|| Device::enumerate(device_type).into_vec()).unwrap_or_default();
+    devices
         .into_iter()
         .enumerate()
-    {
-        out.push(ListedDevice {
-            choice: format!("wgpu:{index}"),
-            backend: "wgpu",
+        .map(|(index, device)| ListedDevice {
+            choice: format!("{backend}:{index}"),
+            backend,
             name: quietly(|| identity_name(&device)).unwrap_or_else(|| "unusable".into()),
-            kind: wgpu_kind_name(&device).into(),
-        });
-    }
-    out
+            kind: kind(&device).into(),
+        })
+        .collect()
 }
 
 /// Runs `f`, turning a backend panic into `None` without printing it.
