@@ -18,7 +18,9 @@ use crate::students::StudentKind;
 use crate::teachers::TeacherChoice;
 use crate::{Error, Result};
 
+mod batch;
 mod protocol;
+pub use batch::{check_batch_size, default_batch_size};
 use protocol::default_fpr;
 pub use protocol::{DEFAULT_FPR, DEFAULT_HOLDOUT, MAX_HOLDOUT, Protocol, check_decision_settings};
 
@@ -26,45 +28,13 @@ pub use protocol::{DEFAULT_FPR, DEFAULT_HOLDOUT, MAX_HOLDOUT, Protocol, check_de
 /// (4 KB per teacher and crop), 1024 already being 12 MB per image with three teachers.
 pub const MAX_CROP_POOL: usize = 1024;
 /// Bounds of the other sizes a user chooses, checked before anything is allocated: inputs of
-/// at most 512 pixels (the method uses 224), 1024 inputs per CIFAR-10 batch, 256 crops per
-/// MVTec batch (the reference takes 16), a million epochs.
+/// at most 512 pixels (the method uses 224), 1024 images and inputs per training step, 256
+/// crops per MVTec image (the reference takes 16), a million epochs.
 pub const MAX_IMAGE_SIZE: usize = 512;
 pub const MAX_BATCH_SIZE: usize = 1024;
 pub const MAX_CROPS_PER_BATCH: usize = 256;
-
-/// `--batch-size` when not given: 32 CIFAR-10 inputs, the reference's 4 MVTec/folder images.
-pub fn default_batch_size(dataset: DatasetKind) -> usize {
-    match dataset {
-        DatasetKind::Cifar10 => 32,
-        _ => crate::data::crops::MVTEC_IMAGES_PER_BATCH,
-    }
-}
-
-/// `--batch-size` within bounds: at least 2 inputs per step (batch norm), at most
-/// [`MAX_BATCH_SIZE`] images and, for crops, at most [`MAX_BATCH_SIZE`] inputs.
-pub fn check_batch_size(
-    batch: Option<usize>,
-    crops: usize,
-    dataset: DatasetKind,
-) -> std::result::Result<(), String> {
-    let images = batch.unwrap_or(default_batch_size(dataset));
-    let inputs = match dataset {
-        DatasetKind::Cifar10 => images,
-        _ => images.saturating_mul(crops),
-    };
-    if images == 0 || images > MAX_BATCH_SIZE || inputs < 2 || inputs > MAX_BATCH_SIZE {
-        let per = match dataset {
-            DatasetKind::Cifar10 => String::new(),
-            _ => format!(" ({images} images x {crops} crops = {inputs} inputs)"),
-        };
-        return Err(format!(
-            "--batch-size {images}{per}: a step takes from 2 inputs (batch norm needs two) to \
-             {MAX_BATCH_SIZE}"
-        ));
-    }
-    Ok(())
-}
 pub const MAX_EPOCHS: usize = 1_000_000;
+
 /// Every setting a user chooses for a training run.
 #[derive(Debug, Clone, PartialEq, Args, Serialize, Deserialize)]
 pub struct TrainSettings {
