@@ -86,6 +86,18 @@ impl Prefetch {
         }
     }
 
+    /// The images of the step after `items`: as many, next in their epoch's order.
+    fn next(&self, items: &[TrainItem]) -> Vec<usize> {
+        let Some(last) = items.last() else {
+            return Vec::new();
+        };
+        EpochShuffled::order(&self.items, self.seed, last.epoch)
+            .into_iter()
+            .skip(last.position + 1)
+            .take(items.len())
+            .collect()
+    }
+
     /// The images of `items`: those decoded ahead if they are these, else decoded now; then
     /// starts decoding the `items.len()` images that follow in the epoch's order.
     fn images(
@@ -101,14 +113,8 @@ impl Prefetch {
                 .map_err(|_| Error::Training("the image prefetch thread panicked".into()))??,
             _ => decode(source, &wanted)?,
         };
-        if let Some(last) = items.last() {
-            let order = EpochShuffled::order(&self.items, self.seed, last.epoch);
-            let next: Vec<usize> = order
-                .iter()
-                .skip(last.position + 1)
-                .take(items.len())
-                .copied()
-                .collect();
+        {
+            let next = self.next(items);
             if !next.is_empty() {
                 let source = source.clone();
                 let indices = next.clone();
@@ -251,6 +257,31 @@ impl Batcher<TrainItem, InputBatch> for CropBatcher {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_prefetch_predicts_each_next_step_of_the_epoch_order() {
+        use burn::data::dataset::Dataset;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let items: Vec<usize> = (10..21).collect();
+        let epoch = Arc::new(AtomicUsize::new(3));
+        let order = EpochShuffled::new(items.clone(), 77, epoch.clone());
+        let prefetch = Prefetch::new(items, 77);
+        for e in [3, 4] {
+            epoch.store(e, Ordering::SeqCst);
+            let steps: Vec<Vec<TrainItem>> = (0..order.len())
+                .map(|i| order.get(i).unwrap())
+                .collect::<Vec<_>>()
+                .chunks(4)
+                .map(<[TrainItem]>::to_vec)
+                .collect();
+            assert_eq!(steps.len(), 3);
+            for pair in steps.windows(2) {
+                let want: Vec<usize> = pair[1].iter().map(|i| i.index).collect();
+                assert_eq!(prefetch.next(&pair[0]), want, "epoch {e}");
+            }
+            assert!(prefetch.next(&steps[2]).is_empty());
+        }
+    }
 
     #[test]
     fn crops_cut_on_the_device_are_the_host_crops_offset_major() {

@@ -187,16 +187,10 @@ impl Prepared {
         let errors = ErrorSlot::default();
         let cached = |cache: &Option<Arc<EmbeddingCache>>| cached_teachers(cache, &data.stats);
         let epoch = Arc::new(AtomicUsize::new(0));
-        let train_dataset = EpochShuffled::new(
-            data.train_items.clone(),
-            mix(c.settings.seed, class as u64, 1),
-            epoch.clone(),
-        );
+        let order_seed = mix(c.settings.seed, class as u64, 1);
+        let train_dataset = EpochShuffled::new(data.train_items.clone(), order_seed, epoch.clone());
         let skip = train_dataset.skip();
-        let items_per_step = match &data.train {
-            TrainKind::Cached(_) => c.batch_size(),
-            TrainKind::Crops { .. } => c.batch_size(),
-        };
+        let items_per_step = c.batch_size();
         let train_loader: Arc<dyn DataLoader<InputBatch>> = match &data.train {
             TrainKind::Cached(set) => DataLoaderBuilder::new(CachedBatcher {
                 set: set.clone(),
@@ -230,12 +224,8 @@ impl Prepared {
                     teachers,
                     errors: errors.clone(),
                     on_device: !is_flex(&training_device),
-                    prefetch: (!is_flex(&training_device)).then(|| {
-                        Arc::new(Prefetch::new(
-                            data.train_items.clone(),
-                            mix(c.settings.seed, class as u64, 1),
-                        ))
-                    }),
+                    prefetch: (!is_flex(&training_device))
+                        .then(|| Arc::new(Prefetch::new(data.train_items.clone(), order_seed))),
                 })
                 .batch_size(c.batch_size())
                 .set_device(training_device.clone())
