@@ -10,8 +10,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{read, rows};
-use multi_teacher_ad::data::demo::{DemoSpec, write_demo_dataset};
+use common::{demo_data_with, read, rows};
 
 fn mtad(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_mtad"))
@@ -34,19 +33,6 @@ fn ok(args: &[&str], env: &[(&str, &str)]) -> String {
     let (success, stdout, stderr) = mtad(args, env);
     assert!(success, "{args:?}: {stdout}\n{stderr}");
     stdout
-}
-
-fn data(dir: &Path) -> PathBuf {
-    let root = dir.join("data");
-    let spec = DemoSpec {
-        image_size: 64,
-        train: 4,
-        test_good: 2,
-        test_defect: 1,
-        ..DemoSpec::default()
-    };
-    write_demo_dataset(&root, &spec).unwrap();
-    root
 }
 
 /// Plans the tiny sweep into `out`.
@@ -134,7 +120,7 @@ const TABLES: [&str; 5] = [
 #[test]
 fn a_sweep_runs_task_by_task_and_as_a_slurm_array_with_the_same_tables() {
     let tmp = tempfile::tempdir().unwrap();
-    let data = data(tmp.path());
+    let data = demo_data_with(tmp.path(), 4);
     let one_by_one = tmp.path().join("one-by-one");
     let stdout = plan(&data, &one_by_one);
     assert!(stdout.contains("planned 4 tasks"), "{stdout}");

@@ -92,10 +92,15 @@ pub fn tensor4(values: &[f32], shape: &[usize], device: &Device) -> Tensor<4> {
 // Tiny training runs and the `mtad` binary (tests/training.rs, tests/inference.rs).
 
 pub fn demo_data(dir: &Path) -> PathBuf {
+    demo_data_with(dir, 8)
+}
+
+/// [`demo_data`] with `train` normal training images per category.
+pub fn demo_data_with(dir: &Path, train: usize) -> PathBuf {
     let root = dir.join("data");
     let spec = DemoSpec {
         image_size: 64,
-        train: 8,
+        train,
         test_good: 2,
         test_defect: 1,
         ..DemoSpec::default()
