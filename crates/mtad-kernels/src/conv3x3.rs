@@ -37,6 +37,7 @@ use super::matmul::{add_bias, matmul, parallel_chunks};
 use super::padded::{self, Conv};
 use super::reduce::tree_sum;
 use super::{channel_rows, contiguous_f32, dims4, direct, flex_f32, is_flex, winograd};
+use crate::isa::{Capability, capability};
 
 /// Whether the weight gradient is the padded kernel's sum over the pixels rather than im2col and
 /// one matrix product per few images: for images of 14x14 and more with few channels. Measured
@@ -52,13 +53,30 @@ fn padded_weight_grad(hw: usize, cin: usize, cout: usize) -> bool {
 }
 
 /// Whether a 3x3 convolution from `cin` to `cout` channels on planes of `hw` pixels takes im2col
-/// and one matrix product rather than the padded kernel, whose blocks of 32 positions compute
-/// 64 for the 49 of a 7x7 plane: with 512 channels or more on 7x7 and smaller. Measured on the
-/// development machine (2 threads, forward and backward of one convolution, alternated with the
-/// padded kernel): 0.95x the time at batch 8 and 0.91x at batch 32 for 512 channels at 7x7
-/// (resnet18's last stage), but 1.0-1.1x for 256.
-fn gemm_on_small_planes(cin: usize, cout: usize, hw: usize) -> bool {
-    hw <= 7 * 7 && cin >= 512 && cout >= 512
+/// and one matrix product rather than the padded kernel (forward, and input gradient with the
+/// channels swapped).
+///
+/// With AVX-512: with 512 channels or more on 7x7 and smaller, where the padded kernel's blocks
+/// of 32 positions compute 64 for the 49 of a 7x7 plane. Measured on the AVX-512 development
+/// machine (2 threads, forward and backward of one convolution, alternated with the padded
+/// kernel): 0.95x the time at batch 8 and 0.91x at batch 32 for 512 channels at 7x7 (resnet18's
+/// last stage), but 1.0-1.1x for 256.
+///
+/// With AVX2 (and the portable levels), the padded kernel holds 12 sums in its 16 registers
+/// rather than 24 in 32, and gemm's AVX2 products are the better choice for many channels on
+/// large planes too: also for more than 16 x 16 channel pairs on planes larger than 14x14.
+/// Measured on the AVX2 development machine (`burn_gap --layers`, forward and backward, batch 8,
+/// per convolution): the padded kernel took 71 ms against im2col's 48 for densenet121's 128 to
+/// 32 channels at 56x56, 18-19 against 14 at 28x28 and 17-19 against 15 for 32 to 32 at 56x56,
+/// but 5.2-5.5 against 6.0 for 128 to 32 at 14x14, 1.6-2.2 against 2.9 at 7x7, 6.5 against 9.4
+/// for 128 to 64 at 14x14, 20-22 against 41 (the direct kernel) for 16 to 16 at 112x112 and 77
+/// against 116-135 for 8 to 8 at 224x224.
+fn gemm_rather_than_padded(cin: usize, cout: usize, hw: usize) -> bool {
+    let small_planes = hw <= 7 * 7 && cin >= 512 && cout >= 512;
+    if capability() >= Capability::Avx512 {
+        return small_planes;
+    }
+    small_planes || (cin * cout > 16 * 16 && hw > 14 * 14)
 }
 
 /// The two kernels, on the backends that have them: flex, and autodiff over flex.
@@ -177,7 +195,7 @@ fn flex_forward(x: FlexTensor, weight: FlexTensor, bias: Option<FlexTensor>) -> 
         let out = winograd::forward(xs, ws, bias, [n, cin, cout, h, w]);
         return flex_f32(out, [n, cout, h, w]);
     }
-    if padded::forward_applies(cout) && !gemm_on_small_planes(cin, cout, hw) {
+    if padded::forward_applies(cout) && !gemm_rather_than_padded(cin, cout, hw) {
         let out = padded::forward(xs, ws, bias, Conv::same3x3(h, w), [n, cin, cout]);
         return flex_f32(out, [n, cout, h, w]);
     }
@@ -330,7 +348,7 @@ impl Conv3x3Backend for Flex {
         // With Winograd's products, the forward convolution of the flipped weights below.
         let winograd = winograd::applies(cout, cin, h, w);
         // The input gradient is the convolution from `cout` channels to `cin`.
-        let gemm = gemm_on_small_planes(cout, cin, h * w);
+        let gemm = gemm_rather_than_padded(cout, cin, h * w);
         if padded::forward_applies(cin) && grad.dtype() == DType::F32 && !winograd && !gemm {
             let grad = contiguous_f32(&grad);
             let n = dims4(&grad)[0];
@@ -674,17 +692,15 @@ mod tests {
         assert_eq!(pointwise_stride(&with(3, 1, PaddingConfig2d::Valid)), None);
         // Square kernels with any stride and even padding take the strided kernels.
         use super::super::strided::applies;
-        if padded::available() {
-            assert_eq!(
-                applies(&with(3, 2, PaddingConfig2d::Explicit(1, 1, 1, 1))),
-                Some((2, 1))
-            );
-            assert_eq!(
-                applies(&with(7, 2, PaddingConfig2d::Explicit(3, 3, 3, 3))),
-                Some((2, 3))
-            );
-            assert_eq!(applies(&with(2, 2, PaddingConfig2d::Valid)), Some((2, 0)));
-        }
+        assert_eq!(
+            applies(&with(3, 2, PaddingConfig2d::Explicit(1, 1, 1, 1))),
+            Some((2, 1))
+        );
+        assert_eq!(
+            applies(&with(7, 2, PaddingConfig2d::Explicit(3, 3, 3, 3))),
+            Some((2, 3))
+        );
+        assert_eq!(applies(&with(2, 2, PaddingConfig2d::Valid)), Some((2, 0)));
         assert_eq!(
             applies(&with(3, 2, PaddingConfig2d::Explicit(1, 0, 1, 0))),
             None
@@ -701,9 +717,15 @@ mod tests {
             .init(&device);
         assert_eq!(applies(&grouped), None);
         assert!(is_flex(&device) && is_flex(&device.clone().autodiff()));
-        // 512 channels on 7x7 take im2col; fewer channels or larger planes keep the padded kernel.
-        assert!(gemm_on_small_planes(512, 512, 7 * 7) && gemm_on_small_planes(1024, 512, 4));
-        assert!(!gemm_on_small_planes(256, 512, 7 * 7) && !gemm_on_small_planes(512, 512, 14 * 14));
+        // 512 channels on 7x7 take im2col; fewer channels or larger planes keep the padded kernel
+        // with AVX-512; with AVX2, many channels on planes over 14x14 take im2col too.
+        let gemm = gemm_rather_than_padded;
+        assert!(gemm(512, 512, 7 * 7) && gemm(1024, 512, 4));
+        assert!(!gemm(256, 512, 7 * 7) && !gemm(512, 512, 14 * 14) && !gemm(16, 16, 112 * 112));
+        assert!(!gemm(128, 32, 14 * 14));
+        let avx512 = capability() >= Capability::Avx512;
+        assert_eq!(gemm(128, 32, 56 * 56), !avx512);
+        assert_eq!(gemm(32, 32, 28 * 28), !avx512);
     }
 
     #[test]

@@ -7,9 +7,12 @@
 //! three `kx` as shifted multiply-adds over the row, and for the weight gradient the matching
 //! dot products of output-gradient rows with shifted input rows.
 
+use pulp::{Simd, WithSimd};
 use rayon::prelude::*;
 
 use super::reduce::{PARTS, even_parts, tree_sum};
+use crate::isa::{Capability, capability};
+use crate::simd::dispatch_at;
 
 /// Whether the direct kernels are used for a convolution of `cin` to `cout` channels of
 /// `batch` images: few channels, and enough images to share among threads (one image each).
@@ -115,53 +118,67 @@ fn weight_grad_image(x: &[f32], grad: &[f32], dw: &mut [f64], [cin, cout, h, w]:
     });
 }
 
-/// The same functions compiled for AVX2 + FMA, picked at run time where the CPU has them (the
-/// crate itself is built for baseline x86-64).
-#[cfg(target_arch = "x86_64")]
-mod avx2 {
-    #[target_feature(enable = "avx2,fma")]
-    pub fn forward_image(x: &[f32], weight: &[f32], out: &mut [f32], dims: [usize; 4]) {
-        super::forward_image(x, weight, out, dims)
-    }
+/// [`forward_image`] compiled for the instruction set [`crate::simd`] dispatches (the crate
+/// itself is built for baseline x86-64): its loops are vectorised by the compiler for AVX-512,
+/// AVX2 + FMA or NEON. No float operation is reordered, so every level computes the same bits.
+struct ForwardImage<'a>(&'a [f32], &'a [f32], &'a mut [f32], [usize; 4]);
 
-    #[target_feature(enable = "avx2,fma")]
-    pub fn weight_grad_image(x: &[f32], grad: &[f32], dw: &mut [f64], dims: [usize; 4]) {
-        super::weight_grad_image(x, grad, dw, dims)
+impl WithSimd for ForwardImage<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, _: S) {
+        forward_image(self.0, self.1, self.2, self.3)
     }
 }
 
-/// Whether the kernels may use AVX2 and FMA (see [`crate::isa`]).
-fn has_avx2() -> bool {
-    crate::isa::capability() >= crate::isa::Capability::Avx2
+/// [`weight_grad_image`], as [`ForwardImage`].
+struct WeightGradImage<'a>(&'a [f32], &'a [f32], &'a mut [f64], [usize; 4]);
+
+impl WithSimd for WeightGradImage<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, _: S) {
+        weight_grad_image(self.0, self.1, self.2, self.3)
+    }
 }
 
 /// `x` [n, cin, h, w], `weight` [cout, cin, 3, 3] -> [n, cout, h, w].
-pub fn forward(x: &[f32], weight: &[f32], [n, cin, cout, h, w]: [usize; 5]) -> Vec<f32> {
+pub fn forward(x: &[f32], weight: &[f32], dims: [usize; 5]) -> Vec<f32> {
+    forward_at(capability(), x, weight, dims)
+}
+
+fn forward_at(
+    level: Capability,
+    x: &[f32],
+    weight: &[f32],
+    [n, cin, cout, h, w]: [usize; 5],
+) -> Vec<f32> {
     let mut out = vec![0.0f32; n * cout * h * w];
     if out.is_empty() {
         return out;
     }
     let dims = [cin, cout, h, w];
-    let avx2 = has_avx2();
     out.par_chunks_mut(cout * h * w)
         .zip(x.par_chunks(cin * h * w))
-        .for_each(|(out, x)| {
-            #[cfg(target_arch = "x86_64")]
-            if avx2 {
-                // SAFETY: the CPU has AVX2 and FMA (checked above).
-                return unsafe { avx2::forward_image(x, weight, out, dims) };
-            }
-            let _ = avx2;
-            forward_image(x, weight, out, dims)
-        });
+        .for_each(|(out, x)| dispatch_at(level, ForwardImage(x, weight, out, dims)));
     out
 }
 
 /// The weight gradient [cout, cin, 3, 3] from `x` [n, cin, h, w] and `grad` [n, cout, h, w].
-pub fn weight_grad(x: &[f32], grad: &[f32], [n, cin, cout, h, w]: [usize; 5]) -> Vec<f32> {
+pub fn weight_grad(x: &[f32], grad: &[f32], dims: [usize; 5]) -> Vec<f32> {
+    weight_grad_at(capability(), x, grad, dims)
+}
+
+fn weight_grad_at(
+    level: Capability,
+    x: &[f32],
+    grad: &[f32],
+    [n, cin, cout, h, w]: [usize; 5],
+) -> Vec<f32> {
     let dims = [cin, cout, h, w];
     let size = cout * cin * 9;
-    let avx2 = has_avx2();
     if n * h * w == 0 {
         return vec![0.0; size];
     }
@@ -172,14 +189,7 @@ pub fn weight_grad(x: &[f32], grad: &[f32], [n, cin, cout, h, w]: [usize; 5]) ->
         for i in parts[p].clone() {
             let x = &x[i * cin * h * w..][..cin * h * w];
             let grad = &grad[i * cout * h * w..][..cout * h * w];
-            #[cfg(target_arch = "x86_64")]
-            if avx2 {
-                // SAFETY: the CPU has AVX2 and FMA (checked above).
-                unsafe { avx2::weight_grad_image(x, grad, dw, dims) };
-                continue;
-            }
-            let _ = avx2;
-            weight_grad_image(x, grad, dw, dims);
+            dispatch_at(level, WeightGradImage(x, grad, dw, dims));
         }
     });
     dw.into_iter().map(|v| v as f32).collect()
@@ -248,14 +258,13 @@ pub(super) mod tests {
             );
             let (want_out, want_dw) = naive(&x, &weight, &grad, dims);
             let close = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(a, b)| (a - b).abs() < 1e-4);
-            assert!(
-                close(&want_out, &forward(&x, &weight, dims)),
-                "{dims:?} forward"
-            );
-            assert!(
-                close(&want_dw, &weight_grad(&x, &grad, dims)),
-                "{dims:?} weight grad"
-            );
+            // Every instruction set this CPU can run, not only the one the kernels use here.
+            for level in crate::simd::levels() {
+                let out = forward_at(level, &x, &weight, dims);
+                assert!(close(&want_out, &out), "{level:?} {dims:?} forward");
+                let dw = weight_grad_at(level, &x, &grad, dims);
+                assert!(close(&want_dw, &dw), "{level:?} {dims:?} weight grad");
+            }
         }
     }
 }

@@ -21,6 +21,7 @@ pub(crate) mod matmul;
 mod padded;
 pub mod pool;
 mod reduce;
+pub mod simd;
 pub mod strided;
 pub mod upsample;
 mod winograd;

@@ -1,4 +1,4 @@
-//! Direct convolutions with AVX-512 over zero-padded, flattened image planes, without a patch
+//! Direct convolutions over zero-padded, flattened image planes, without a patch
 //! matrix: any square kernel, stride and padding (the models use 3x3 with stride 1 or 2 and the
 //! 7x7 stride-2 stems).
 //!
@@ -16,23 +16,27 @@
 //!
 //! The input gradient is the same forward kernel, run once per phase of the input: the padded
 //! output gradient convolved with the weights of the taps of that phase, flipped and transposed
-//! (for stride 1, one pass with all of them). Used where the CPU has AVX-512 ([`available`]), for
-//! the channel counts of [`forward_applies`] and [`weight_grad_applies`].
+//! (for stride 1, one pass with all of them). Used for the channel counts of [`forward_applies`]
+//! and [`weight_grad_applies`]. The inner kernels ([`blocks`]) are written once over pulp's SIMD
+//! types and run with the instruction set of [`crate::isa::capability`] (AVX-512, AVX2 + FMA,
+//! NEON or plain Rust); the functions' `_at` forms take the level, for the tests.
 
 use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
 use super::{assume_written, unwritten, written};
+use crate::isa::{Capability, capability};
+use crate::simd::dispatch_at;
 
-#[cfg(target_arch = "x86_64")]
-use std::arch::x86_64::*;
+mod blocks;
 
 /// Output channels per forward block.
 const CO_BLOCK: usize = 8;
-/// Positions per forward block: two vectors of 16, or three where the positions are a multiple
-/// of 48 (24 sums in registers: fewer loads per multiply-add, about 10% faster on the development
-/// machine's planes of 56x56 and more).
+/// Positions per forward block (AVX-512: two vectors of 16), or [`WIDE_BLOCK`] where the
+/// positions are a multiple of 48 (three vectors, 24 sums in registers: fewer loads per
+/// multiply-add, about 10% faster on the AVX-512 development machine's planes of 56x56 and
+/// more). Every level's blocks divide both ([`blocks`]).
 const PX_BLOCK: usize = 32;
 const WIDE_BLOCK: usize = 48;
 /// Input channels per pass of the forward kernel over an image.
@@ -48,21 +52,15 @@ const PAIRS_PER_JOB: usize = 4;
 /// planes (16 padded 56x56 planes are 216 kB).
 const WG_CI_BLOCK: usize = 16;
 
-/// Whether the kernels may use AVX-512 (foundation), which these kernels need: the CPU has it
-/// and `MTAD_CPU_CAPABILITY` does not cap it (see [`crate::isa`]).
-pub fn available() -> bool {
-    crate::isa::capability() >= crate::isa::Capability::Avx512
-}
-
 /// Whether the forward kernel takes a convolution to `cout` channels (and the input gradient
 /// one from `cout` channels).
 pub fn forward_applies(cout: usize) -> bool {
-    cout > 0 && cout.is_multiple_of(CO_BLOCK) && available()
+    cout > 0 && cout.is_multiple_of(CO_BLOCK)
 }
 
 /// Whether the weight-gradient kernel takes a convolution to `cout` channels.
 pub fn weight_grad_applies(cout: usize) -> bool {
-    cout > 0 && cout.is_multiple_of(2) && available()
+    cout > 0 && cout.is_multiple_of(2)
 }
 
 /// A `k x k` convolution with stride `s` and zero padding `p` on every side of [H, W] images.
@@ -219,16 +217,14 @@ struct Pass<'a> {
     place: Place<'a>,
 }
 
-/// [`forward_block`] with 2 or 3 vectors of positions.
-type Kernel = unsafe fn(&[f32], &[f32], &mut [f32], usize, Start, &[usize], [usize; 2]);
-
 /// Writes a pass's computed rows into a job's output.
 type Place<'a> = Box<dyn Fn(&[f32], &mut [MaybeUninit<f32>]) + Sync + 'a>;
 
 /// Runs `passes` over every (block of 8 output channels, image) of `out` [N, cout, plane] from
 /// `src` [N, cin, stride], each pass starting from `bias` (or zero) and summing every input
-/// channel.
+/// channel, with the SIMD instructions of `level`.
 fn run(
+    level: Capability,
     src: &[f32],
     [cin, cout, stride, plane]: [usize; 4],
     bias: Option<&[f32]>,
@@ -256,12 +252,6 @@ fn run(
             for pass in passes {
                 let taps = pass.offsets.len();
                 let wb = &pass.packed[block * cin * taps * CO_BLOCK..][..cin * taps * CO_BLOCK];
-                let geometry = [pass.positions, stride];
-                let kernel: Kernel = if pass.positions.is_multiple_of(WIDE_BLOCK) {
-                    forward_block::<3>
-                } else {
-                    forward_block::<2>
-                };
                 // In chunks of input channels whose windows stay in the L1 cache.
                 for start in (0..cin).step_by(CI_CHUNK) {
                     let len = CI_CHUNK.min(cin - start);
@@ -272,8 +262,17 @@ fn run(
                         (0, None) => Start::Zero,
                         _ => Start::Accumulate,
                     };
-                    // SAFETY: `forward_applies` checked AVX-512.
-                    unsafe { kernel(x, wb, tmp, len, start_with, &pass.offsets, geometry) }
+                    let block = blocks::ForwardBlock {
+                        x,
+                        weight: wb,
+                        out: tmp,
+                        cin: len,
+                        start: start_with,
+                        offsets: &pass.offsets,
+                        positions: pass.positions,
+                        stride,
+                    };
+                    dispatch_at(level, block);
                 }
                 (pass.place)(tmp, out);
             }
@@ -285,6 +284,17 @@ fn run(
 /// [N, Cout, Ho, Wo] ([`Conv::output`]), `weight` [Cout, Cin, k, k]. Needs
 /// [`forward_applies`].
 pub fn forward(
+    x: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    conv: Conv,
+    dims: [usize; 3],
+) -> Vec<f32> {
+    forward_at(capability(), x, weight, bias, conv, dims)
+}
+
+fn forward_at(
+    level: Capability,
     x: &[f32],
     weight: &[f32],
     bias: Option<&[f32]>,
@@ -325,6 +335,7 @@ pub fn forward(
         }),
     };
     run(
+        level,
         &src,
         [cin, cout, layout.stride, plane],
         bias,
@@ -350,7 +361,12 @@ fn phase_range(conv: &Conv, a: usize, len: usize) -> Option<(usize, usize)> {
 /// grad[co, i - ky / s, j - kx / s]` over the taps with `ky % s = a`, `kx % s = b`: per phase
 /// `(a, b)`, a forward convolution of the zero-padded gradient with those taps' weights, flipped
 /// and transposed.
-pub fn input_grad(
+pub fn input_grad(grad: &[f32], weight: &[f32], conv: Conv, dims: [usize; 3]) -> Vec<f32> {
+    input_grad_at(capability(), grad, weight, conv, dims)
+}
+
+fn input_grad_at(
+    level: Capability,
     grad: &[f32],
     weight: &[f32],
     conv: Conv,
@@ -444,7 +460,7 @@ pub fn input_grad(
     } else {
         vec![MaybeUninit::new(0.0); len]
     };
-    run(&padded, [cout, cin, reads, plane], None, &passes, &mut dx);
+    run(level, &padded, [cout, cin, reads, plane], None, &passes, &mut dx);
     // SAFETY: every pixel belongs to one phase (`(y + p) % s`, `(x + p) % s`); with `k >= s`,
     // each phase has taps, and its pass writes every pixel of the phase (rows and columns of
     // `phase_range`); the other buffer starts zeroed.
@@ -478,77 +494,12 @@ fn padded_planes(
 
 /// What a forward block starts its sums from.
 #[derive(Clone, Copy)]
-// Off x86-64 the AVX-512 blocks that read the biases are not compiled.
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 enum Start<'a> {
     Zero,
     /// The block's 8 biases.
     Bias(&'a [f32]),
     /// The values in the output (a later chunk of input channels).
     Accumulate,
-}
-
-/// One block of 8 output channels of one image: `out` [8, positions] (= or +=, see [`Start`])
-/// from `cin` channels of `x` [cin, stride] and the block's packed weights for them [cin, taps,
-/// 8], position `q` of a channel reading `x[q + offsets[t]]` for tap `t`; `V` vectors of 16
-/// positions at a time.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn forward_block<const V: usize>(
-    x: &[f32],
-    weight: &[f32],
-    out: &mut [f32],
-    cin: usize,
-    start: Start,
-    offsets: &[usize],
-    [positions, stride]: [usize; 2],
-) {
-    let taps = offsets.len();
-    assert!(x.len() >= cin * stride && weight.len() >= cin * taps * CO_BLOCK);
-    assert!(out.len() >= CO_BLOCK * positions && positions.is_multiple_of(16 * V));
-    assert!(offsets.iter().all(|o| positions + o <= stride));
-    let (xp, wp, op) = (x.as_ptr(), weight.as_ptr(), out.as_mut_ptr());
-    for q in (0..positions).step_by(16 * V) {
-        // SAFETY: q + offset + 16 V - 1 < positions + offset <= stride (asserted), so the loads
-        // stay in channel ci; the stores stay in row j of `out`.
-        unsafe {
-            let mut acc = [[_mm512_setzero_ps(); V]; CO_BLOCK];
-            match start {
-                Start::Zero => {}
-                Start::Bias(bias) => {
-                    for (acc, b) in acc.iter_mut().zip(bias) {
-                        *acc = [_mm512_set1_ps(*b); V];
-                    }
-                }
-                Start::Accumulate => {
-                    for (j, acc) in acc.iter_mut().enumerate() {
-                        let o = op.add(j * positions + q);
-                        *acc = std::array::from_fn(|v| _mm512_loadu_ps(o.add(16 * v)));
-                    }
-                }
-            }
-            for ci in 0..cin {
-                let xc = xp.add(ci * stride + q);
-                let wc = wp.add(ci * taps * CO_BLOCK);
-                for (t, offset) in offsets.iter().enumerate() {
-                    let xv: [__m512; V] =
-                        std::array::from_fn(|v| _mm512_loadu_ps(xc.add(*offset + 16 * v)));
-                    for (j, acc) in acc.iter_mut().enumerate() {
-                        let wv = _mm512_set1_ps(*wc.add(t * CO_BLOCK + j));
-                        for (acc, xv) in acc.iter_mut().zip(&xv) {
-                            *acc = _mm512_fmadd_ps(wv, *xv, *acc);
-                        }
-                    }
-                }
-            }
-            for (j, acc) in acc.iter().enumerate() {
-                let o = op.add(j * positions + q);
-                for (v, acc) in acc.iter().enumerate() {
-                    _mm512_storeu_ps(o.add(16 * v), *acc);
-                }
-            }
-        }
-    }
 }
 
 /// The weight gradient of [`forward`]: `dW[co, ci, t] = sum_n sum_q grad[n, co, q] x[n, ci, q +
@@ -558,7 +509,17 @@ unsafe fn forward_block<const V: usize>(
 /// (One matrix product per tap, `dW_t [Cout, Cin] = G [Cout, positions] X_t [positions, Cin]`,
 /// was no faster at stride 1 and 2-3x slower at stride 2, where the phase planes of the input are
 /// 4 times the computed positions.)
-pub fn weight_grad(x: &[f32], grad: &[f32], conv: Conv, [n, cin, cout]: [usize; 3]) -> Vec<f32> {
+pub fn weight_grad(x: &[f32], grad: &[f32], conv: Conv, dims: [usize; 3]) -> Vec<f32> {
+    weight_grad_at(capability(), x, grad, conv, dims)
+}
+
+fn weight_grad_at(
+    level: Capability,
+    x: &[f32],
+    grad: &[f32],
+    conv: Conv,
+    [n, cin, cout]: [usize; 3],
+) -> Vec<f32> {
     assert!(weight_grad_applies(cout));
     let [ho, wo] = conv.output();
     assert_eq!(x.len(), n * cin * conv.h * conv.w);
@@ -606,11 +567,16 @@ pub fn weight_grad(x: &[f32], grad: &[f32], conv: Conv, [n, cin, cout]: [usize; 
                     let g = &gp[2 * pair * positions..];
                     for ci in 0..cin {
                         for (index, group) in groups.iter().enumerate() {
-                            let images = [n, cout * positions, cin * stride];
-                            // SAFETY: `weight_grad_applies` checked AVX-512.
-                            let sums = unsafe {
-                                weight_grad_pair(g, &xp[ci * stride..], group, positions, images)
-                            };
+                            let sums = dispatch_at(
+                                level,
+                                blocks::PairSums {
+                                    g,
+                                    x: &xp[ci * stride..],
+                                    offsets: group,
+                                    positions,
+                                    images: [n, cout * positions, cin * stride],
+                                },
+                            );
                             add(pair, ci, index, sums);
                         }
                     }
@@ -624,11 +590,16 @@ pub fn weight_grad(x: &[f32], grad: &[f32], conv: Conv, [n, cin, cout]: [usize; 
                         let g = &gp[(image * cout + 2 * pair) * positions..];
                         for ci in block..(block + WG_CI_BLOCK).min(cin) {
                             for (index, group) in groups.iter().enumerate() {
-                                let images = [1, 0, 0];
-                                // SAFETY: as above.
-                                let sums = unsafe {
-                                    weight_grad_pair(g, &x[ci * stride..], group, positions, images)
-                                };
+                                let sums = dispatch_at(
+                                    level,
+                                    blocks::PairSums {
+                                        g,
+                                        x: &x[ci * stride..],
+                                        offsets: group,
+                                        positions,
+                                        images: [1, 0, 0],
+                                    },
+                                );
                                 add(pair, ci, index, sums);
                             }
                         }
@@ -637,68 +608,6 @@ pub fn weight_grad(x: &[f32], grad: &[f32], conv: Conv, [n, cin, cout]: [usize; 
             }
         });
     dw
-}
-
-/// `sum_i sum_q g_j[i][q] x[i][q + offset_t]` for the two gradient planes `g_j` of the pair
-/// (`positions` apart in `g`) and 9 taps of one input channel `x`, over `images` images that are
-/// `g_step` and `x_step` floats apart.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn weight_grad_pair(
-    g: &[f32],
-    x: &[f32],
-    offsets: &[usize; TAP_GROUP],
-    positions: usize,
-    [images, g_step, x_step]: [usize; 3],
-) -> [[f32; TAP_GROUP]; 2] {
-    let last = images.saturating_sub(1);
-    let reach = offsets.iter().max().unwrap() + positions;
-    assert!(
-        images == 0
-            || (g.len() >= last * g_step + 2 * positions && x.len() >= last * x_step + reach)
-    );
-    assert!(positions.is_multiple_of(16));
-    // SAFETY: for q < positions (a multiple of 16) the loads stay in image i's planes (asserted).
-    unsafe {
-        let mut acc = [[_mm512_setzero_ps(); TAP_GROUP]; 2];
-        for i in 0..images {
-            let (g0, xp) = (g.as_ptr().add(i * g_step), x.as_ptr().add(i * x_step));
-            let g1 = g0.add(positions);
-            for q in (0..positions).step_by(16) {
-                let gv = [_mm512_loadu_ps(g0.add(q)), _mm512_loadu_ps(g1.add(q))];
-                for (t, offset) in offsets.iter().enumerate() {
-                    let xv = _mm512_loadu_ps(xp.add(q + offset));
-                    acc[0][t] = _mm512_fmadd_ps(gv[0], xv, acc[0][t]);
-                    acc[1][t] = _mm512_fmadd_ps(gv[1], xv, acc[1][t]);
-                }
-            }
-        }
-        acc.map(|taps| taps.map(|v| _mm512_reduce_add_ps(v)))
-    }
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn forward_block<const V: usize>(
-    _: &[f32],
-    _: &[f32],
-    _: &mut [f32],
-    _: usize,
-    _: Start,
-    _: &[usize],
-    _: [usize; 2],
-) {
-    unreachable!("AVX-512 kernels on a CPU without AVX-512")
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn weight_grad_pair(
-    _: &[f32],
-    _: &[f32],
-    _: &[usize; TAP_GROUP],
-    _: usize,
-    _: [usize; 3],
-) -> [[f32; TAP_GROUP]; 2] {
-    unreachable!("AVX-512 kernels on a CPU without AVX-512")
 }
 
 #[cfg(test)]
@@ -744,12 +653,10 @@ mod tests {
             .collect()
     }
 
+    /// Every instruction set this CPU can run (`simd::levels`), not only the one the kernels
+    /// use here: the AVX2 and portable forms are tested on an AVX-512 machine too.
     #[test]
     fn forward_and_gradients_match_the_definition() {
-        if !available() {
-            eprintln!("no AVX-512 on this CPU: the kernels are not used, nothing to test");
-            return;
-        }
         // (k, s, p) of the models (3x3 same and stride 2, the 7x7 stem) and odd ones: a kernel
         // smaller than the stride, no padding, padding of the whole kernel.
         let convs = [
@@ -800,24 +707,26 @@ mod tests {
                     .map(|(o, v)| (v + bias[(o / plane) % cout] as f64) as f32)
                     .collect();
                 let f32s = |v: &[f64]| v.iter().map(|v| *v as f32).collect::<Vec<_>>();
-                let case = format!("{k}x{k}/{s} pad {p}, {dims:?} {h}x{w}");
-                if forward_applies(cout) {
-                    let got = forward(&x, &weight, None, conv, dims);
-                    let err = relative_error(&f32s(&want), &got, 1e-6);
-                    assert!(err < 1e-5, "forward {case}: {err}");
-                    let got = forward(&x, &weight, Some(&bias), conv, dims);
-                    let err = relative_error(&with_bias, &got, 1e-6);
-                    assert!(err < 1e-5, "forward with bias {case}: {err}");
-                }
-                if forward_applies(cin) {
-                    let got = input_grad(&grad, &weight, conv, dims);
-                    let err = relative_error(&f32s(&want_dx), &got, 1e-6);
-                    assert!(err < 1e-5, "input grad {case}: {err}");
-                }
-                if weight_grad_applies(cout) {
-                    let got = weight_grad(&x, &grad, conv, dims);
-                    let err = relative_error(&f32s(&want_dw), &got, 1e-6);
-                    assert!(err < 1e-5, "weight grad {case}: {err}");
+                for level in crate::simd::levels() {
+                    let case = format!("{level:?}: {k}x{k}/{s} pad {p}, {dims:?} {h}x{w}");
+                    if forward_applies(cout) {
+                        let got = forward_at(level, &x, &weight, None, conv, dims);
+                        let err = relative_error(&f32s(&want), &got, 1e-6);
+                        assert!(err < 1e-5, "forward {case}: {err}");
+                        let got = forward_at(level, &x, &weight, Some(&bias), conv, dims);
+                        let err = relative_error(&with_bias, &got, 1e-6);
+                        assert!(err < 1e-5, "forward with bias {case}: {err}");
+                    }
+                    if forward_applies(cin) {
+                        let got = input_grad_at(level, &grad, &weight, conv, dims);
+                        let err = relative_error(&f32s(&want_dx), &got, 1e-6);
+                        assert!(err < 1e-5, "input grad {case}: {err}");
+                    }
+                    if weight_grad_applies(cout) {
+                        let got = weight_grad_at(level, &x, &grad, conv, dims);
+                        let err = relative_error(&f32s(&want_dw), &got, 1e-6);
+                        assert!(err < 1e-5, "weight grad {case}: {err}");
+                    }
                 }
             }
         }

@@ -7,8 +7,8 @@
 //! Burn's CPU backend (flex) runs these as im2col + matrix products, with the gradients as a
 //! transposed convolution and a convolution whose kernel is the output gradient: the stride-2
 //! layers of a resnet18 step took 2-2.2x PyTorch's time (`cargo bench --bench burn_gap --
-//! --layers`). [`super::conv3x3::conv2d`] routes them here on flex where the CPU has AVX-512;
-//! shapes the kernels do not take (output channels not a multiple of 8, an input gradient into
+//! --layers`). [`super::conv3x3::conv2d`] routes them here on flex, on every CPU (the
+//! kernels' SIMD code is compiled for each instruction set, [`crate::simd`]); shapes the kernels do not take (output channels not a multiple of 8, an input gradient into
 //! fewer than 8 channels, other dtypes) fall back to Burn's operations.
 
 use burn::backend::autodiff::Autodiff;
@@ -400,7 +400,7 @@ impl<B: StridedConvBackend, C: CheckpointStrategy> StridedConvBackend for Autodi
 
 /// `(stride, padding)` if `conv` is a square convolution of 2x2 or more with the same stride
 /// along both axes, the same padding on every side (less than the kernel), no dilation and no
-/// groups, and the CPU has the kernels.
+/// groups.
 pub(super) fn applies(conv: &Conv2d) -> Option<(usize, usize)> {
     let padding = match &conv.padding {
         PaddingConfig2d::Explicit(top, left, bottom, right)
@@ -414,7 +414,7 @@ pub(super) fn applies(conv: &Conv2d) -> Option<(usize, usize)> {
     let [k, kx] = conv.kernel_size;
     let [s, sx] = conv.stride;
     let square = k == kx && k >= 2 && s == sx && s >= 1 && padding < k;
-    (square && conv.dilation == [1, 1] && conv.groups == 1 && padded::available())
+    (square && conv.dilation == [1, 1] && conv.groups == 1)
         .then_some((s, padding))
 }
 
