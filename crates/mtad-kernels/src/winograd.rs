@@ -14,13 +14,17 @@
 //!
 //! The products run at the same rate as the direct kernels of [`super::padded`], with 2.25 times
 //! fewer multiplications; the results differ from the direct convolution by rounding only (the
-//! transforms' coefficients are 0, ±1/2 and ±1), about 1e-6 relative.
+//! transforms' coefficients are 0, ±1/2 and ±1), about 1e-6 relative. The transforms run
+//! through [`crate::simd::dispatch`]: compiled for the CPU's instruction set (AVX2, AVX-512,
+//! NEON) rather than baseline x86-64, with the same bits at every level (no float operation is
+//! reordered).
 
 use rayon::prelude::*;
 
 use super::matmul::matmul;
 use super::reduce::{PARTS, even_parts, tree_sum, with_scratch};
 use super::{unwritten, written};
+use crate::simd::dispatch;
 
 /// The 16 positions of a 4x4 transformed tile.
 const POSITIONS: usize = 16;
@@ -116,7 +120,7 @@ pub fn forward(
             let tiles = rows.len() * tw;
             v.resize(POSITIONS * cin * tiles, 0.0);
             m.resize(POSITIONS * cout * tiles, 0.0);
-            transform_inputs(x, v, rows.clone(), [cin, h, w, tiles]);
+            dispatch(|| transform_inputs(x, v, rows.clone(), [cin, h, w, tiles]));
             for p in 0..POSITIONS {
                 matmul(
                     [cout, tiles, cin],
@@ -131,7 +135,7 @@ pub fn forward(
             }
             // SAFETY: tile rows `rows` are this job's alone, and with them the output rows
             // `2 ty` and `2 ty + 1` of their images, in every output channel.
-            unsafe { transform_outputs(m, bias, output, rows, [cout, h, w, tiles]) };
+            dispatch(|| unsafe { transform_outputs(m, bias, output, rows, [cout, h, w, tiles]) });
         },
     );
     // SAFETY: the blocks cover every tile row, and each tile writes its 2x2 outputs (those
@@ -182,8 +186,8 @@ pub fn weight_grad(x: &[f32], grad: &[f32], [n, cin, cout, h, w]: [usize; 5]) ->
             let tiles = rows.len() * tw;
             v.resize(POSITIONS * cin * tiles, 0.0);
             g.resize(POSITIONS * cout * tiles, 0.0);
-            transform_inputs(x, v, rows.clone(), [cin, h, w, tiles]);
-            transform_grads(grad, g, rows.clone(), [cout, h, w, tiles]);
+            dispatch(|| transform_inputs(x, v, rows.clone(), [cin, h, w, tiles]));
+            dispatch(|| transform_grads(grad, g, rows.clone(), [cout, h, w, tiles]));
             for p in 0..POSITIONS {
                 matmul(
                     [cout, cin, tiles],
@@ -228,6 +232,7 @@ pub fn weight_grad(x: &[f32], grad: &[f32], [n, cin, cout, h, w]: [usize; 5]) ->
 
 /// `A dY A^T` for the 2x2 output-gradient tiles of tile rows `rows` (zero outside the plane),
 /// into `g` [16][Cout][tiles], with `A^T` the output transform's [[1, 1, 1, 0], [0, 1, -1, -1]].
+#[inline(always)]
 fn transform_grads(
     grad: &[f32],
     g: &mut [f32],
@@ -278,6 +283,7 @@ fn transform_grads(
 
 /// `V = B^T d B` for the tiles of tile rows `rows` (global over the images), into `v`
 /// [16][Cin][tiles].
+#[inline(always)]
 fn transform_inputs(
     x: &[f32],
     v: &mut [f32],
@@ -338,6 +344,7 @@ fn transform_inputs(
 /// # Safety
 /// `output` points to [N, Cout, H, W] values, and no other thread writes the output rows of
 /// tile rows `rows` meanwhile.
+#[inline(always)]
 unsafe fn transform_outputs(
     m: &[f32],
     bias: Option<&[f32]>,
