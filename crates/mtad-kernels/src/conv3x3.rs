@@ -70,7 +70,8 @@ fn padded_weight_grad(hw: usize, cin: usize, cout: usize) -> bool {
 /// 32 channels at 56x56, 18-19 against 14 at 28x28 and 17-19 against 15 for 32 to 32 at 56x56,
 /// but 5.2-5.5 against 6.0 for 128 to 32 at 14x14, 1.6-2.2 against 2.9 at 7x7, 6.5 against 9.4
 /// for 128 to 64 at 14x14, 20-22 against 41 (the direct kernel) for 16 to 16 at 112x112 and 77
-/// against 116-135 for 8 to 8 at 224x224.
+/// against 116-135 for 8 to 8 at 224x224. (Winograd, checked first, now takes 32 channels or
+/// more on planes of 28x28 and more below AVX-512: [`winograd::applies`].)
 fn gemm_rather_than_padded(cin: usize, cout: usize, hw: usize) -> bool {
     let small_planes = hw <= 7 * 7 && cin >= 512 && cout >= 512;
     if capability() >= Capability::Avx512 {

@@ -24,6 +24,7 @@ use rayon::prelude::*;
 use super::matmul::matmul;
 use super::reduce::{PARTS, even_parts, tree_sum, with_scratch};
 use super::{unwritten, written};
+use crate::isa::{Capability, capability};
 use crate::simd::dispatch;
 
 /// The 16 positions of a 4x4 transformed tile.
@@ -34,9 +35,18 @@ const POSITIONS: usize = 16;
 /// channels on planes of 14x14 to 224x224, and 1.3 times with 16 channels on 224x224, but 0.9
 /// times with 512 channels on 7x7 (a 4x4 grid of tiles for 7 pixels wastes a quarter), and
 /// 0.5-1.1 times with 32 or fewer output channels on smaller planes.
+///
+/// Below AVX-512 (AVX2 and the portable levels), where the padded kernel is slower and im2col +
+/// gemm takes many channels on large planes ([`super::conv3x3`]), Winograd also takes 32
+/// channels or more on planes of 28x28 and more. Measured on the AVX2 development machine
+/// (`burn_gap --layers densenet121`, forward and backward, batch 8, two runs each, alternated):
+/// densenet121's 128 to 32 channels at 56x56 took 34-36 ms against im2col's 45-56, at 28x28
+/// 11 against 12.5-16.5, 32 to 32 at 56x56 11-13 against 15-16; its training step ran at
+/// 3.89-3.90 images/s against 2.93-3.64 (batch 8) and 1.99 against 1.53-1.73 (batch 32).
 pub fn applies(cin: usize, cout: usize, h: usize, w: usize) -> bool {
     let (channels, side) = (cin.min(cout), h.min(w));
-    (channels >= 64 && side >= 14) || (channels >= 16 && side >= 224)
+    let avx2_wider = capability() < Capability::Avx512 && channels >= 32 && side >= 28;
+    (channels >= 64 && side >= 14) || (channels >= 16 && side >= 224) || avx2_wider
 }
 
 /// Whether [`weight_grad`] is faster than the direct kernels of [`super::padded`] and im2col with
@@ -480,7 +490,11 @@ mod tests {
         assert!(applies(64, 64, 56, 56) && applies(512, 512, 14, 14));
         assert!(applies(16, 16, 224, 224) && !applies(32, 16, 112, 112));
         assert!(!applies(512, 512, 7, 7));
-        assert!(!applies(128, 32, 56, 56) && !applies(8, 64, 224, 224));
+        assert!(!applies(8, 64, 224, 224) && !applies(128, 32, 14, 14));
+        // Below AVX-512, also 32 channels or more on planes of 28x28 and more.
+        let avx512 = capability() >= Capability::Avx512;
+        assert_eq!(applies(128, 32, 56, 56), !avx512);
+        assert_eq!(applies(32, 32, 28, 28), !avx512);
         assert!(weight_grad_applies(128, 32, 7, 7) && weight_grad_applies(256, 256, 14, 14));
         assert!(!weight_grad_applies(512, 512, 14, 14) && !weight_grad_applies(32, 16, 56, 56));
         assert!(!weight_grad_applies(64, 64, 4, 4));
