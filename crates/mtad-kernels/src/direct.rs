@@ -7,7 +7,6 @@
 //! three `kx` as shifted multiply-adds over the row, and for the weight gradient the matching
 //! dot products of output-gradient rows with shifted input rows.
 
-use pulp::{Simd, WithSimd};
 use rayon::prelude::*;
 
 use super::reduce::{PARTS, even_parts, tree_sum};
@@ -118,32 +117,6 @@ fn weight_grad_image(x: &[f32], grad: &[f32], dw: &mut [f64], [cin, cout, h, w]:
     });
 }
 
-/// [`forward_image`] compiled for the instruction set [`crate::simd`] dispatches (the crate
-/// itself is built for baseline x86-64): its loops are vectorised by the compiler for AVX-512,
-/// AVX2 + FMA or NEON. No float operation is reordered, so every level computes the same bits.
-struct ForwardImage<'a>(&'a [f32], &'a [f32], &'a mut [f32], [usize; 4]);
-
-impl WithSimd for ForwardImage<'_> {
-    type Output = ();
-
-    #[inline(always)]
-    fn with_simd<S: Simd>(self, _: S) {
-        forward_image(self.0, self.1, self.2, self.3)
-    }
-}
-
-/// [`weight_grad_image`], as [`ForwardImage`].
-struct WeightGradImage<'a>(&'a [f32], &'a [f32], &'a mut [f64], [usize; 4]);
-
-impl WithSimd for WeightGradImage<'_> {
-    type Output = ();
-
-    #[inline(always)]
-    fn with_simd<S: Simd>(self, _: S) {
-        weight_grad_image(self.0, self.1, self.2, self.3)
-    }
-}
-
 /// `x` [n, cin, h, w], `weight` [cout, cin, 3, 3] -> [n, cout, h, w].
 pub fn forward(x: &[f32], weight: &[f32], dims: [usize; 5]) -> Vec<f32> {
     forward_at(capability(), x, weight, dims)
@@ -162,7 +135,10 @@ fn forward_at(
     let dims = [cin, cout, h, w];
     out.par_chunks_mut(cout * h * w)
         .zip(x.par_chunks(cin * h * w))
-        .for_each(|(out, x)| dispatch_at(level, ForwardImage(x, weight, out, dims)));
+        // Compiled for the instruction set of `level` (the crate itself is built for baseline
+        // x86-64): the loops are vectorised by the compiler for AVX-512, AVX2 + FMA or NEON. No
+        // float operation is reordered, so every level computes the same bits.
+        .for_each(|(out, x)| dispatch_at(level, || forward_image(x, weight, out, dims)));
     out
 }
 
@@ -189,7 +165,7 @@ fn weight_grad_at(
         for i in parts[p].clone() {
             let x = &x[i * cin * h * w..][..cin * h * w];
             let grad = &grad[i * cout * h * w..][..cout * h * w];
-            dispatch_at(level, WeightGradImage(x, grad, dw, dims));
+            dispatch_at(level, || weight_grad_image(x, grad, dw, dims));
         }
     });
     dw.into_iter().map(|v| v as f32).collect()

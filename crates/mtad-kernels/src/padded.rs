@@ -460,7 +460,14 @@ fn input_grad_at(
     } else {
         vec![MaybeUninit::new(0.0); len]
     };
-    run(level, &padded, [cout, cin, reads, plane], None, &passes, &mut dx);
+    run(
+        level,
+        &padded,
+        [cout, cin, reads, plane],
+        None,
+        &passes,
+        &mut dx,
+    );
     // SAFETY: every pixel belongs to one phase (`(y + p) % s`, `(x + p) % s`); with `k >= s`,
     // each phase has taps, and its pass writes every pixel of the phase (rows and columns of
     // `phase_range`); the other buffer starts zeroed.
@@ -561,23 +568,28 @@ fn weight_grad_at(
                     dst.iter_mut().zip(sums).for_each(|(d, s)| *d += s);
                 }
             };
+            // The pair's sums over one input channel's taps of `group` (see `blocks::PairSums`).
+            let sums = |g: &[f32], x: &[f32], group: &[usize; TAP_GROUP], images: [usize; 3]| {
+                let offsets = group;
+                dispatch_at(
+                    level,
+                    blocks::PairSums {
+                        g,
+                        x,
+                        offsets,
+                        positions,
+                        images,
+                    },
+                )
+            };
             if small {
                 // Every image at once: [image][2 channels of the pair] `cout` planes apart.
                 for pair in pairs.clone() {
                     let g = &gp[2 * pair * positions..];
                     for ci in 0..cin {
                         for (index, group) in groups.iter().enumerate() {
-                            let sums = dispatch_at(
-                                level,
-                                blocks::PairSums {
-                                    g,
-                                    x: &xp[ci * stride..],
-                                    offsets: group,
-                                    positions,
-                                    images: [n, cout * positions, cin * stride],
-                                },
-                            );
-                            add(pair, ci, index, sums);
+                            let images = [n, cout * positions, cin * stride];
+                            add(pair, ci, index, sums(g, &xp[ci * stride..], group, images));
                         }
                     }
                 }
@@ -590,17 +602,8 @@ fn weight_grad_at(
                         let g = &gp[(image * cout + 2 * pair) * positions..];
                         for ci in block..(block + WG_CI_BLOCK).min(cin) {
                             for (index, group) in groups.iter().enumerate() {
-                                let sums = dispatch_at(
-                                    level,
-                                    blocks::PairSums {
-                                        g,
-                                        x: &x[ci * stride..],
-                                        offsets: group,
-                                        positions,
-                                        images: [1, 0, 0],
-                                    },
-                                );
-                                add(pair, ci, index, sums);
+                                let images = [1, 0, 0];
+                                add(pair, ci, index, sums(g, &x[ci * stride..], group, images));
                             }
                         }
                     }

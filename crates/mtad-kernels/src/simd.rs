@@ -88,7 +88,10 @@ mod tests {
             for i in (0..self.0.len() / lanes * lanes).step_by(lanes) {
                 // SAFETY: i + lanes <= len.
                 let (a, b) = unsafe {
-                    (load::<S>(self.0[i..].as_ptr()), load::<S>(self.1[i..].as_ptr()))
+                    (
+                        load::<S>(self.0[i..].as_ptr()),
+                        load::<S>(self.1[i..].as_ptr()),
+                    )
                 };
                 acc = simd.mul_add_e_f32s(a, b, acc);
             }

@@ -414,8 +414,7 @@ pub(super) fn applies(conv: &Conv2d) -> Option<(usize, usize)> {
     let [k, kx] = conv.kernel_size;
     let [s, sx] = conv.stride;
     let square = k == kx && k >= 2 && s == sx && s >= 1 && padding < k;
-    (square && conv.dilation == [1, 1] && conv.groups == 1)
-        .then_some((s, padding))
+    (square && conv.dilation == [1, 1] && conv.groups == 1).then_some((s, padding))
 }
 
 /// `conv.forward(x)` through [`StridedConvBackend`], for a convolution that [`applies`] and
