@@ -310,11 +310,14 @@ fn the_held_out_threshold_holds_its_rate_where_the_training_one_does_not() {
          {from_held_out:.4}"
     );
     // Measured (AVX2 machine): 16 of 24 with the training images' threshold, 8 with the
-    // held-out one. The images the model was fitted on score lower than new normal ones: a
-    // "20%" threshold taken on them flags most new normal parts.
-    assert!(by_training >= 12, "{by_training}/24");
+    // held-out one; with the kernels written over pulp (other kernel paths on AVX2, so another
+    // training trajectory), 9 and 1. The images the model was fitted on score lower than new
+    // normal ones: a "20%" threshold taken on them flags far more new normal parts than 20%.
+    // At a true 20% rate, 24 images flag 4.8 on average (standard deviation 1.96): 9 or more is
+    // beyond two standard deviations above it; the held-out threshold stays within them.
+    assert!(by_training >= 9, "{by_training}/24");
     assert!(
-        by_held_out <= 9 && by_held_out * 2 <= by_training,
+        by_held_out <= 8 && by_held_out * 2 <= by_training,
         "{by_held_out}/24"
     );
     let decision = a.header.deployed.decision.unwrap();
