@@ -53,8 +53,15 @@ fn relative(a: f64, b: f64) -> f64 {
     (a - b).abs() / a.abs().max(b.abs()).max(1e-12)
 }
 
+/// Held by the tests that seed Burn's random generator (a process-wide one): run side by side,
+/// one test's draws interleaved with the other's seeding, and the first step's data and model
+/// were not the seeded ones (a CI run compared another batch, with a decoder gradient 4.8e-3
+/// apart where the seeded one is 2e-5).
+static SEEDED: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn the_first_training_step_agrees_with_the_cpu() {
+    let _seeded = SEEDED.lock().unwrap_or_else(|e| e.into_inner());
     let Some(gpu) = wgpu() else { return };
     let cpu = Device::flex().autodiff();
     let gpu = gpu.autodiff();
@@ -101,6 +108,7 @@ fn the_first_training_step_agrees_with_the_cpu() {
 
 #[test]
 fn every_command_runs_on_wgpu_and_agrees_with_the_cpu() {
+    let _seeded = SEEDED.lock().unwrap_or_else(|e| e.into_inner());
     let Some(gpu) = wgpu() else { return };
     // In this process, as the binary's commands run them: on a software rasterizer autotune's
     // first look at each kernel shape takes seconds, and a process tunes each shape once.
