@@ -122,7 +122,7 @@ impl ForwardBlock<'_> {
 
 /// `sum_i sum_q g_j[i][q] x[i][q + offset_t]` for the two gradient planes `g_j` of a pair of
 /// output channels (`positions` apart in `g`) and 9 taps of one input channel `x`, over
-/// `images` images that are `g_step` and `x_step` floats apart. `positions` is a multiple of 16.
+/// `images` images that are `g_step` and `x_step` floats apart. `positions` is a multiple of the lanes.
 pub(super) struct PairSums<'a> {
     pub g: &'a [f32],
     pub x: &'a [f32],
